@@ -1,0 +1,1 @@
+"""PyTorch reimplementation of DALL-E."""

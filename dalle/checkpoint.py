@@ -1,0 +1,225 @@
+"""The only module that reads or writes weights.
+
+A model directory is what a user can read and what every tool loads:
+
+    config.json          {"model_type": "dvae", "config": {...}, "format_version": 1}
+    model.safetensors    the weights to use (the EMA weights when training kept an EMA)
+
+Training checkpoints are model directories with a `train/` folder beside the weights (live weights,
+optimizer state, the step). Nothing is unpickled: weights are safetensors, the optimizer state loads
+through `torch.load(weights_only=True)`. Every write goes to a temporary directory that is renamed
+into place, then a `latest` pointer is replaced atomically, so a crash mid-save leaves the previous
+checkpoint intact and `latest` pointing at it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _registry() -> dict[str, tuple[type, Callable[[Any], nn.Module]]]:
+    # Imported here so that loading a dVAE never imports the transformer and vice versa.
+    from dvae.model import DiscreteVAE, DVAEConfig
+
+    models: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {"dvae": (DVAEConfig, DiscreteVAE)}
+    try:
+        from dalle.model import DALLE, DALLEConfig
+
+        models["dalle"] = (DALLEConfig, DALLE)
+    except ImportError:
+        pass
+    return models
+
+
+def model_type_of(model: nn.Module) -> str:
+    for name, (_, cls) in _registry().items():
+        if isinstance(model, cls):
+            return name
+    raise TypeError(f"no checkpoint model type is registered for {type(model).__name__}")
+
+
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors stored once (the first name wins), contiguous, on the CPU."""
+    seen: dict[tuple[int, int], str] = {}
+    out = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+        if key in seen:
+            continue
+        seen[key] = name
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> None:
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    save_file(state, str(path))
+
+
+def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> None:
+    """Load safetensors weights into `model`, naming every missing, unexpected or misshapen tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    expected = model.state_dict()
+    tied = set(expected) - set(unique_state(model))
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    missing = sorted(set(expected) - set(state) - tied)
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if strict and (missing or unexpected or shapes):
+        parts = [f"missing tensors {missing}" if missing else "",
+                 f"unexpected tensors {unexpected}" if unexpected else "",
+                 f"shape mismatches {shapes}" if shapes else ""]
+        raise ValueError(f"{path} does not match the model ({'; '.join(p for p in parts if p)}); "
+                         "was it written for another config?")
+    with torch.no_grad():
+        for k, v in state.items():
+            if k in expected and v.shape == expected[k].shape:
+                expected[k].copy_(v)
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def model_dir_contents(model: nn.Module, directory: Path, *, dtype: torch.dtype | None = None) -> None:
+    """Write config.json and model.safetensors for `model` into an existing directory."""
+    cfg = model.config
+    write_json(directory / CONFIG_NAME, {
+        "model_type": model_type_of(model), "config": cfg.to_dict(), "format_version": FORMAT_VERSION,
+    })
+    save_weights(unique_state(model), directory / WEIGHTS_NAME, dtype)
+
+
+def atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Create `final` by filling a temporary sibling and renaming it; an old `final` is replaced."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, *, dtype: torch.dtype | None = None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a model directory atomically. `extra(tmpdir)` may add files (a tokenizer, say)."""
+    def fill(tmp: Path) -> None:
+        model_dir_contents(model, tmp, dtype=dtype)
+        if extra is not None:
+            extra(tmp)
+    return atomic_dir(Path(directory), fill)
+
+
+def read_config(directory: str | Path) -> tuple[str, dict[str, Any]]:
+    directory = Path(directory)
+    cfg_path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}, so it is neither a model directory "
+                                "nor a run directory with checkpoints")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{cfg_path} has format_version {data['format_version']}; this version of the "
+                         f"project reads up to {FORMAT_VERSION}: upgrade the package")
+    return data["model_type"], data["config"]
+
+
+def load_pretrained(directory: str | Path, *, expect: str | None = None,
+                    map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model from a model directory: its config.json alone decides the architecture."""
+    from dalle.config import from_dict
+
+    directory = resolve_model_dir(directory)
+    model_type, cfg_dict = read_config(directory)
+    registry = _registry()
+    if model_type not in registry:
+        raise ValueError(f"{directory}: unknown model_type {model_type!r}; known: {sorted(registry)}")
+    if expect is not None and model_type != expect:
+        raise ValueError(f"{directory} holds a {model_type!r} model, but a {expect!r} model is needed here")
+    cfg_cls, model_cls = registry[model_type]
+    model = model_cls(from_dict(cfg_cls, cfg_dict, where=str(directory / CONFIG_NAME)))
+    load_weights(model, directory / WEIGHTS_NAME)
+    return model.to(map_location).eval()
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory itself, or the latest checkpoint of a run directory or its checkpoints/."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        return path
+    for pointer in (path / "latest", path / "checkpoints" / "latest"):
+        if pointer.is_file():
+            return pointer.parent / pointer.read_text().strip()
+    return path
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `run_dir/checkpoints/latest` points to, or None when there is none."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    target = pointer.parent / pointer.read_text().strip()
+    if not (target / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{pointer} points to {target}, which is not a complete checkpoint")
+    return target
+
+
+def set_latest(checkpoints: Path, name: str) -> None:
+    tmp = checkpoints / "latest.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, checkpoints / "latest")
+
+
+def prune(checkpoints: Path, keep: int) -> None:
+    """Remove all but the newest `keep` step directories, and stale temporaries of dead saves."""
+    steps = sorted(p for p in checkpoints.glob("step-*") if p.is_dir())
+    for p in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in checkpoints.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    torch.save(optimizer.state_dict(), path)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+    optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -1,0 +1,80 @@
+"""One place that turns a `data:` config section into a data set, for every training tool.
+
+Sources: `shapes` (generated on the fly, deterministic), `folder` (name.jpg + name.txt pairs) and
+`webdataset` (tar shards as img2dataset writes them, local paths or brace patterns).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset
+
+log = logging.getLogger("dalle.data")
+
+SOURCES = ("shapes", "folder", "webdataset")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "shapes"
+    path: str = ""  # folder or shard pattern of the training data (not used by shapes)
+    val_path: str = ""  # held-out folder or shards; empty: evaluate on the first training samples
+    train_size: int = 100_000  # shapes: number of distinct training scenes
+    val_size: int = 1024  # shapes: held-out scenes (split "val", unseen in training)
+    seed: int = 0
+    require_captions: bool = True  # False lets a dVAE train on a folder of images without captions
+    shuffle_buffer: int = 1000  # webdataset: samples held for shuffling
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
+        if self.source != "shapes" and not self.path:
+            raise ValueError(f"data.source {self.source!r} needs data.path (a folder or a shard pattern)")
+
+
+def build_dataset(cfg: DataConfig, split: str, image_size: int, transform: str) -> Dataset:
+    """The data set of `split` ("train" or "val"), yielding {"image", "caption", "key", ...} samples.
+
+    `transform` names the preprocessing: "dvae" (paper Listing 1), "dalle" (Listing 2) or "eval"
+    (deterministic centre crop); validation always uses "eval".
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if cfg.source == "shapes":
+        from dalle.data.shapes import ShapesDataset
+
+        size = cfg.train_size if split == "train" else cfg.val_size
+        return ShapesDataset(split=split, size=size, seed=cfg.seed, image_size=image_size)
+
+    from dalle.data.readers import ImageTextFolder, webdataset_pairs
+    from dalle.data.transforms import transform_from_name
+
+    path = cfg.path if split == "train" else (cfg.val_path or cfg.path)
+    if split == "val" and not cfg.val_path:
+        log.warning("data.val_path is not set: evaluating on training data, so figures are not held-out")
+    tf = transform_from_name(transform if split == "train" else "eval", image_size)
+    if cfg.source == "folder":
+        return ImageTextFolder(path, tf, require_captions=cfg.require_captions, seed=cfg.seed)
+    return webdataset_pairs(path, tf, shuffle=cfg.shuffle_buffer if split == "train" else 0, seed=cfg.seed,
+                            require_captions=cfg.require_captions)
+
+
+def eval_batches(dataset: Dataset, n: int, batch_size: int = 64):
+    """Batches of the first `n` samples of a map-style or streaming data set, unreadable ones dropped."""
+    from torch.utils.data import DataLoader, IterableDataset, Subset
+
+    from dalle.data.readers import collate_skip_bad
+
+    if not isinstance(dataset, IterableDataset):
+        dataset = Subset(dataset, range(min(n, len(dataset))))
+    seen = 0
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skip_bad):
+        if "image" not in batch:
+            continue
+        take = min(len(batch["image"]), n - seen)
+        yield {k: v[:take] for k, v in batch.items() if k != "skipped"}
+        seen += take
+        if seen >= n:
+            return

@@ -1,0 +1,93 @@
+"""The dVAE training objective for the shared engine (paper sec. 2.1, appendix A.2).
+
+Loss at step k: reconstruction NLL of the decoder's output for gumbel-softmax samples at temperature
+tau(k), plus beta(k) times the KL from the encoder's posterior to the uniform prior. Evaluation uses
+argmax codes without noise, as generation will: PSNR, codebook perplexity, share of codes used, and a
+grid of originals over reconstructions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from dalle.data.sources import eval_batches
+from dvae import schedules
+from dvae.losses import codebook_usage, kl_to_uniform, logit_laplace_nll, mse_loss, psnr
+from dvae.model import DiscreteVAE
+
+if TYPE_CHECKING:
+    from dalle.engine import EvalSink
+
+
+@dataclass(frozen=True)
+class DVAEObjective:
+    temp_start: float = 1.0
+    temp_end: float = 1 / 16
+    temp_steps: int = 150_000  # the paper anneals over the first 150k of 1.2M updates
+    kl_start: float = 0.0
+    kl_end: float = 6.6
+    kl_steps: int = 5_000
+    eval_images: int = 1024  # held-out images for PSNR and codebook statistics
+    grid_images: int = 16  # originals over reconstructions in the saved grid
+    channels_last: bool = True  # about 2x faster convolutions on CPUs with bf16 autocast
+
+    def __post_init__(self) -> None:
+        if self.temp_end <= 0 or self.temp_start <= 0:
+            raise ValueError(f"temperatures must be positive, got {self.temp_start} -> {self.temp_end}")
+
+
+class DVAETask:
+    def __init__(self, model: DiscreteVAE, objective: DVAEObjective, train: Dataset, val: Dataset) -> None:
+        self.model, self.objective, self.train, self.val = model, objective, train, val
+        if objective.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def train_dataset(self) -> Dataset:
+        return self.train
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def schedules(self, step: int) -> tuple[float, float]:
+        o = self.objective
+        return (schedules.temperature(step, o.temp_start, o.temp_end, o.temp_steps),
+                schedules.kl_weight(step, o.kl_start, o.kl_end, o.kl_steps))
+
+    def _images(self, batch: dict[str, Any]) -> Tensor:
+        images = batch["image"]
+        return images.contiguous(memory_format=torch.channels_last) if self.objective.channels_last else images
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, float]]:
+        images = self._images(batch)
+        tau, beta = self.schedules(step)
+        logits, stats = model(images, tau)
+        cfg = model.config
+        rec = logit_laplace_nll(images, stats) if cfg.loss == "logit_laplace" else mse_loss(images, stats)
+        kl = kl_to_uniform(logits, images[0].numel())
+        return rec + beta * kl, {"rec": rec.item(), "kl": kl.item(), "temperature": tau, "kl_weight": beta}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, step: int, sink: EvalSink) -> dict[str, float]:
+        from torchvision.utils import make_grid
+
+        o = self.objective
+        device = next(model.parameters()).device
+        psnrs, codes, grid = [], [], None
+        for batch in eval_batches(self.val, o.eval_images):
+            images = self._images(batch).to(device)
+            z = model.encode(images)
+            rec = model.decode(z)
+            psnrs.append(psnr(images, rec).cpu())
+            codes.append(z.cpu())
+            if grid is None:
+                k = min(o.grid_images, len(images))
+                grid = make_grid(torch.cat([images[:k], rec[:k]]).float().cpu(), nrow=k, padding=1)
+        if grid is not None:
+            sink.image("reconstructions", step, grid)
+        perplexity, used = codebook_usage(torch.cat(codes), model.config.vocab_size)
+        return {"psnr": float(torch.cat(psnrs).mean()), "perplexity": perplexity, "codes_used": used}

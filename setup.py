@@ -1,0 +1,50 @@
+"""Install the `dalle` and `dvae` packages and the command-line tools.
+
+    pip install -e .                 # library, tools, generate.py
+    pip install -e ".[test]"         # + pytest, ruff and DeepSpeed for the test suite
+    pip install -e ".[deepspeed]"    # + DeepSpeed for multi-GPU training
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="dalle-repro",
+    version="0.1.0",
+    description="DALL-E (Ramesh et al. 2021) in PyTorch: dVAE, sparse transformer, CLIP reranking",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["dvae", "dalle", "dalle.data", "dalle_tools"],
+    package_dir={"dalle_tools": "tools"},
+    install_requires=[
+        # Pinned to the versions this project is tested with; see README "Install".
+        "torch>=2.5,<=2.14.1",
+        "torchvision>=0.20,<=0.29.1",
+        "einops>=0.7",
+        "pillow>=10",
+        "numpy",
+        "webdataset==1.0.2",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "pyyaml>=6",
+        "tensorboard>=2.15",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed==0.19.8"],
+        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "deepspeed==0.19.8"],
+    },
+    entry_points={
+        "console_scripts": [
+            "dalle-make-shapes=dalle_tools.make_shapes:main",
+            "dalle-make-shards=dalle_tools.make_shards:main",
+            "dalle-train-dvae=dalle_tools.train_dvae:main",
+            "dalle-eval-dvae=dalle_tools.eval_dvae:main",
+        ]
+    },
+)

@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+
+from dalle.config import from_dict, load_yaml
+from dvae import schedules
+from dvae.losses import codebook_usage, kl_to_uniform, logit_laplace_nll, psnr
+from dvae.model import DiscreteVAE, DVAEConfig, map_pixels, unmap_pixels
+
+TINY = DVAEConfig(image_size=32, downsample=4, vocab_size=64, n_hid=8, n_blk_per_group=1, n_init=16)
+
+
+def test_encode_decode_shapes_and_range():
+    model = DiscreteVAE(TINY).eval()
+    images = torch.rand(3, 3, 32, 32)
+    codes = model.encode(images)
+    assert codes.shape == (3, 8, 8) and codes.dtype == torch.int64
+    assert 0 <= codes.min() and codes.max() < TINY.vocab_size
+    out = model.decode(codes)
+    assert out.shape == (3, 3, 32, 32)
+    assert 0 <= out.min() and out.max() <= 1
+
+
+def test_paper_config_on_meta_device():
+    cfg = from_dict(DVAEConfig, load_yaml("configs/dvae/paper.yaml")["model"])
+    assert (cfg.image_size, cfg.grid_size, cfg.vocab_size) == (256, 32, 8192)
+    with torch.device("meta"):
+        model = DiscreteVAE(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert 50e6 < n < 150e6  # the OpenAI release has ~54M (encoder) + ~44M (decoder)
+    x = torch.empty(1, 3, 256, 256, device="meta")
+    assert model.logits(x).shape == (1, 8192, 32, 32)
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="divisible"):
+        DVAEConfig(image_size=30, downsample=4)
+    model = DiscreteVAE(TINY)
+    with pytest.raises(ValueError, match="expected images"):
+        model.encode(torch.rand(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 64\)"):
+        model.decode(torch.full((1, 8, 8), 64))
+
+
+def test_schedule_end_points():
+    assert schedules.temperature(0) == 1.0
+    assert schedules.temperature(150_000) == pytest.approx(1 / 16)
+    assert schedules.temperature(10**7) == pytest.approx(1 / 16)
+    assert schedules.temperature(75_000) == pytest.approx((1 + 1 / 16) / 2)
+    assert schedules.kl_weight(0) == 0.0
+    assert schedules.kl_weight(5_000) == pytest.approx(6.6)
+    assert schedules.kl_weight(2_500) == pytest.approx(3.3)
+    # monotone on the way
+    ts = [schedules.temperature(s) for s in range(0, 150_001, 1000)]
+    assert all(a >= b for a, b in zip(ts, ts[1:]))
+
+
+def test_logit_laplace_against_hand_computation():
+    x, mu, log_b = 0.25, 0.3, 0.2
+    images = torch.full((1, 1, 1, 1), x)
+    stats = torch.tensor([mu, log_b]).view(1, 2, 1, 1)
+    xm = (1 - 2 * 0.1) * x + 0.1  # 0.3
+    logit = math.log(xm / (1 - xm))
+    expected = math.log(2) + log_b + math.log(xm) + math.log(1 - xm) + abs(logit - mu) / math.exp(log_b)
+    assert logit_laplace_nll(images, stats).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_logit_laplace_is_a_density():
+    # Integrates to one over (eps, 1 - eps) in the mapped space: check numerically for one mu, b.
+    mu, log_b = torch.tensor(0.4), torch.tensor(-0.5)
+    xs = torch.linspace(1e-4, 1 - 1e-4, 200_001, dtype=torch.float64)
+    b = log_b.exp().double()
+    dens = torch.exp(-(torch.logit(xs) - mu).abs() / b) / (2 * b * xs * (1 - xs))
+    assert torch.trapezoid(dens, xs).item() == pytest.approx(1.0, abs=2e-3)
+
+
+def test_map_unmap_round_trip():
+    x = torch.rand(100)
+    assert torch.allclose(unmap_pixels(map_pixels(x)), x, atol=1e-6)
+
+
+def test_kl_to_uniform():
+    dims = 3 * 4 * 4
+    uniform = torch.zeros(2, 10, 2, 2)
+    assert kl_to_uniform(uniform, dims).item() == pytest.approx(0.0, abs=1e-6)
+    peaked = torch.full((2, 10, 2, 2), -1e4)
+    peaked[:, 3] = 0
+    assert kl_to_uniform(peaked, dims).item() == pytest.approx(4 * math.log(10) / dims, rel=1e-5)
+
+
+def test_psnr_and_codebook_usage():
+    a = torch.zeros(1, 3, 4, 4)
+    assert psnr(a, a + 0.1).item() == pytest.approx(20.0, rel=1e-5)
+    ppl, used = codebook_usage(torch.tensor([0, 1, 2, 3]), 8)
+    assert ppl == pytest.approx(4.0) and used == pytest.approx(0.5)
+
+
+def test_loss_falls_on_tiny_overfit_batch():
+    from dvae.task import DVAEObjective, DVAETask
+
+    torch.manual_seed(0)
+    model = DiscreteVAE(TINY)
+    task = DVAETask(model, DVAEObjective(temp_steps=100, kl_steps=100, kl_end=0.5), [], [])
+    images = torch.rand(4, 3, 32, 32).round()  # binary pixels: easy to tell apart
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(60):
+        loss, _ = task.loss(model, {"image": images}, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1

@@ -1,0 +1,146 @@
+"""The shared training engine: exact resume, crash-safe checkpoints, non-finite steps."""
+
+import json
+
+import pytest
+import torch
+
+from dalle import checkpoint as ckpt
+from dalle.data.shapes import ShapesDataset
+from dalle.engine import NonFiniteLossError, ResumableSampler, TrainConfig, Trainer
+from dvae.model import DiscreteVAE, DVAEConfig
+from dvae.task import DVAEObjective, DVAETask
+
+TINY = DVAEConfig(image_size=32, downsample=4, vocab_size=64, n_hid=8, n_blk_per_group=1, n_init=16)
+
+
+def make_task(seed=0):
+    torch.manual_seed(seed)
+    return DVAETask(DiscreteVAE(TINY), DVAEObjective(temp_steps=20, kl_steps=10, eval_images=16),
+                    ShapesDataset("train", size=64, image_size=32), ShapesDataset("val", size=16, image_size=32))
+
+
+def train_cfg(**kw):
+    base = dict(steps=12, batch_size=4, lr=2e-3, ema_decay=0.9, log_every=4, eval_every=100, save_every=4,
+                keep_checkpoints=5)
+    return TrainConfig(**{**base, **kw})
+
+
+def states(trainer):
+    return {**{"live." + k: v for k, v in trainer.model.state_dict().items()},
+            **{"ema." + k: v for k, v in trainer.ema.model.state_dict().items()}}
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = Trainer(make_task(), train_cfg(), tmp_path / "a", progress=False)
+    full.fit()
+    first = Trainer(make_task(), train_cfg(), tmp_path / "b", progress=False)
+    first.fit(stop_at=6)  # as if the process died right after the step-6 checkpoint
+    assert first.step == 6
+    # A new process: fresh model with different init, resumed from disk.
+    resumed = Trainer(make_task(seed=123), train_cfg(), tmp_path / "b", progress=False)
+    assert resumed.step == 6
+    resumed.fit()
+    a, b = states(full), states(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == full.optimizer.state_dict()["state"][0]["step"]
+
+
+def test_sampler_resumes_mid_epoch():
+    full = ResumableSampler(10, seed=3)
+    it = iter(full)
+    stream = [next(it) for _ in range(25)]
+    it2 = iter(ResumableSampler(10, seed=3, start=13))
+    assert [next(it2) for _ in range(12)] == stream[13:]
+    assert sorted(i for i, _ in stream[:10]) == list(range(10))  # each epoch is a permutation
+
+
+def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(make_task(), train_cfg(steps=8), tmp_path, progress=False)
+    trainer.fit(stop_at=4)
+    good = ckpt.latest_checkpoint(tmp_path)
+    assert good.name == "step-0000004"
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt, "save_optimizer", boom)
+    with pytest.raises(OSError, match="simulated"):
+        trainer.fit()  # dies while writing step 8
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    assert not (tmp_path / "checkpoints" / "step-0000008").exists()
+    model = ckpt.load_pretrained(tmp_path)  # a run directory loads its latest checkpoint
+    assert isinstance(model, DiscreteVAE)
+    # and training resumes from it
+    again = Trainer(make_task(), train_cfg(steps=8), tmp_path, progress=False)
+    assert again.step == 4
+    again.fit()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000008"
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+class NaNTask:
+    """Wraps a task so chosen steps produce a NaN loss."""
+
+    def __init__(self, task, bad_steps):
+        self.inner, self.bad = task, set(bad_steps)
+        self.model = task.model
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def loss(self, model, batch, step):
+        loss, metrics = self.inner.loss(model, batch, step)
+        return (loss * float("nan") if step in self.bad else loss), metrics
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, caplog):
+    trainer = Trainer(NaNTask(make_task(), {2, 3}), train_cfg(steps=6, max_nonfinite=3), tmp_path / "a",
+                      progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    assert trainer.counters["nonfinite_steps"] == 2
+    assert "step 2 skipped: loss is nan" in caplog.text
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    logged = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r for r in logged if r["event"] == "train"][-1]["nonfinite_steps"] == 2
+
+    stuck = Trainer(NaNTask(make_task(), range(3, 100)), train_cfg(steps=12, max_nonfinite=3),
+                    tmp_path / "b", progress=False)
+    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
+        stuck.fit()
+    # Steps 3-5 failed; the run stopped during step 5, so step 4 (weights of steps 0-2) is the last save
+    # and nothing non-finite was ever written.
+    latest = ckpt.latest_checkpoint(tmp_path / "b")
+    assert latest.name == "step-0000004"
+    assert all(torch.isfinite(v).all() for v in ckpt.load_pretrained(latest).state_dict().values())
+
+
+def test_mismatched_weights_name_the_tensor(tmp_path):
+    model = DiscreteVAE(TINY)
+    ckpt.save_pretrained(model, tmp_path / "m")
+    other = DiscreteVAE(DVAEConfig(image_size=32, downsample=4, vocab_size=32, n_hid=8, n_blk_per_group=1,
+                                   n_init=16))
+    with pytest.raises(ValueError, match=r"encoder\.blocks\.\d+\.weight: file \(64"):
+        ckpt.load_weights(other, tmp_path / "m" / "model.safetensors")
+    loaded = ckpt.load_pretrained(tmp_path / "m")
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(loaded.encode(x), model.eval().encode(x))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        ckpt.load_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a 'dvae' model"):
+        ckpt.load_pretrained(tmp_path / "m", expect="dalle")
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    Trainer(make_task(), train_cfg(steps=4), tmp_path, progress=False).fit()
+    other = DVAETask(DiscreteVAE(DVAEConfig(image_size=32, downsample=4, vocab_size=32, n_hid=8,
+                                            n_blk_per_group=1, n_init=16)), DVAEObjective(), [], [])
+    with pytest.raises(ValueError, match="vocab_size"):
+        Trainer(other, train_cfg(steps=4), tmp_path, progress=False)
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        Trainer(make_task(), train_cfg(steps=4), tmp_path, resume="never", progress=False)

@@ -1,0 +1,101 @@
+"""Write the synthetic shapes data set (see dalle/data/shapes.py) as a folder of files or webdataset shards.
+
+Each sample ``key`` produces ``key.png`` (image), ``key.txt`` (caption) and ``key.json`` (scene + mentions).
+
+    python tools/make_shapes.py --n 10000 --out data/shapes-train --split train --shards
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+try:
+    import dalle  # noqa: F401  (normally installed with `pip install -e .`)
+except ImportError:  # running from a checkout without installing: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from PIL import Image
+from tqdm import tqdm
+
+from dalle.data.shapes import SPLITS, make_sample, sample_key
+
+
+def _rgb(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(0 <= v <= 255 for v in values):
+        raise argparse.ArgumentTypeError(f"expected R,G,B with each in 0..255, got {text!r}")
+    return values[0], values[1], values[2]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Generate deterministic synthetic captioned shape images.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--n", type=int, default=1000, help="number of samples to write (indices 0..n-1)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
+    p.add_argument("--split", choices=SPLITS, default="train", help="which split to generate")
+    p.add_argument("--seed", type=int, default=0, help="data set seed; sample i is a pure function of it")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (>= 16)")
+    p.add_argument("--shards", action="store_true", help="write webdataset tar shards instead of a folder")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (with --shards)")
+    p.add_argument(
+        "--background",
+        type=_rgb,
+        default=None,
+        help="fixed background R,G,B; None draws a random grey per image",
+    )
+    return p
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"--n must be >= 1, got {args.n}")
+    if args.shard_size < 1:
+        parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
+    try:  # fail on bad arguments before creating any output
+        make_sample(0, args.split, args.seed, args.image_size, background=args.background)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    writer = None
+    if args.shards:
+        import webdataset as wds  # only shard mode needs it
+
+        writer = wds.ShardWriter(str(out / "shapes-%06d.tar"), maxcount=args.shard_size, verbose=0)
+    try:
+        for i in tqdm(range(args.n), desc=f"shapes/{args.split}", unit="img"):
+            s = make_sample(i, args.split, args.seed, args.image_size, background=args.background)
+            key = sample_key(i, args.split, args.seed)
+            png, record = _png_bytes(s.image), s.to_json()
+            if writer is not None:
+                writer.write({"__key__": key, "png": png, "txt": s.caption, "json": record})
+            else:
+                (out / f"{key}.png").write_bytes(png)
+                (out / f"{key}.txt").write_text(s.caption, encoding="utf-8")
+                (out / f"{key}.json").write_text(record, encoding="utf-8")
+    finally:
+        if writer is not None:
+            writer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
