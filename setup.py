@@ -45,6 +45,10 @@ setup(
             "dalle-make-shards=dalle_tools.make_shards:main",
             "dalle-train-dvae=dalle_tools.train_dvae:main",
             "dalle-eval-dvae=dalle_tools.eval_dvae:main",
+            "dalle-train-bpe=dalle_tools.train_bpe:main",
+            "dalle-pretokenize=dalle_tools.pretokenize:main",
+            "dalle-train=dalle_tools.train_dalle:main",
+            "dalle-estimate=dalle_tools.estimate:main",
         ]
     },
 )

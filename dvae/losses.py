@@ -48,6 +48,18 @@ def kl_to_uniform(logits: Tensor, dims_per_image: int) -> Tensor:
     return kl.flatten(1).sum(dim=1).mean() / dims_per_image
 
 
+def usage_kl_to_uniform(logits: Tensor, dims_per_image: int) -> Tensor:
+    """KL(mean posterior over the batch and grid || uniform), scaled like `kl_to_uniform`.
+
+    Not in the paper: the per-token KL pulls each posterior towards uniform but does not stop all
+    tokens from preferring the same few codes. Penalising the batch-averaged posterior (wav2vec 2.0's
+    codebook diversity loss) spreads usage; it helps short, small-batch runs avoid codebook collapse.
+    """
+    mean_q = F.softmax(logits.float(), dim=1).mean(dim=(0, 2, 3))  # (V,)
+    kl = (mean_q * mean_q.clamp_min(1e-12).log()).sum() + math.log(logits.shape[1])
+    return kl * logits.shape[2] * logits.shape[3] / dims_per_image
+
+
 def psnr(images: Tensor, reconstructions: Tensor) -> Tensor:
     """Peak signal-to-noise ratio in dB per image, for pixels in [0, 1]. (B, C, H, W) x 2 -> (B,)"""
     mse = (images.float() - reconstructions.float()).pow(2).flatten(1).mean(dim=1)

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from dalle.data.sources import eval_batches
 from dvae import schedules
-from dvae.losses import codebook_usage, kl_to_uniform, logit_laplace_nll, mse_loss, psnr
+from dvae.losses import codebook_usage, kl_to_uniform, logit_laplace_nll, mse_loss, psnr, usage_kl_to_uniform
 from dvae.model import DiscreteVAE
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ class DVAEObjective:
     kl_start: float = 0.0
     kl_end: float = 6.6
     kl_steps: int = 5_000
+    usage_weight: float = 0.0  # weight of the codebook-usage term (0 in the paper; see losses.usage_kl_to_uniform)
     eval_images: int = 1024  # held-out images for PSNR and codebook statistics
     grid_images: int = 16  # originals over reconstructions in the saved grid
     channels_last: bool = True  # about 2x faster convolutions on CPUs with bf16 autocast
@@ -69,7 +70,13 @@ class DVAETask:
         cfg = model.config
         rec = logit_laplace_nll(images, stats) if cfg.loss == "logit_laplace" else mse_loss(images, stats)
         kl = kl_to_uniform(logits, images[0].numel())
-        return rec + beta * kl, {"rec": rec.item(), "kl": kl.item(), "temperature": tau, "kl_weight": beta}
+        loss = rec + beta * kl
+        metrics = {"rec": rec.item(), "kl": kl.item(), "temperature": tau, "kl_weight": beta}
+        if self.objective.usage_weight:
+            usage = usage_kl_to_uniform(logits, images[0].numel())
+            loss = loss + self.objective.usage_weight * usage
+            metrics["usage_kl"] = usage.item()
+        return loss, metrics
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int, sink: EvalSink) -> dict[str, float]:

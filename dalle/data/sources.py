@@ -1,7 +1,8 @@
 """One place that turns a `data:` config section into a data set, for every training tool.
 
-Sources: `shapes` (generated on the fly, deterministic), `folder` (name.jpg + name.txt pairs) and
-`webdataset` (tar shards as img2dataset writes them, local paths or brace patterns).
+Sources: `shapes` (generated on the fly, deterministic), `folder` (name.jpg + name.txt pairs),
+`webdataset` (tar shards as img2dataset writes them, local paths or brace patterns) and `tokens`
+(captions with image codes pre-computed by tools/pretokenize.py, for the transformer).
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import Dataset
 
 log = logging.getLogger("dalle.data")
 
-SOURCES = ("shapes", "folder", "webdataset")
+SOURCES = ("shapes", "folder", "webdataset", "tokens")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,13 @@ def build_dataset(cfg: DataConfig, split: str, image_size: int, transform: str) 
 
         size = cfg.train_size if split == "train" else cfg.val_size
         return ShapesDataset(split=split, size=size, seed=cfg.seed, image_size=image_size)
+    if cfg.source == "tokens":
+        from dalle.data.tokens import TokenShards
+
+        if split == "val" and not cfg.val_path:
+            log.warning("data.val_path is not set: validating on training data, so figures are not held-out")
+            return TokenShards(cfg.path, limit=cfg.val_size)
+        return TokenShards(cfg.path if split == "train" else cfg.val_path)
 
     from dalle.data.readers import ImageTextFolder, webdataset_pairs
     from dalle.data.transforms import transform_from_name
@@ -71,9 +80,10 @@ def eval_batches(dataset: Dataset, n: int, batch_size: int = 64):
         dataset = Subset(dataset, range(min(n, len(dataset))))
     seen = 0
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skip_bad):
-        if "image" not in batch:
+        size = next((len(v) for v in batch.values() if isinstance(v, torch.Tensor)), 0)
+        if not size:  # every sample of the batch was unreadable
             continue
-        take = min(len(batch["image"]), n - seen)
+        take = min(size, n - seen)
         yield {k: v[:take] for k, v in batch.items() if k != "skipped"}
         seen += take
         if seen >= n:

@@ -1,0 +1,215 @@
+"""Sparse attention masks and masked attention for the DALL-E transformer.
+
+Owns the paper's attention patterns (Ramesh et al. 2021, sec. 2.2, appendix B.1, Fig. 11): full causal,
+row, column and convolutional masks over the image grid; the per-layer schedule; and the masked attention
+itself on two backends, SDPA with a dense boolean mask and FlexAttention with a BlockMask. The model owns the
+q/k/v projections and the KV cache; this module only decides which keys each query reads.
+
+Stream layout: L = T + N positions, T text slots then N = G*G image slots. Image slot k (stream position T + k)
+predicts image token k, at grid position (k // G, k % G); image masks are defined on those positions. Every
+pattern is causal in stream order, image queries always see all T text keys, text queries never see image keys.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+KINDS = ("full", "row", "column", "conv")
+BACKENDS = ("auto", "sdpa", "flex")
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+ImagePattern = Callable[[Tensor, Tensor, int, int], Tensor]
+
+
+def layer_kinds(n_layers: int, schedule: str = "paper") -> tuple[str, ...]:
+    """Attention kind of each layer.
+
+    "paper": column attention in layers with (i - 2) % 4 == 0, row attention elsewhere, and conv attention
+    in the last layer (appendix B.1). "full": dense causal attention everywhere (a baseline). Otherwise a
+    comma-separated list of n_layers kinds, e.g. "row,column,conv".
+    """
+    if not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
+    if schedule == "paper":
+        return tuple("conv" if i == n_layers - 1 else "column" if (i - 2) % 4 == 0 else "row" for i in range(n_layers))
+    if schedule == "full":
+        return ("full",) * n_layers
+    kinds = tuple(s.strip() for s in schedule.split(","))
+    unknown = [s for s in kinds if s not in KINDS]
+    if unknown:
+        raise ValueError(
+            f"schedule {schedule!r}: unknown kinds {unknown}; expected 'paper', 'full' or a comma-separated "
+            f"list of kinds from {KINDS}"
+        )
+    if len(kinds) != n_layers:
+        raise ValueError(f"schedule {schedule!r} lists {len(kinds)} kinds but the model has {n_layers} layers")
+    return kinds
+
+
+# Image patterns take the grid slots of query and key (qi, kj). They are only read where both are image
+# slots and kj <= qi; elsewhere the caller's text and causal terms decide, so negative slots are harmless.
+def _row(qi: Tensor, kj: Tensor, grid: int, radius: int) -> Tensor:
+    return qi - kj <= grid  # the previous grid + 1 slots in raster order, itself included
+
+
+def _column(qi: Tensor, kj: Tensor, grid: int, radius: int) -> Tensor:
+    return (qi - kj) % grid == 0
+
+
+def _conv(qi: Tensor, kj: Tensor, grid: int, radius: int) -> Tensor:
+    near_row = (qi // grid - kj // grid).abs() <= radius
+    near_col = (qi % grid - kj % grid).abs() <= radius
+    return near_row & near_col
+
+
+_IMAGE_PATTERNS: dict[str, ImagePattern] = {"row": _row, "column": _column, "conv": _conv}
+
+
+def _check_geometry(kind: str, text_len: int, grid: int, kernel: int) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown attention kind {kind!r}; expected one of {KINDS}")
+    if not isinstance(text_len, int) or text_len < 0:
+        raise ValueError(f"text_len must be a non-negative int, got {text_len!r}")
+    if not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid must be a positive int, got {grid!r}")
+    if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"kernel must be a positive odd int (a window centred on the query), got {kernel!r}")
+
+
+def mask_mod(kind: str, text_len: int, grid: int, kernel: int = 11) -> MaskMod:
+    """FlexAttention mask_mod `fn(b, h, q_idx, kv_idx) -> bool` over stream positions; True = may attend.
+
+    Built from elementwise tensor ops only, so `create_mask` / `create_block_mask` can vmap it and
+    torch.compile can fuse it; `dense_mask` broadcasts the same function, so each pattern has one definition.
+    """
+    _check_geometry(kind, text_len, grid, kernel)
+    if kind == "full":
+
+        def full(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return kv_idx <= q_idx
+
+        return full
+
+    pattern, radius = _IMAGE_PATTERNS[kind], kernel // 2
+
+    def sparse(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        # Causality alone keeps text queries off image keys; image queries read every text key.
+        image_ok = pattern(q_idx - text_len, kv_idx - text_len, grid, radius)
+        return (kv_idx <= q_idx) & ((kv_idx < text_len) | image_ok)
+
+    sparse.__name__ = f"{kind}_mask"
+    return sparse
+
+
+def dense_mask(
+    kind: str, text_len: int, grid: int, kernel: int = 11, device: torch.device | str | None = None
+) -> Tensor:
+    """(L, L) boolean mask, L = text_len + grid**2, True = may attend. Cached per arguments: do not modify."""
+    _check_geometry(kind, text_len, grid, kernel)
+    return _dense_mask(kind, text_len, grid, kernel, torch.device(device if device is not None else "cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_mask(kind: str, text_len: int, grid: int, kernel: int, device: torch.device) -> Tensor:
+    if device.type != "cpu":  # build once on the CPU, keep one copy per device
+        return _dense_mask(kind, text_len, grid, kernel, torch.device("cpu")).to(device)
+    idx = torch.arange(text_len + grid * grid)  # (L,)
+    zero = torch.zeros((), dtype=torch.long)
+    return mask_mod(kind, text_len, grid, kernel)(zero, zero, idx[:, None], idx[None, :])  # (L, L)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_mask(kind: str, text_len: int, grid: int, kernel: int, length: int, device: torch.device) -> BlockMask:
+    # The pattern does not depend on the length, so a prefix of the stream just asks for a smaller mask.
+    fn = mask_mod(kind, text_len, grid, kernel)
+    return create_block_mask(fn, None, None, length, length, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex() -> Callable[..., Tensor]:
+    # Eager flex materialises every score; only the compiled kernel skips the fully masked tiles.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _check_attend(q: Tensor, k: Tensor, v: Tensor, length: int, backend: str, q_offset: int) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (B, H, L, D), got shape {tuple(t.shape)}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: need matching (B, H), k and v of "
+            "equal length, and q and k of equal head size"
+        )
+    lq, lk = q.shape[2], k.shape[2]
+    if not isinstance(q_offset, int) or q_offset < 0:
+        raise ValueError(f"q_offset must be a non-negative int, got {q_offset!r}")
+    if lq < 1 or lk != q_offset + lq:
+        raise ValueError(
+            f"keys must be the stream prefix up to the last query: got {lk} keys for {lq} queries at "
+            f"q_offset={q_offset} (expected {q_offset + lq})"
+        )
+    if lk > length:
+        raise ValueError(f"{lk} keys exceed the stream length {length} (text_len + grid**2)")
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    kind: str,
+    text_len: int,
+    grid: int,
+    kernel: int = 11,
+    backend: str = "auto",
+    q_offset: int = 0,
+) -> Tensor:
+    """Masked softmax attention: (B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, Dv) -> (B, H, Lq, Dv).
+
+    Queries sit at stream positions q_offset .. q_offset + Lq - 1; keys are the prefix 0 .. Lk - 1 with
+    Lk == q_offset + Lq. With q_offset == 0 this is the full (possibly shortened) sequence; with Lq == 1 it is
+    one cached decoding step, where the sparse mask only restricts which cached keys are read.
+
+    backend: "sdpa" (dense boolean mask, any device, autograd), "flex" (FlexAttention with a cached BlockMask,
+    compiled on CUDA; no backward on CPU) or "auto" (flex on CUDA for full sequences, sdpa otherwise).
+    Decoding steps (q_offset > 0) always use sdpa.
+    """
+    _check_geometry(kind, text_len, grid, kernel)
+    _check_attend(q, k, v, text_len + grid * grid, backend, q_offset)
+    lq, lk = q.shape[2], k.shape[2]
+    full_seq = q_offset == 0
+    # "full" is plain causal attention, which SDPA's fused causal kernels already do best.
+    use_flex = full_seq and (backend == "flex" or (backend == "auto" and q.is_cuda and kind != "full"))
+    if use_flex:
+        block_mask = _block_mask(kind, text_len, grid, kernel, lq, q.device)
+        fn = _compiled_flex() if q.is_cuda else flex_attention
+        return fn(q, k, v, block_mask=block_mask)  # (B, H, Lq, Dv)
+    if kind == "full" and full_seq:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, Lq, Dv)
+    if kind == "full" and lq == 1:  # the newest query reads the whole cache
+        return F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, Dv)
+    mask = dense_mask(kind, text_len, grid, kernel, q.device)[q_offset : q_offset + lq, :lk]  # (Lq, Lk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dv)
+
+
+def block_sparsity(kind: str, text_len: int, grid: int, kernel: int = 11, block: int = 128) -> float:
+    """Fraction of (q-block, kv-block) tiles of the full-length mask that are entirely masked (what flex skips).
+
+    The last partial block is padded with masked positions, as FlexAttention does.
+    """
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    mask = dense_mask(kind, text_len, grid, kernel)  # (L, L)
+    length = mask.shape[0]
+    n = -(-length // block)
+    padded = torch.zeros(n * block, n * block, dtype=torch.bool)  # (n*block, n*block)
+    padded[:length, :length] = mask
+    live = padded.view(n, block, n, block).any(dim=3).any(dim=1)  # (n, n) tiles with any visible pair
+    return 1.0 - live.float().mean().item()

@@ -1,0 +1,211 @@
+"""The stage-2 transformer (paper sec. 2.2, appendix B): one decoder-only stream of text then image tokens.
+
+Stream layout for text_seq_len T and an image grid of G x G = N tokens (length T + N):
+
+    slot    0      1 .. T-1         T      T+1 .. T+N-1
+    holds   <sot>  t_0 .. t_{T-2}   <soi>  i_0 .. i_{N-2}
+    learns  t_0    t_1 .. t_{T-1}   i_0    i_1 .. i_{N-1}
+
+Text ids come from `TextTokenizer.encode_batch`: BPE ids below `text_vocab_size`, and after the caption
+a separately learned pad token for each position (id `text_vocab_size + position`, appendix B.2), so the
+text head predicts over `text_vocab_size + T` ids and the first pad acts as end-of-text. Text positions
+are learned; image positions are a row embedding plus a column embedding, broadcast over the grid.
+Logits at text slots cover the text vocabulary only and at image slots the image vocabulary only.
+Attention masks per layer (row, column, conv, full) live in `dalle.attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from dalle.attention import attend, layer_kinds
+
+
+@dataclass(frozen=True)
+class DALLEConfig:
+    text_vocab_size: int = 16384  # BPE ids (0 in a config file: the tokenizer's); T pad ids come on top
+    text_seq_len: int = 256
+    image_vocab_size: int = 8192
+    image_grid: int = 32  # 32 x 32 = 1024 image tokens, as the paper's dVAE
+    n_embd: int = 3968
+    n_layer: int = 64
+    n_head: int = 62
+    mlp_ratio: int = 4
+    attn_schedule: str = "paper"  # "paper", "full", or a comma list of row/column/conv/full per layer
+    conv_kernel: int = 11
+    dropout: float = 0.0
+    tie_embeddings: bool = False  # share each token embedding with its output head
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.text_seq_len < 1 or self.image_grid < 1:
+            raise ValueError("text_seq_len and image_grid must be positive")
+        layer_kinds(self.n_layer, self.attn_schedule)  # validates the schedule
+
+    @property
+    def image_seq_len(self) -> int:
+        return self.image_grid**2
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_seq_len + self.image_seq_len
+
+    @property
+    def text_vocab_total(self) -> int:
+        return self.text_vocab_size + self.text_seq_len
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, (B, H, L, D) each; `length` slots are filled."""
+
+    def __init__(self, cfg: DALLEConfig, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (batch, cfg.n_head, cfg.seq_len, cfg.n_embd // cfg.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DALLEConfig, kind: str) -> None:
+        super().__init__()
+        self.cfg, self.kind = cfg, kind
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: Tensor, cache: KVCache | None, layer: int) -> Tensor:  # (B, l, d) -> (B, l, d)
+        b, l, d = x.shape
+        h = self.cfg.n_head
+        q, k, v = self.qkv(x).view(b, l, 3, h, d // h).permute(2, 0, 3, 1, 4)  # 3 x (B, H, l, D)
+        offset = 0
+        if cache is not None:
+            offset = cache.length
+            cache.k[layer][:, :, offset : offset + l] = k
+            cache.v[layer][:, :, offset : offset + l] = v
+            k, v = cache.k[layer][:, :, : offset + l], cache.v[layer][:, :, : offset + l]
+        y = attend(q, k, v, kind=self.kind, text_len=self.cfg.text_seq_len, grid=self.cfg.image_grid,
+                   kernel=self.cfg.conv_kernel, q_offset=offset)  # (B, H, l, D)
+        return self.proj(y.transpose(1, 2).reshape(b, l, d))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DALLEConfig, kind: str) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = Attention(cfg, kind)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), cache, layer))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class DALLE(nn.Module):
+    def __init__(self, cfg: DALLEConfig) -> None:
+        super().__init__()
+        if cfg.text_vocab_size < 1:
+            raise ValueError("text_vocab_size must be set (the training tool takes it from the tokenizer)")
+        self.config = cfg
+        d = cfg.n_embd
+        self.text_emb = nn.Embedding(cfg.text_vocab_total, d)
+        self.image_emb = nn.Embedding(cfg.image_vocab_size, d)
+        self.sot = nn.Parameter(torch.zeros(d))  # <start-of-text>
+        self.soi = nn.Parameter(torch.zeros(d))  # <start-of-image>
+        self.text_pos = nn.Parameter(torch.zeros(cfg.text_seq_len, d))
+        self.row_pos = nn.Parameter(torch.zeros(cfg.image_grid, d))
+        self.col_pos = nn.Parameter(torch.zeros(cfg.image_grid, d))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in layer_kinds(cfg.n_layer, cfg.attn_schedule))
+        self.ln_f = nn.LayerNorm(d)
+        self.text_head = nn.Linear(d, cfg.text_vocab_total, bias=False)
+        self.image_head = nn.Linear(d, cfg.image_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.text_head.weight, self.image_head.weight = self.text_emb.weight, self.image_emb.weight
+        self.gradient_checkpointing = False  # a training setting, switched on by the training task
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.2.weight")):  # GPT-2: keep the residual stream O(1)
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        for p in (self.sot, self.soi, self.text_pos, self.row_pos, self.col_pos):
+            nn.init.normal_(p, std=0.02)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    # -- embeddings ------------------------------------------------------------------------
+    def image_pos(self, start: int, length: int) -> Tensor:  # (length, d) for image slots start..
+        k = torch.arange(start, start + length, device=self.row_pos.device)
+        g = self.config.image_grid
+        return self.row_pos[k // g] + self.col_pos[k % g]
+
+    def embed_text(self, text: Tensor) -> Tensor:  # (B, T) ids -> (B, T, d) slots 0..T-1
+        b, t = text.shape
+        if t != self.config.text_seq_len:
+            raise ValueError(f"text must have {self.config.text_seq_len} ids (padded), got shape {tuple(text.shape)}")
+        x = torch.cat([self.sot.expand(b, 1, -1), self.text_emb(text[:, :-1])], dim=1)
+        return x + self.text_pos
+
+    def embed_image(self, image: Tensor, start: int) -> Tensor:
+        """Image slots start..start+n-1 for the n tokens `image` (B, n) that feed them; slot 0 is <soi>."""
+        b, n = image.shape
+        if start == 0:
+            x = torch.cat([self.soi.expand(b, 1, -1), self.image_emb(image[:, : max(n - 1, 0)])], dim=1)
+            x = x[:, : max(n, 1)]
+        else:
+            x = self.image_emb(image)
+        return x + self.image_pos(start, x.shape[1])
+
+    # -- forward ---------------------------------------------------------------------------
+    def backbone(self, x: Tensor, cache: KVCache | None = None) -> Tensor:  # (B, l, d) -> (B, l, d)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, None, i, use_reentrant=False)
+            else:
+                x = block(x, cache, i)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.ln_f(x)
+
+    def forward(self, text: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher-forced pass: (B, T) text ids, (B, N) image codes -> text logits (B, T, Vt + T) and
+        image logits (B, N, Vi), where position j of each predicts token j of its kind."""
+        n = self.config.image_seq_len
+        if image.shape[1] != n:
+            raise ValueError(f"image codes must be (B, {n}), got {tuple(image.shape)}; flatten the grid first")
+        x = torch.cat([self.embed_text(text), self.embed_image(image, 0)], dim=1)  # (B, T+N, d)
+        h = self.backbone(x)
+        t = self.config.text_seq_len
+        return self.text_head(h[:, :t]), self.image_head(h[:, t:])
+
+    @torch.no_grad()
+    def prefill(self, text: Tensor, image_prefix: Tensor, cache: KVCache) -> Tensor:
+        """Run the prompt and any given image tokens through the cache; returns the image logits
+        (B, Vi) for the next image token. image_prefix: (B, p) with 0 <= p < N."""
+        p = image_prefix.shape[1]
+        x = torch.cat([self.embed_text(text), self.embed_image(image_prefix, 0) if p else
+                       self.soi.expand(text.shape[0], 1, -1) + self.image_pos(0, 1)], dim=1)
+        if p:  # image slots 0..p: <soi> plus the p given tokens
+            x = torch.cat([x, self.image_emb(image_prefix[:, -1:]) + self.image_pos(p, 1)], dim=1)
+        return self.image_head(self.backbone(x, cache)[:, -1])
+
+    @torch.no_grad()
+    def decode_step(self, token: Tensor, cache: KVCache) -> Tensor:
+        """Feed image token (B,) into the next slot; returns the logits (B, Vi) for the token after it."""
+        slot = cache.length - self.config.text_seq_len  # image slot this token occupies
+        x = self.image_emb(token)[:, None] + self.image_pos(slot, 1)
+        return self.image_head(self.backbone(x, cache)[:, -1])

@@ -1,0 +1,104 @@
+"""Autoregressive sampling of image tokens from a `DALLE` model (paper sec. 2.2 and 2.5).
+
+Plain functions over a model. The cached path keeps every layer's keys and values in a preallocated
+cache, so each new token costs one slot through the network; sparse layers read only the cached keys
+their mask allows. Classifier-free guidance runs the conditional and the unconditional (empty-prompt)
+streams as one batch. The caller's tensors are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from dalle.model import DALLE, KVCache
+
+
+def empty_text(model: DALLE, batch: int, device: torch.device | str) -> Tensor:
+    """The unconditional prompt: every text slot holds its own pad token. (B, T)"""
+    cfg = model.config
+    return (cfg.text_vocab_size + torch.arange(cfg.text_seq_len, device=device)).expand(batch, -1).clone()
+
+
+def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Temperature, then keep the top_k most likely tokens (0: all), then the smallest set whose mass
+    reaches top_p (1.0: all). Returns new logits with the rest at -inf. (B, V) -> (B, V)"""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        mass = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = mass - sorted_logits.softmax(dim=-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def _check(model: DALLE, text: Tensor, prime: Tensor | None, top_k: int, top_p: float) -> None:
+    cfg = model.config
+    if text.ndim != 2 or text.shape[1] != cfg.text_seq_len:
+        raise ValueError(f"text must be (B, {cfg.text_seq_len}) ids, got {tuple(text.shape)}")
+    if prime is not None and (prime.ndim != 2 or prime.shape[0] != text.shape[0]
+                              or not 0 <= prime.shape[1] < cfg.image_seq_len):
+        raise ValueError(f"prime must be (B, p) image codes with p < {cfg.image_seq_len}, got {tuple(prime.shape)}")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+
+
+@torch.no_grad()
+def sample(
+    model: DALLE,
+    text: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    cond_scale: float = 1.0,
+    prime: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    on_token: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Sample all image tokens for each prompt. text: (B, T) ids -> image codes (B, N).
+
+    cond_scale != 1 mixes logits as uncond + cond_scale * (cond - uncond), the unconditional branch
+    conditioned on the empty prompt. prime: (B, p) given first image tokens (the top p / G rows of a
+    token grid: the paper's image-to-image mode). on_token(k) is called after each sampled token.
+    """
+    _check(model, text, prime, top_k, top_p)
+    cfg = model.config
+    b, device = text.shape[0], text.device
+    guided = cond_scale != 1.0
+    stream_text = torch.cat([text, empty_text(model, b, device)]) if guided else text
+    out = torch.zeros(b, cfg.image_seq_len, dtype=torch.long, device=device)
+    start = 0 if prime is None else prime.shape[1]
+    if start:
+        out[:, :start] = prime
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(cfg, stream_text.shape[0], device, dtype) if use_cache else None
+
+    def next_logits(k: int) -> Tensor:  # (B', Vi) logits for image token k
+        if cache is None:
+            codes = out.repeat(2, 1) if guided else out
+            return model(stream_text, codes)[1][:, k]
+        if k == start:
+            prefix = out[:, :start]
+            return model.prefill(stream_text, prefix.repeat(2, 1) if guided else prefix, cache)
+        token = out[:, k - 1]
+        return model.decode_step(token.repeat(2) if guided else token, cache)
+
+    for k in range(start, cfg.image_seq_len):
+        logits = next_logits(k).float()
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + cond_scale * (cond - uncond)
+        probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
+        out[:, k] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if on_token is not None:
+            on_token(k)
+    return out

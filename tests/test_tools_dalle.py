@@ -1,0 +1,92 @@
+"""Stage 2 end to end on generated data: BPE -> pre-tokenised shards -> transformer training -> resume."""
+
+import json
+
+import pytest
+import torch
+
+from dalle.checkpoint import latest_checkpoint, load_pretrained, save_pretrained
+from dalle.data.tokens import TokenShards
+from dalle.engine import TrainConfig, Trainer
+from dalle.model import DALLE, DALLEConfig
+from dalle.task import DALLEObjective, DALLETask
+from dalle.tokenizer import TextTokenizer
+from dalle_tools import pretokenize, train_bpe, train_dalle
+from dvae.model import DiscreteVAE, DVAEConfig
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    torch.manual_seed(0)
+    dvae = DiscreteVAE(DVAEConfig(image_size=32, downsample=8, vocab_size=64, n_hid=8, n_blk_per_group=1,
+                                  n_init=16))
+    save_pretrained(dvae, root / "dvae")
+    for split, n in (("train", 48), ("val", 16)):
+        assert pretokenize.main(["--dvae", str(root / "dvae"), "--source", "shapes", "--split", split, "--n", str(n),
+                                 "--out", str(root / f"tok-{split}"), "--batch-size", "16", "--shard-size", "20",
+                                 "--device", "cpu"]) == 0
+    assert train_bpe.main(["--shapes", "400", "--vocab", "300", "--out", str(root / "tokenizer.json")]) == 0
+    return root
+
+
+def test_pretokenized_shards_hold_the_dvae_codes(assets):
+    ds = TokenShards(assets / "tok-train")
+    assert len(ds) == 48 and len(ds.meta["shards"]) == 3  # 20 + 20 + 8
+    dvae = load_pretrained(assets / "dvae")
+    from dalle.data.shapes import ShapesDataset
+
+    image = ShapesDataset("train", size=48, image_size=32)[25]["image"]
+    assert torch.equal(ds[25]["codes"], dvae.encode(image[None]).flatten())
+    assert ds[25]["caption"] == ShapesDataset("train", size=48, image_size=32)[25]["caption"]
+    with pytest.raises(FileExistsError):
+        pretokenize.main(["--dvae", str(assets / "dvae"), "--n", "4", "--out", str(assets / "tok-train")])
+
+
+def test_train_dalle_tool(assets):
+    run = assets / "run"
+    args = ["--config", "configs/dalle/tiny.yaml", "--out", str(run), "--no-progress", "--device", "cpu",
+            "--set", f"data.path={assets / 'tok-train'}", "--set", f"data.val_path={assets / 'tok-val'}",
+            "--set", f"inputs.tokenizer={assets / 'tokenizer.json'}", "--set", f"inputs.dvae={assets / 'dvae'}",
+            "--set", "objective.sample_prompts=[a red circle, a blue square above a green star]"]
+    assert train_dalle.main(args) == 0
+    ckpt = latest_checkpoint(run)
+    assert (ckpt / "tokenizer.json").is_file()
+    model = load_pretrained(run)
+    assert isinstance(model, DALLE) and model.config.text_vocab_size == TextTokenizer.from_file(
+        assets / "tokenizer.json").vocab_size
+    assert list((run / "eval").glob("samples-*.png"))
+    evals = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert {"val_text_loss", "val_image_loss"} <= set(evals[-1])
+    with pytest.raises(SystemExit, match="tokenizer"):
+        train_dalle.main(["--config", "configs/dalle/tiny.yaml", "--out", str(assets / "run2"),
+                          "--set", f"data.path={assets / 'tok-train'}"])
+
+
+def _task(assets, seed=0):
+    tok = TextTokenizer.from_file(assets / "tokenizer.json")
+    torch.manual_seed(seed)
+    model = DALLE(DALLEConfig(text_vocab_size=tok.vocab_size, text_seq_len=12, image_vocab_size=64, image_grid=4,
+                              n_embd=32, n_layer=2, n_head=4, conv_kernel=3, dropout=0.1))
+    return DALLETask(model, DALLEObjective(caption_drop=0.3, val_samples=8), tok, TokenShards(assets / "tok-train"),
+                     TokenShards(assets / "tok-val"))
+
+
+def test_dalle_resume_equals_uninterrupted(assets, tmp_path):
+    cfg = TrainConfig(steps=8, batch_size=4, lr=3e-3, warmup_steps=2, weight_decay=0.1, betas=(0.9, 0.96),
+                      eval_every=100, save_every=4, log_every=4)
+    full = Trainer(_task(assets), cfg, tmp_path / "a", progress=False)
+    full.fit()
+    Trainer(_task(assets), cfg, tmp_path / "b", progress=False).fit(stop_at=4)
+    resumed = Trainer(_task(assets, seed=9), cfg, tmp_path / "b", progress=False)
+    resumed.fit()
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+
+
+def test_weight_decay_on_matrices_only(assets):
+    task = _task(assets)
+    decay, rest = task.param_groups(task.model)
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in rest["params"])
+    assert rest["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(rest["params"]) == len(list(task.model.parameters()))

@@ -1,0 +1,66 @@
+"""Train the stage-2 transformer (paper sec. 2.2) with the shared engine.
+
+    python tools/train_dalle.py --config configs/dalle/shapes.yaml --out runs/dalle-shapes
+
+Config sections: model (DALLEConfig), objective (DALLEObjective: loss weights, caption drop, sample
+prompts), train (TrainConfig: AdamW, schedule, precision), data (DataConfig: pre-tokenised `tokens`
+directories, or raw images encoded on the fly) and inputs (DALLEInputs: the tokenizer and the dVAE).
+Re-running the same command after a crash continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a source checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dalle.checkpoint import load_pretrained
+from dalle.cli import apply_threads, load_sections, record, resolve_device, setup_logging, training_parser
+from dalle.data.sources import DataConfig, build_dataset
+from dalle.engine import TrainConfig, Trainer
+from dalle.model import DALLE, DALLEConfig
+from dalle.task import DALLEInputs, DALLEObjective, DALLETask
+from dalle.tokenizer import TextTokenizer
+
+SECTIONS = {"model": DALLEConfig, "objective": DALLEObjective, "train": TrainConfig, "data": DataConfig,
+            "inputs": DALLEInputs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = training_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    setup_logging(args.log_level)
+    apply_threads(args.threads)
+    cfg = load_sections(args, SECTIONS)
+    inputs: DALLEInputs = cfg["inputs"]
+    if not inputs.tokenizer:
+        raise SystemExit("inputs.tokenizer is not set: train one with tools/train_bpe.py and point to it")
+    tokenizer = TextTokenizer.from_file(inputs.tokenizer)
+    device = resolve_device(args.device)
+    dvae = load_pretrained(inputs.dvae, expect="dvae", map_location=device) if inputs.dvae else None
+    image_size = dvae.config.image_size if dvae is not None else 0
+    if cfg["data"].source != "tokens" and dvae is None:
+        raise SystemExit(f"data.source {cfg['data'].source!r} gives raw images: set inputs.dvae to encode them, "
+                         "or pre-tokenise them with tools/pretokenize.py and use data.source: tokens")
+    train = build_dataset(cfg["data"], "train", image_size, "dalle")
+    val = build_dataset(cfg["data"], "val", image_size, "eval")
+    if cfg["model"].text_vocab_size == 0:  # "take it from the tokenizer"
+        cfg["model"] = dataclasses.replace(cfg["model"], text_vocab_size=tokenizer.vocab_size)
+    task = DALLETask(DALLE(cfg["model"]), cfg["objective"], tokenizer, train, val, dvae)
+    trainer = Trainer(task, cfg["train"], args.out, device=device, resume=args.resume, record=record(cfg, args),
+                      progress=not args.no_progress)
+    m = cfg["model"]
+    logging.getLogger("dalle").info(
+        "DALL-E: %.2fM parameters, %d layers, stream %d text + %d image tokens, run dir %s",
+        sum(p.numel() for p in task.model.parameters()) / 1e6, m.n_layer, m.text_seq_len, m.image_seq_len, args.out)
+    metrics = trainer.fit()
+    print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    print(f"model directory: {trainer.checkpoints / (trainer.checkpoints / 'latest').read_text().strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
