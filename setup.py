@@ -49,6 +49,7 @@ setup(
             "dalle-pretokenize=dalle_tools.pretokenize:main",
             "dalle-train=dalle_tools.train_dalle:main",
             "dalle-estimate=dalle_tools.estimate:main",
+            "dalle-train-clip=dalle_tools.train_clip:main",
         ]
     },
 )

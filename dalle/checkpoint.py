@@ -36,12 +36,11 @@ def _registry() -> dict[str, tuple[type, Callable[[Any], nn.Module]]]:
     from dvae.model import DiscreteVAE, DVAEConfig
 
     models: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {"dvae": (DVAEConfig, DiscreteVAE)}
-    try:
-        from dalle.model import DALLE, DALLEConfig
+    from dalle.clip import CLIP, CLIPConfig
+    from dalle.model import DALLE, DALLEConfig
 
-        models["dalle"] = (DALLEConfig, DALLE)
-    except ImportError:
-        pass
+    models["dalle"] = (DALLEConfig, DALLE)
+    models["clip"] = (CLIPConfig, CLIP)
     return models
 
 

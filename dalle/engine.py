@@ -11,6 +11,7 @@ gets its own seed, so a resumed run needs only the step, the weights, the EMA an
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -115,8 +116,6 @@ class EMA:
     """Exponential moving average of a model's floating-point state (weights and buffers)."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        import copy
-
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -193,6 +192,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.step = 0
         self.counters = {"skipped_samples": 0, "nonfinite_steps": 0, "overflow_steps": 0}
+        self._nonfinite_run = 0  # consecutive skipped steps
         self.progress = progress
         self.checkpoints = self.run_dir / "checkpoints"
         self._resume(resume)
@@ -327,7 +327,7 @@ class Trainer:
     def _skip(self, why: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.counters["nonfinite_steps"] += 1
-        self._nonfinite_run = getattr(self, "_nonfinite_run", 0) + 1
+        self._nonfinite_run += 1
         log.warning("step %d skipped: %s (%d in a row)", self.step, why, self._nonfinite_run)
         if self._nonfinite_run >= self.cfg.max_nonfinite:
             raise NonFiniteLossError(

@@ -78,6 +78,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: DALLEConfig, kind: str) -> None:
         super().__init__()
         self.cfg, self.kind = cfg, kind
+        self.backend = "auto"  # "sdpa", "flex" or "auto"; see DALLE.set_attention_backend
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
@@ -92,7 +93,7 @@ class Attention(nn.Module):
             cache.v[layer][:, :, offset : offset + l] = v
             k, v = cache.k[layer][:, :, : offset + l], cache.v[layer][:, :, : offset + l]
         y = attend(q, k, v, kind=self.kind, text_len=self.cfg.text_seq_len, grid=self.cfg.image_grid,
-                   kernel=self.cfg.conv_kernel, q_offset=offset)  # (B, H, l, D)
+                   kernel=self.cfg.conv_kernel, backend=self.backend, q_offset=offset)  # (B, H, l, D)
         return self.proj(y.transpose(1, 2).reshape(b, l, d))
 
 
@@ -138,6 +139,13 @@ class DALLE(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
         for p in (self.sot, self.soi, self.text_pos, self.row_pos, self.col_pos):
             nn.init.normal_(p, std=0.02)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Force "sdpa" (dense masks, any device) or "flex" (block-sparse), or "auto" (flex on CUDA)."""
+        if backend not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attention backend must be auto, sdpa or flex, got {backend!r}")
+        for block in self.blocks:
+            block.attn.backend = backend
 
     @staticmethod
     def _init(m: nn.Module) -> None:

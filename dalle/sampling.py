@@ -50,6 +50,16 @@ def _check(model: DALLE, text: Tensor, prime: Tensor | None, top_k: int, top_p: 
         raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
 
 
+def _draw(probs: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+    """One token per row. With one generator per row, row i depends on its own generator only, so an
+    image can be regenerated from its seed whatever else shared its batch."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generator])  # (B,)
+    cdf = probs.cumsum(dim=-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp_max(probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample(
     model: DALLE,
@@ -60,7 +70,7 @@ def sample(
     top_p: float = 1.0,
     cond_scale: float = 1.0,
     prime: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     use_cache: bool = True,
     on_token: Callable[[int], None] | None = None,
 ) -> Tensor:
@@ -68,7 +78,8 @@ def sample(
 
     cond_scale != 1 mixes logits as uncond + cond_scale * (cond - uncond), the unconditional branch
     conditioned on the empty prompt. prime: (B, p) given first image tokens (the top p / G rows of a
-    token grid: the paper's image-to-image mode). on_token(k) is called after each sampled token.
+    token grid: the paper's image-to-image mode). generator: one for the batch, or one per prompt
+    row (then each row is reproducible on its own). on_token(k) is called after each sampled token.
     """
     _check(model, text, prime, top_k, top_p)
     cfg = model.config
@@ -98,7 +109,7 @@ def sample(
             cond, uncond = logits.chunk(2)
             logits = uncond + cond_scale * (cond - uncond)
         probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
-        out[:, k] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        out[:, k] = _draw(probs, generator)
         if on_token is not None:
             on_token(k)
     return out

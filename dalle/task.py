@@ -8,6 +8,7 @@ trained. Evaluation reports held-out losses and saves a grid of samples for fixe
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ class DALLEObjective:
     caption_drop: float = 0.1  # share of captions replaced by the empty prompt (for cond_scale > 1)
     bpe_dropout: bool = True  # the tokenizer's BPE dropout (10% in the paper) on training captions
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    attn_backend: str = "auto"  # "sdpa" (dense masks), "flex" (block-sparse; CUDA) or "auto"
     val_samples: int = 512  # held-out samples for the validation losses
     sample_prompts: tuple[str, ...] = ()  # captions sampled at each eval into a grid
     sample_top_k: int = 0
@@ -82,7 +84,7 @@ class Captioned(Dataset):
 
 class DALLETask:
     def __init__(self, model: DALLE, objective: DALLEObjective, tokenizer: TextTokenizer, train: Dataset,
-                 val: Dataset, dvae: DiscreteVAE | None = None) -> None:
+                 val: Dataset, dvae: DiscreteVAE | None = None, dvae_path: str = "") -> None:
         cfg = model.config
         if tokenizer.vocab_size != cfg.text_vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but model.text_vocab_size is "
@@ -93,7 +95,9 @@ class DALLETask:
                              f"{dvae.config.vocab_size} codes; the model expects {cfg.image_grid}x{cfg.image_grid}"
                              f" of {cfg.image_vocab_size}")
         self.model, self.objective, self.tokenizer, self.dvae = model, objective, tokenizer, dvae
+        self.dvae_path = dvae_path
         model.gradient_checkpointing = objective.gradient_checkpointing
+        model.set_attention_backend(objective.attn_backend)
         wrap = (lambda ds, tr: ds) if isinstance(train, IterableDataset) else \
             (lambda ds, tr: Captioned(ds, tokenizer, cfg.text_seq_len, objective, tr))
         self.train, self.val = wrap(train, True), wrap(val, False)
@@ -155,4 +159,7 @@ class DALLETask:
         sink.image("samples", step, make_grid(images.float().cpu(), nrow=len(images), padding=1))
 
     def save_extra(self, directory: Any) -> None:
+        """A transformer checkpoint carries its tokenizer, and names the dVAE that decodes its codes."""
         self.tokenizer.save(directory / "tokenizer.json")
+        if self.dvae_path:
+            (directory / "dvae.json").write_text(json.dumps({"path": self.dvae_path}) + "\n")

@@ -31,6 +31,9 @@ class DVAEConfig:
     input_channels: int = 3
     n_init: int = 128  # width of the decoder's input 1x1 conv
     loss: str = "logit_laplace"  # or "mse"
+    # Multiplies the initial weights of the encoder's logit conv. Above 1, posteriors start sharp and
+    # differ between positions, so short runs begin with many codes in use (1.0: PyTorch's default init).
+    logit_init_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.downsample not in (2, 4, 8, 16):
@@ -112,6 +115,9 @@ class Encoder(nn.Module):
                 layers.append(nn.MaxPool2d(2))
         layers += [nn.ReLU(), _conv(n_in, cfg.vocab_size, 1)]
         self.blocks = nn.Sequential(*layers)
+        with torch.no_grad():
+            self.blocks[-1].weight.mul_(cfg.logit_init_scale)
+            self.blocks[-1].bias.mul_(cfg.logit_init_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.blocks(x)

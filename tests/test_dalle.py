@@ -200,3 +200,42 @@ def test_estimate_tool_prints_the_12b_size(capsys):
     assert estimate.main(["--config", "configs/dalle/paper-12b.yaml"]) == 0
     out = capsys.readouterr().out
     assert "(12.29 B)" in out and "GiB" in out
+
+
+def test_forced_backends_give_the_same_logits():
+    import warnings
+
+    model = model_for()
+    text, image = batch(2)
+    model.set_attention_backend("sdpa")
+    dense = model(text, image)[1]
+    model.set_attention_backend("flex")
+    with warnings.catch_warnings(), torch.no_grad():  # flex has no CPU backward in this torch
+        warnings.simplefilter("ignore")  # eager flex_attention warns that it is not compiled
+        sparse = model(text, image)[1]
+    torch.testing.assert_close(dense, sparse, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="backend"):
+        model.set_attention_backend("xformers")
+
+
+def test_per_row_generators_make_each_image_independent_of_its_batch():
+    model = model_for()
+    text, _ = batch(3)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    together = sample(model, text, top_k=8, generator=gens([10, 11, 12]))
+    alone = sample(model, text[1:2], top_k=8, generator=gens([11]))
+    assert torch.equal(together[1:2], alone)
+    cached_off = sample(model, text, top_k=8, generator=gens([10, 11, 12]), use_cache=False)
+    assert torch.equal(together, cached_off)
+
+
+def test_tied_embeddings_save_and_load(tmp_path):
+    from dalle.checkpoint import load_pretrained, save_pretrained
+
+    model = model_for(tie_embeddings=True)
+    assert model.image_head.weight is model.image_emb.weight
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    assert loaded.image_head.weight is loaded.image_emb.weight
+    text, image = batch(1)
+    torch.testing.assert_close(loaded(text, image)[1], model(text, image)[1])

@@ -90,3 +90,54 @@ def test_weight_decay_on_matrices_only(assets):
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in rest["params"])
     assert rest["weight_decay"] == 0.0
     assert len(decay["params"]) + len(rest["params"]) == len(list(task.model.parameters()))
+
+
+def test_generate_cli_writes_images_and_sidecars(assets, tmp_path):
+    import generate
+
+    run = assets / "run"
+    if not (run / "checkpoints").exists():
+        test_train_dalle_tool(assets)
+    out = tmp_path / "out"
+    args = ["a red circle", "a blue square above a green star", "--model", str(run), "--num-images", "3",
+            "--batch-size", "4", "--seed", "5", "--top-k", "16", "--out", str(out), "--grid", "--no-progress"]
+    assert generate.main(args) == 0
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == sorted([f"a-red-circle-{i}.png" for i in range(3)] + ["a-red-circle-grid.png"]
+                           + [f"a-blue-square-above-a-green-star-{i}.png" for i in range(3)]
+                           + ["a-blue-square-above-a-green-star-grid.png"])
+    meta = json.loads((out / "a-red-circle-2.json").read_text())
+    assert meta["prompt"] == "a red circle" and meta["seed"] == 7 and meta["top_k"] == 16
+    assert meta["model"].startswith("step-0000020@")
+    # The sidecar regenerates its image exactly, alone and in another batch.
+    again = tmp_path / "again"
+    assert generate.main(["a red circle", "--model", str(run), "--num-images", "1", "--seed", "7", "--top-k", "16",
+                          "--out", str(again), "--no-progress"]) == 0
+    assert (again / "a-red-circle-0.png").read_bytes() == (out / "a-red-circle-2.png").read_bytes()
+
+
+def test_generate_errors_a_user_can_act_on(assets, tmp_path):
+    import generate
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        generate.main(["x", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        generate.main(["--model", str(assets / "run")])  # no prompt
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="cannot write to --out"):
+        generate.main(["x", "--model", str(assets / "run"), "--out", str(blocker / "sub")])
+
+
+def test_train_on_raw_images_encodes_on_the_fly(assets, tmp_path):
+    """data.source shapes + inputs.dvae: images are encoded by the dVAE inside the training step."""
+    run = tmp_path / "raw"
+    assert train_dalle.main(["--config", "configs/dalle/tiny.yaml", "--out", str(run), "--no-progress",
+                             "--device", "cpu", "--set", "data.source=shapes", "--set", "data.train_size=32",
+                             "--set", "data.val_size=8", "--set", "train.steps=4", "--set", "train.eval_every=4",
+                             "--set", f"inputs.tokenizer={assets / 'tokenizer.json'}",
+                             "--set", f"inputs.dvae={assets / 'dvae'}"]) == 0
+    assert latest_checkpoint(run).name == "step-0000004"
+    with pytest.raises(SystemExit, match="inputs.dvae"):
+        train_dalle.main(["--config", "configs/dalle/tiny.yaml", "--out", str(tmp_path / "x"),
+                          "--set", "data.source=shapes", "--set", f"inputs.tokenizer={assets / 'tokenizer.json'}"])

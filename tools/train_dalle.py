@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dalle.checkpoint import load_pretrained
+from dalle.checkpoint import load_pretrained, resolve_model_dir
 from dalle.cli import apply_threads, load_sections, record, resolve_device, setup_logging, training_parser
 from dalle.data.sources import DataConfig, build_dataset
 from dalle.engine import TrainConfig, Trainer
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     val = build_dataset(cfg["data"], "val", image_size, "eval")
     if cfg["model"].text_vocab_size == 0:  # "take it from the tokenizer"
         cfg["model"] = dataclasses.replace(cfg["model"], text_vocab_size=tokenizer.vocab_size)
-    task = DALLETask(DALLE(cfg["model"]), cfg["objective"], tokenizer, train, val, dvae)
+    dvae_path = str(resolve_model_dir(inputs.dvae).resolve()) if inputs.dvae else ""
+    task = DALLETask(DALLE(cfg["model"]), cfg["objective"], tokenizer, train, val, dvae, dvae_path)
     trainer = Trainer(task, cfg["train"], args.out, device=device, resume=args.resume, record=record(cfg, args),
                       progress=not args.no_progress)
     m = cfg["model"]

@@ -1,0 +1,49 @@
+"""Every shipped config parses into its dataclasses, and its model builds (big ones on `meta`)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dalle.config import from_dict, load_yaml
+from dalle.data.sources import DataConfig
+from dalle.engine import TrainConfig
+from dalle.model import DALLE, DALLEConfig
+from dalle.task import DALLEInputs, DALLEObjective
+from dvae.model import DiscreteVAE, DVAEConfig
+from dvae.task import DVAEObjective
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "dvae").glob("*.yaml")), ids=lambda p: p.stem)
+def test_dvae_configs(path):
+    data = load_yaml(path)
+    assert set(data) <= {"model", "objective", "train", "data"}
+    cfg = from_dict(DVAEConfig, data["model"])
+    for cls, key in ((DVAEObjective, "objective"), (TrainConfig, "train"), (DataConfig, "data")):
+        from_dict(cls, data.get(key))
+    small = cfg.image_size <= 64
+    with torch.device("cpu" if small else "meta"):
+        model = DiscreteVAE(cfg)
+        x = torch.rand(1, 3, cfg.image_size, cfg.image_size, device="cpu" if small else "meta")
+        assert model.logits(x).shape == (1, cfg.vocab_size, cfg.grid_size, cfg.grid_size)
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "dalle").glob("*.yaml")), ids=lambda p: p.stem)
+def test_dalle_configs(path):
+    data = load_yaml(path)
+    assert set(data) <= {"model", "objective", "train", "data", "inputs"}
+    cfg = from_dict(DALLEConfig, data["model"])
+    for cls, key in ((DALLEObjective, "objective"), (TrainConfig, "train"), (DataConfig, "data"),
+                     (DALLEInputs, "inputs")):
+        from_dict(cls, data.get(key))
+    if cfg.text_vocab_size == 0:
+        cfg = DALLEConfig(**{**cfg.to_dict(), "text_vocab_size": 100})
+    small = cfg.n_embd * cfg.n_layer <= 2048
+    with torch.device("cpu" if small else "meta"):
+        model = DALLE(cfg)
+    if small:
+        text = cfg.text_vocab_size + torch.arange(cfg.text_seq_len)[None]
+        image = torch.zeros(1, cfg.image_seq_len, dtype=torch.long)
+        assert model(text, image)[1].shape == (1, cfg.image_seq_len, cfg.image_vocab_size)
