@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,9 @@ class Captioned(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
         index, seed = key if isinstance(key, tuple) else (key, key)
         sample = self.base[key] if getattr(self.base, "accepts_seed", False) else self.base[index]
+        return self.tokenize(sample, seed)
+
+    def tokenize(self, sample: dict[str, Any] | None, seed: int) -> dict[str, Any] | None:
         if sample is None:
             return None
         rng = random.Random(seed ^ 0x5EED)  # the sample's own stream: caption drop, then BPE dropout
@@ -80,6 +84,24 @@ class Captioned(Dataset):
             if k in sample:
                 out[k] = sample[k]
         return out
+
+
+class CaptionedStream(IterableDataset):
+    """`Captioned` for streaming data sets (webdataset): each sample's seed comes from its key."""
+
+    def __init__(self, base: IterableDataset, *args: Any) -> None:
+        self.base, self.captioned = base, Captioned(base, *args)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        for sample in self.base:
+            key = "" if sample is None else sample["key"]
+            yield self.captioned.tokenize(sample, zlib.crc32(f"{self.epoch}/{key}".encode()))
 
 
 class DALLETask:
@@ -98,8 +120,10 @@ class DALLETask:
         self.dvae_path = dvae_path
         model.gradient_checkpointing = objective.gradient_checkpointing
         model.set_attention_backend(objective.attn_backend)
-        wrap = (lambda ds, tr: ds) if isinstance(train, IterableDataset) else \
-            (lambda ds, tr: Captioned(ds, tokenizer, cfg.text_seq_len, objective, tr))
+        def wrap(ds: Dataset, train: bool) -> Dataset:
+            kind = CaptionedStream if isinstance(ds, IterableDataset) else Captioned
+            return kind(ds, tokenizer, cfg.text_seq_len, objective, train)
+
         self.train, self.val = wrap(train, True), wrap(val, False)
 
     def train_dataset(self) -> Dataset:

@@ -78,23 +78,35 @@ class DVAETask:
             metrics["usage_kl"] = usage.item()
         return loss, metrics
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int, sink: EvalSink) -> dict[str, float]:
-        from torchvision.utils import make_grid
-
         o = self.objective
-        device = next(model.parameters()).device
-        psnrs, codes, grid = [], [], None
-        for batch in eval_batches(self.val, o.eval_images):
-            images = self._images(batch).to(device)
-            z = model.encode(images)
-            rec = model.decode(z)
-            psnrs.append(psnr(images, rec).cpu())
-            codes.append(z.cpu())
-            if grid is None:
-                k = min(o.grid_images, len(images))
-                grid = make_grid(torch.cat([images[:k], rec[:k]]).float().cpu(), nrow=k, padding=1)
-        if grid is not None:
-            sink.image("reconstructions", step, grid)
-        perplexity, used = codebook_usage(torch.cat(codes), model.config.vocab_size)
-        return {"psnr": float(torch.cat(psnrs).mean()), "perplexity": perplexity, "codes_used": used}
+        metrics, shown = reconstruction_metrics(model, self.val, o.eval_images, grid_images=o.grid_images)
+        if shown is not None:
+            from torchvision.utils import make_grid
+
+            sink.image("reconstructions", step, make_grid(shown, nrow=len(shown) // 2, padding=1))
+        return {k: v for k, v in metrics.items() if k != "images"}
+
+
+@torch.no_grad()
+def reconstruction_metrics(model: DiscreteVAE, dataset: Dataset, n: int, *, batch_size: int = 64,
+                           grid_images: int = 16) -> tuple[dict[str, float], Tensor | None]:
+    """PSNR of argmax-code reconstructions, codebook perplexity and share of codes used over the first
+    `n` images; also the first `grid_images` originals followed by their reconstructions."""
+    device = next(model.parameters()).device
+    psnrs, codes, shown = [], [], None
+    for batch in eval_batches(dataset, n, batch_size):
+        images = batch["image"].to(device)
+        z = model.encode(images)
+        rec = model.decode(z)
+        psnrs.append(psnr(images, rec).cpu())
+        codes.append(z.cpu())
+        if shown is None:
+            k = min(grid_images, len(images))
+            shown = torch.cat([images[:k], rec[:k]]).float().cpu()
+    if not psnrs:
+        raise ValueError("no readable images to evaluate")
+    perplexity, used = codebook_usage(torch.cat(codes), model.config.vocab_size)
+    all_psnr = torch.cat(psnrs)
+    return {"psnr": float(all_psnr.mean()), "perplexity": perplexity, "codes_used": used,
+            "images": len(all_psnr)}, shown

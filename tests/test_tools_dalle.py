@@ -141,3 +141,22 @@ def test_train_on_raw_images_encodes_on_the_fly(assets, tmp_path):
     with pytest.raises(SystemExit, match="inputs.dvae"):
         train_dalle.main(["--config", "configs/dalle/tiny.yaml", "--out", str(tmp_path / "x"),
                           "--set", "data.source=shapes", "--set", f"inputs.tokenizer={assets / 'tokenizer.json'}"])
+
+
+def test_streaming_raw_images_get_tokenised_text(assets, tmp_path):
+    """webdataset shards of raw images: captions are tokenised per sample, reproducibly."""
+    from dalle.data.readers import collate_skip_bad, webdataset_pairs
+    from dalle.data.transforms import transform_from_name
+    from dalle.task import CaptionedStream
+    from dalle_tools import make_shapes
+
+    make_shapes.main(["--n", "6", "--out", str(tmp_path / "wds"), "--image-size", "32", "--shards",
+                      "--shard-size", "3"])
+    tok = TextTokenizer.from_file(assets / "tokenizer.json")
+    stream = webdataset_pairs(str(tmp_path / "wds" / "shapes-{000000..000001}.tar"),
+                              transform_from_name("dalle", 32), shuffle=0)
+    ds = CaptionedStream(stream, tok, 12, DALLEObjective(caption_drop=0.0), True)
+    a = collate_skip_bad(list(ds))
+    b = collate_skip_bad(list(ds))
+    assert a["text"].shape == (6, 12) and a["image"].shape == (6, 3, 32, 32)
+    assert torch.equal(a["text"], b["text"])

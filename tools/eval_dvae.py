@@ -14,14 +14,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 from torchvision.utils import make_grid, save_image
-from tqdm.auto import tqdm
 
 from dalle.checkpoint import load_pretrained
 from dalle.cli import resolve_device
-from dalle.data.sources import DataConfig, build_dataset, eval_batches
-from dvae.losses import codebook_usage, psnr
+from dalle.data.sources import DataConfig, build_dataset
+from dvae.task import reconstruction_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,23 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     data_cfg = DataConfig(source=args.source, path=args.path, val_path=args.path, val_size=args.n,
                           seed=args.seed, require_captions=False)
     dataset = build_dataset(data_cfg, "val", cfg.image_size, "eval")
-    psnrs, codes, shown = [], [], None
-    with torch.no_grad():
-        for batch in tqdm(eval_batches(dataset, args.n, args.batch_size), desc="eval",
-                          total=-(-args.n // args.batch_size)):
-            images = batch["image"].to(device)
-            z = model.encode(images)
-            rec = model.decode(z)
-            psnrs.append(psnr(images, rec).cpu())
-            codes.append(z.cpu())
-            if shown is None:
-                k = min(args.grid_images, len(images))
-                shown = torch.cat([images[:k], rec[:k]]).cpu()
-    if not psnrs:
-        raise SystemExit(f"no readable images found in {args.path or args.source}")
-    perplexity, used = codebook_usage(torch.cat(codes), cfg.vocab_size)
-    metrics = {"psnr_db": float(torch.cat(psnrs).mean()), "perplexity": perplexity, "codes_used": used,
-               "images": int(sum(len(x) for x in psnrs)), "model": str(args.model)}
+    try:
+        found, shown = reconstruction_metrics(model, dataset, args.n, batch_size=args.batch_size,
+                                              grid_images=args.grid_images)
+    except ValueError:
+        raise SystemExit(f"no readable images found in {args.path or args.source}") from None
+    metrics = {"psnr_db": found["psnr"], "perplexity": found["perplexity"], "codes_used": found["codes_used"],
+               "images": found["images"], "model": str(args.model)}
     print(json.dumps(metrics, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
