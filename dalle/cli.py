@@ -69,3 +69,17 @@ def record(sections: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
 def apply_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def run_training(task: Any, sections: dict[str, Any], args: argparse.Namespace, describe: str) -> int:
+    """The common end of every training tool: build the engine, say what is trained, train, report."""
+    from dalle.engine import Trainer
+
+    trainer = Trainer(task, sections["train"], args.out, device=resolve_device(args.device), resume=args.resume,
+                      record=record(sections, args), progress=not args.no_progress)
+    n = sum(p.numel() for p in task.model.parameters())
+    logging.getLogger("dalle").info("%s; %.2fM parameters, run dir %s", describe, n / 1e6, args.out)
+    metrics = trainer.fit()
+    print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    print(f"model directory: {trainer.checkpoints / (trainer.checkpoints / 'latest').read_text().strip()}")
+    return 0

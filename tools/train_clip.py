@@ -11,18 +11,17 @@ Re-running the same command after a crash continues from the last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dalle.cli import apply_threads, load_sections, record, resolve_device, setup_logging, training_parser
+from dalle.cli import apply_threads, load_sections, run_training, setup_logging, training_parser
 from dalle.clip import CLIP, CLIPConfig
 from dalle.clip_task import CLIPInputs, CLIPObjective, CLIPTask
 from dalle.data.sources import DataConfig, build_dataset
-from dalle.engine import TrainConfig, Trainer
+from dalle.engine import TrainConfig
 from dalle.tokenizer import TextTokenizer
 
 SECTIONS = {"model": CLIPConfig, "objective": CLIPObjective, "train": TrainConfig, "data": DataConfig,
@@ -41,23 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("data.source 'tokens' holds dVAE codes, not pixels: the reranker trains on raw images "
                          "(shapes, folder or webdataset)")
     tokenizer = TextTokenizer.from_file(inputs.tokenizer)
-    device = resolve_device(args.device)
     if cfg["model"].text_vocab_size == 0:  # "take it from the tokenizer"
         cfg["model"] = dataclasses.replace(cfg["model"], text_vocab_size=tokenizer.vocab_size)
     m: CLIPConfig = cfg["model"]
     train = build_dataset(cfg["data"], "train", m.image_size, "dalle")  # the transformer's crops (Listing 2)
     val = build_dataset(cfg["data"], "val", m.image_size, "eval")
     task = CLIPTask(CLIP(m), cfg["objective"], tokenizer, train, val)
-    trainer = Trainer(task, cfg["train"], args.out, device=device, resume=args.resume, record=record(cfg, args),
-                      progress=not args.no_progress)
-    logging.getLogger("dalle").info(
-        "CLIP: %.2fM parameters, %d layers x 2 towers of width %d, %dx%d images in a %dx%d grid, run dir %s",
-        sum(p.numel() for p in task.model.parameters()) / 1e6, m.layers, m.width, m.image_size, m.image_size,
-        m.grid, m.grid, args.out)
-    metrics = trainer.fit()
-    print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    print(f"model directory: {trainer.checkpoints / (trainer.checkpoints / 'latest').read_text().strip()}")
-    return 0
+    return run_training(task, cfg, args, f"CLIP: {m.layers} layers x 2 towers of width {m.width}, "
+                                         f"{m.image_size}x{m.image_size} images in a {m.grid}x{m.grid} grid")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Re-running the same command after a crash continues from the last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 
@@ -19,9 +18,9 @@ if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dalle.checkpoint import load_pretrained, resolve_model_dir
-from dalle.cli import apply_threads, load_sections, record, resolve_device, setup_logging, training_parser
+from dalle.cli import apply_threads, load_sections, resolve_device, run_training, setup_logging, training_parser
 from dalle.data.sources import DataConfig, build_dataset
-from dalle.engine import TrainConfig, Trainer
+from dalle.engine import TrainConfig
 from dalle.model import DALLE, DALLEConfig
 from dalle.task import DALLEInputs, DALLEObjective, DALLETask
 from dalle.tokenizer import TextTokenizer
@@ -51,16 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg["model"] = dataclasses.replace(cfg["model"], text_vocab_size=tokenizer.vocab_size)
     dvae_path = str(resolve_model_dir(inputs.dvae).resolve()) if inputs.dvae else ""
     task = DALLETask(DALLE(cfg["model"]), cfg["objective"], tokenizer, train, val, dvae, dvae_path)
-    trainer = Trainer(task, cfg["train"], args.out, device=device, resume=args.resume, record=record(cfg, args),
-                      progress=not args.no_progress)
     m = cfg["model"]
-    logging.getLogger("dalle").info(
-        "DALL-E: %.2fM parameters, %d layers, stream %d text + %d image tokens, run dir %s",
-        sum(p.numel() for p in task.model.parameters()) / 1e6, m.n_layer, m.text_seq_len, m.image_seq_len, args.out)
-    metrics = trainer.fit()
-    print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    print(f"model directory: {trainer.checkpoints / (trainer.checkpoints / 'latest').read_text().strip()}")
-    return 0
+    return run_training(task, cfg, args, f"DALL-E: {m.n_layer} layers, stream {m.text_seq_len} text + "
+                                         f"{m.image_seq_len} image tokens")
 
 
 if __name__ == "__main__":
