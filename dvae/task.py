@@ -33,6 +33,7 @@ class DVAEObjective:
     kl_end: float = 6.6
     kl_steps: int = 5_000
     usage_weight: float = 0.0  # weight of the codebook-usage term (0 in the paper; see losses.usage_kl_to_uniform)
+    usage_hard: bool = False  # usage term over straight-through argmax codes instead of the mean softmax
     eval_images: int = 1024  # held-out images for PSNR and codebook statistics
     grid_images: int = 16  # originals over reconstructions in the saved grid
     channels_last: bool = True  # about 2x faster convolutions on CPUs with bf16 autocast
@@ -73,7 +74,7 @@ class DVAETask:
         loss = rec + beta * kl
         metrics = {"rec": rec.item(), "kl": kl.item(), "temperature": tau, "kl_weight": beta}
         if self.objective.usage_weight:
-            usage = usage_kl_to_uniform(logits, images[0].numel())
+            usage = usage_kl_to_uniform(logits, images[0].numel(), hard=self.objective.usage_hard)
             loss = loss + self.objective.usage_weight * usage
             metrics["usage_kl"] = usage.item()
         return loss, metrics

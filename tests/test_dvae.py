@@ -112,3 +112,19 @@ def test_loss_falls_on_tiny_overfit_batch():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
+
+
+def test_usage_term_soft_and_hard():
+    from dvae.losses import usage_kl_to_uniform
+
+    dims = 3 * 8 * 8
+    # Every position prefers code 0 a little: the mean softmax is near uniform, the argmax codes are not.
+    logits = torch.zeros(2, 16, 2, 2, requires_grad=True)
+    with torch.no_grad():
+        logits[:, 0] += 0.1
+    soft = usage_kl_to_uniform(logits, dims)
+    hard = usage_kl_to_uniform(logits, dims, hard=True)
+    assert soft.item() < 1e-4
+    assert hard.item() == pytest.approx(math.log(16) * 4 / dims, rel=1e-5)  # all mass on one code
+    hard.backward()
+    assert logits.grad[:, 0].sum() > 0  # pushes the over-used code down
