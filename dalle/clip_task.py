@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset
 
 from dalle.clip import CLIP, clip_loss
 from dalle.data.sources import eval_batches
-from dalle.engine import mix_seed
-from dalle.task import Captioned, DALLEObjective
+from dalle.engine import matrix_decay_groups, mix_seed
+from dalle.task import DALLEObjective, captioned
 from dalle.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:
@@ -58,21 +58,14 @@ class CLIPTask:
         # Captioned (the transformer's) tokenises with each sample's seed; no caption is ever dropped here.
         captions = DALLEObjective(caption_drop=0.0, bpe_dropout=objective.bpe_dropout)
 
-        def wrap(ds: Dataset, train: bool) -> Dataset:
-            # Streams cannot be indexed with seeds; their captions are tokenised per batch in `_text`.
-            return ds if isinstance(ds, IterableDataset) else Captioned(ds, tokenizer, cfg.text_seq_len, captions,
-                                                                        train)
-
-        self.train, self.val = wrap(train, True), wrap(val, False)
+        self.train = captioned(train, tokenizer, cfg.text_seq_len, captions, True)
+        self.val = captioned(val, tokenizer, cfg.text_seq_len, captions, False)
 
     def train_dataset(self) -> Dataset:
         return self.train
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        # Weight decay on matrices only: biases, gains, <cls> slots and the temperature are left alone.
-        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-        rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-        return [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
+        return matrix_decay_groups(model)  # the <cls> slots and the temperature are not decayed
 
     def _text(self, batch: dict[str, Any], step: int, train: bool) -> Tensor:
         if "text" in batch:

@@ -77,6 +77,13 @@ class Task(Protocol):
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]: ...
 
 
+def matrix_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """AdamW groups with weight decay on matrices only: biases, gains and learned tokens are left alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2]},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
 def mix_seed(*parts: int) -> int:
     """Combine integers into a 63-bit seed (splitmix64 rounds); stable across processes and runs."""
     x = 0x9E3779B97F4A7C15

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 
 from dalle.data.sources import eval_batches
+from dalle.engine import matrix_decay_groups
 from dalle.model import DALLE
 from dalle.tokenizer import TextTokenizer
 
@@ -104,6 +105,13 @@ class CaptionedStream(IterableDataset):
             yield self.captioned.tokenize(sample, zlib.crc32(f"{self.epoch}/{key}".encode()))
 
 
+def captioned(ds: Dataset, tokenizer: TextTokenizer, text_len: int, objective: DALLEObjective,
+              train: bool) -> Dataset:
+    """Tokenised captions for a map-style or a streaming data set."""
+    kind = CaptionedStream if isinstance(ds, IterableDataset) else Captioned
+    return kind(ds, tokenizer, text_len, objective, train)
+
+
 class DALLETask:
     def __init__(self, model: DALLE, objective: DALLEObjective, tokenizer: TextTokenizer, train: Dataset,
                  val: Dataset, dvae: DiscreteVAE | None = None, dvae_path: str = "") -> None:
@@ -120,20 +128,14 @@ class DALLETask:
         self.dvae_path = dvae_path
         model.gradient_checkpointing = objective.gradient_checkpointing
         model.set_attention_backend(objective.attn_backend)
-        def wrap(ds: Dataset, train: bool) -> Dataset:
-            kind = CaptionedStream if isinstance(ds, IterableDataset) else Captioned
-            return kind(ds, tokenizer, cfg.text_seq_len, objective, train)
-
-        self.train, self.val = wrap(train, True), wrap(val, False)
+        self.train = captioned(train, tokenizer, cfg.text_seq_len, objective, True)
+        self.val = captioned(val, tokenizer, cfg.text_seq_len, objective, False)
 
     def train_dataset(self) -> Dataset:
         return self.train
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        # Weight decay on matrices only: biases, gains and the start tokens are left alone.
-        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-        rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-        return [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
+        return matrix_decay_groups(model)
 
     def _codes(self, batch: dict[str, Any], device: torch.device) -> Tensor:
         if "codes" in batch:
