@@ -1,10 +1,12 @@
-"""Generate images from text prompts with a trained DALL-E model.
+"""Generate images from text prompts with a trained DALL-E model (default: the one shipped with the package).
 
-    python generate.py "a red circle above a blue square" --model runs/dalle-shapes --num-images 8 --grid
+    python generate.py "a red circle above a blue square" --num-images 8 --candidates 32 --grid
 
-Writes OUT/<prompt>-<i>.png and a JSON sidecar for each image (prompt, seed, settings, model id), so any
-image can be made again exactly: `generate.py PROMPT --seed SEED --num-images 1` with the sidecar's
-settings. With --grid, also one grid PNG per prompt.
+Samples --candidates images per prompt, ranks them with the model's CLIP reranker (paper sec. 2.5) and
+keeps the best --num-images. Writes OUT/<prompt>-<rank>.png, best first, and a JSON sidecar for each
+(prompt, seed, settings, rerank score, model id). Candidate c of a prompt is sampled with seed SEED + c
+alone, so any image can be made again exactly with `--seed <its seed> --num-images 1 --candidates 1`
+and the sidecar's settings. With --grid, also one grid PNG per prompt, best first.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from dalle.cli import resolve_device
 from dalle.data.transforms import EvalTransform, to_rgb
-from dalle.pipeline import generate, load_pipeline, prime_codes
+from dalle.pipeline import DEFAULT_MODEL, generate, load_pipeline, prime_codes, score
+from dalle.rerank import best
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,11 +36,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompts", nargs="*", help="one or more prompts (quote each)")
     p.add_argument("--prompts", dest="prompt_file", default="", help="file with one prompt per line")
-    p.add_argument("--model", required=True, help="transformer model directory or training run directory")
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="transformer model directory or training run directory (default: the shipped model)")
     p.add_argument("--dvae", default=None, help="dVAE directory (default: the one the model names)")
-    p.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    p.add_argument("--batch-size", type=int, default=8, help="images sampled together")
-    p.add_argument("--seed", type=int, default=0, help="image i of each prompt uses seed SEED + i")
+    p.add_argument("--clip", default=None, help="CLIP reranker directory (default: the model's clip/ folder)")
+    p.add_argument("--num-images", type=int, default=4, help="images kept per prompt")
+    p.add_argument("--candidates", type=int, default=0,
+                   help="images sampled per prompt, then reranked, keeping the best --num-images "
+                        "(0: 4 x --num-images when the model has a reranker, else --num-images)")
+    p.add_argument("--batch-size", type=int, default=16, help="images sampled together")
+    p.add_argument("--seed", type=int, default=0, help="candidate c of each prompt uses seed SEED + c")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
@@ -45,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prime-image", default="", help="image whose top rows of codes are kept (image-to-image)")
     p.add_argument("--prime-rows", type=int, default=0, help="rows of the code grid taken from --prime-image")
     p.add_argument("--out", default="outputs", help="output directory")
-    p.add_argument("--grid", action="store_true", help="also write one grid PNG per prompt")
+    p.add_argument("--grid", action="store_true", help="also write one grid PNG per prompt, best first")
+    p.add_argument("--scores", action="store_true", help="print the rerank score under each image of the grid")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights and compute dtype")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -57,8 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"cannot read --prompts {args.prompt_file}: {e.strerror}")
     if not args.prompts:
         p.error("give at least one prompt, or --prompts FILE")
-    if args.num_images < 1 or args.batch_size < 1:
-        p.error("--num-images and --batch-size must be at least 1")
+    if args.num_images < 1 or args.batch_size < 1 or args.candidates < 0:
+        p.error("--num-images and --batch-size must be at least 1, --candidates at least 0")
+    if args.candidates and args.candidates < args.num_images:
+        p.error(f"--candidates {args.candidates} is fewer than --num-images {args.num_images}: "
+                "sample at least as many candidates as images to keep")
     if bool(args.prime_image) != bool(args.prime_rows):
         p.error("--prime-image and --prime-rows go together")
     return args
@@ -66,6 +79,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "empty"
+
+
+def labelled_grid(images: torch.Tensor, labels: list[str], nrow: int) -> Image.Image:
+    """A grid of images with a caption strip under each (the rerank scores)."""
+    tiles = []
+    for image, label in zip(images, labels):
+        tile = to_pil_image(image.clamp(0, 1))
+        canvas = Image.new("RGB", (tile.width, tile.height + 12), "white")
+        canvas.paste(tile, (0, 0))
+        ImageDraw.Draw(canvas).text((2, tile.height), label, fill="black")
+        tiles.append(pil_to_tensor(canvas))
+    return to_pil_image(make_grid(torch.stack(tiles), nrow=nrow, padding=2, pad_value=255))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,35 +102,62 @@ def main(argv: list[str] | None = None) -> int:
         (out / ".write-test").unlink()
     except OSError as e:
         raise SystemExit(f"cannot write to --out {out}: {e.strerror}") from None
-    pipe = load_pipeline(args.model, dvae_dir=args.dvae, device=resolve_device(args.device),
-                         dtype=DTYPES[args.dtype])
+    if not Path(args.model).exists():
+        hint = ("the model shipped with the package is missing: reinstall it, or rebuild it with "
+                "tools/train_default.sh" if Path(args.model) == DEFAULT_MODEL else "check the path")
+        raise SystemExit(f"--model {args.model} does not exist ({hint})")
+    try:
+        pipe = load_pipeline(args.model, dvae_dir=args.dvae, clip_dir=args.clip,
+                             device=resolve_device(args.device), dtype=DTYPES[args.dtype])
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"cannot load the model: {e}") from None
+    candidates = args.candidates or (4 * args.num_images if pipe.scorer is not None else args.num_images)
+    if candidates > args.num_images and pipe.scorer is None:
+        raise SystemExit(f"--candidates {candidates} > --num-images {args.num_images} needs a reranker, and "
+                         f"{args.model} has none: pass --clip DIR (a tools/train_clip.py run)")
     prime = None
     if args.prime_image:
-        image = EvalTransform(pipe.dvae.config.image_size)(to_rgb(Image.open(args.prime_image)), None)
+        try:
+            image = EvalTransform(pipe.dvae.config.image_size)(to_rgb(Image.open(args.prime_image)), None)
+        except OSError as e:
+            raise SystemExit(f"cannot read --prime-image {args.prime_image}: {e}") from None
         prime = prime_codes(pipe, image, args.prime_rows)
     settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "cond_scale", "prime_image",
                                               "prime_rows", "dtype")}
-    jobs = [(p, args.seed + i, i) for p in args.prompts for i in range(args.num_images)]
+    jobs = [(p, args.seed + c) for p in args.prompts for c in range(candidates)]
     per_image = pipe.model.config.image_seq_len - (0 if prime is None else len(prime))
     bar = tqdm(total=len(jobs) * per_image, unit="tok", desc="sampling", disable=args.no_progress)
-    results: dict[str, list[torch.Tensor]] = {}
+    sampled: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start : start + args.batch_size]
         rows = len(chunk)
         images = generate(pipe, [j[0] for j in chunk], [j[1] for j in chunk], temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale, prime=prime,
                           on_token=lambda _k: bar.update(rows))  # noqa: B023 (called within this iteration)
-        for (prompt, seed, i), image in zip(chunk, images):
-            name = f"{slug(prompt)}-{i}"
-            save_image(image, out / f"{name}.png")
-            meta = {"prompt": prompt, "seed": seed, "index": i, "model": pipe.model_id, **settings}
-            (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
-            results.setdefault(prompt, []).append(image)
+        for (prompt, seed), image in zip(chunk, images):
+            sampled.setdefault(prompt, []).append((seed, image))
     bar.close()
-    for prompt, images in results.items() if args.grid else ():
-        grid = make_grid(torch.stack(images), nrow=min(len(images), 8), padding=2)
-        save_image(grid, out / f"{slug(prompt)}-grid.png")
-    print(f"wrote {len(jobs)} images for {len(results)} prompt(s) to {out}")
+    for prompt, pairs in sampled.items():
+        images = torch.stack([image for _, image in pairs])
+        scores = score(pipe, prompt, images) if pipe.scorer is not None else None
+        order = best(scores, args.num_images).tolist() if scores is not None else range(args.num_images)
+        for rank, c in enumerate(order):
+            name = f"{slug(prompt)}-{rank}"
+            save_image(images[c], out / f"{name}.png")
+            meta = {"prompt": prompt, "seed": pairs[c][0], "rank": rank, "candidate": c, "candidates": candidates,
+                    "score": None if scores is None else round(float(scores[c]), 6), "model": pipe.model_id,
+                    "reranker": pipe.scorer_id, **settings}
+            (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if args.grid:
+            kept = images[list(order)]
+            nrow = min(len(kept), 8)
+            if args.scores and scores is not None:
+                labelled_grid(kept, [f"{float(scores[c]):.3f}" for c in order], nrow).save(
+                    out / f"{slug(prompt)}-grid.png")
+            else:
+                save_image(make_grid(kept, nrow=nrow, padding=2), out / f"{slug(prompt)}-grid.png")
+    kept_note = f", best {args.num_images} of {candidates} by the reranker" if candidates > args.num_images else ""
+    print(f"wrote {args.num_images} image(s) for each of {len(sampled)} prompt(s) to {out}{kept_note}")
     return 0
 
 

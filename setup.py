@@ -3,6 +3,7 @@
     pip install -e .                 # library, tools, generate.py
     pip install -e ".[test]"         # + pytest, ruff and DeepSpeed for the test suite
     pip install -e ".[deepspeed]"    # + DeepSpeed for multi-GPU training
+    pip install -e ".[eval]"         # + pytorch-fid for Inception FID
 """
 
 from pathlib import Path
@@ -19,8 +20,12 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["dvae", "dalle", "dalle.data", "dalle_tools"],
+    packages=["dvae", "dalle", "dalle.data", "dalle.evaluation", "dalle_tools"],
     package_dir={"dalle_tools": "tools"},
+    # The default model generate.py uses with no --model (tools/train_default.sh rebuilds it).
+    package_data={"dalle": ["default_model/*.json", "default_model/*.safetensors",
+                            "default_model/*/*.json", "default_model/*/*.safetensors"],
+                  "dalle_tools": ["*.sh"]},
     install_requires=[
         # Pinned to the versions this project is tested with; see README "Install".
         "torch>=2.5,<=2.14.1",
@@ -37,7 +42,8 @@ setup(
     ],
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
-        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "deepspeed==0.19.8"],
+        "eval": ["pytorch-fid==0.3.0"],  # the Inception-v3 of published FIDs (tools/eval_fid.py)
+        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "deepspeed==0.19.8", "pytorch-fid==0.3.0"],
     },
     entry_points={
         "console_scripts": [
@@ -50,6 +56,9 @@ setup(
             "dalle-train=dalle_tools.train_dalle:main",
             "dalle-estimate=dalle_tools.estimate:main",
             "dalle-train-clip=dalle_tools.train_clip:main",
+            "dalle-bundle=dalle_tools.bundle:main",
+            "dalle-eval-shapes=dalle_tools.eval_shapes:main",
+            "dalle-eval-fid=dalle_tools.eval_fid:main",
         ]
     },
 )

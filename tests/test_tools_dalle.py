@@ -119,7 +119,7 @@ def test_generate_cli_writes_images_and_sidecars(assets, tmp_path):
 def test_generate_errors_a_user_can_act_on(assets, tmp_path):
     import generate
 
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(SystemExit, match="does not exist"):
         generate.main(["x", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         generate.main(["--model", str(assets / "run")])  # no prompt

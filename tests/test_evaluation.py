@@ -1,0 +1,143 @@
+"""Evaluation: the shapes detector, compositional scoring, Frechet distance, IS, and both eval tools."""
+
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dalle.data.shapes import make_sample
+from dalle.evaluation.compositional import score_images, shapes_prompts, summarise
+from dalle.evaluation.detect import detect
+from dalle.evaluation.fid import blur, frechet_distance, inception_score, inception_weights_path, statistics
+from dalle_tools import eval_fid, eval_shapes
+
+
+def _jpeg(image, quality=75):
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+@pytest.mark.parametrize("split", ["train", "zeroshot"])
+def test_detector_reads_ground_truth_renders(split):
+    prompts = shapes_prompts(split, 120)
+    verdicts = score_images(prompts, [np.asarray(p.sample.image) for p in prompts])
+    figures = summarise(prompts, verdicts)
+    assert figures["all"]["all_correct"] >= 0.99, figures["all"]
+    assert set(figures) >= {"1 object", "2 objects"}
+    if split == "zeroshot":
+        assert {"held-out pair", "held-out layout"} <= set(figures)
+
+
+def test_detector_survives_jpeg():
+    prompts = shapes_prompts("train", 150, seed=1)
+    verdicts = score_images(prompts, [_jpeg(p.sample.image) for p in prompts])
+    assert summarise(prompts, verdicts)["all"]["all_correct"] >= 0.99
+
+
+def test_detector_is_near_chance_on_shuffled_prompts():
+    prompts = shapes_prompts("train", 150, seed=2)
+    images = [np.asarray(p.sample.image) for p in prompts]
+    random.Random(0).shuffle(prompts)
+    figures = summarise(prompts, score_images(prompts, images))["all"]
+    assert figures["all_correct"] < 0.1 and figures["colour"] < 0.3 and figures["shape"] < 0.35
+
+
+def test_detector_reports_what_it_sees():
+    s = make_sample(3, "train")
+    (obj,) = s.scene.objects if len(s.scene.objects) == 1 else s.scene.objects[:1]
+    found = detect(np.asarray(s.image))
+    assert len(found) == len(s.scene.objects)
+    assert any(d.colour == obj.colour and d.shape == obj.shape and d.size == obj.size for d in found)
+    blank = np.full((64, 64, 3), 128, dtype=np.uint8)
+    assert detect(blank) == []
+    with pytest.raises(ValueError, match="square RGB"):
+        detect(np.zeros((64, 32, 3), dtype=np.uint8))
+
+
+def test_frechet_distance_matches_pytorch_fid():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 16, generator=g), torch.randn(300, 16, generator=g) * 1.5 + 0.3
+    (m1, s1), (m2, s2) = statistics(a), statistics(b)
+    ref = calculate_frechet_distance(m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy())
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-6)
+    assert frechet_distance(m1, s1, m1, s1) == pytest.approx(0, abs=1e-8)
+
+
+def test_inception_score_bounds_and_blur():
+    assert inception_score(torch.full((50, 10), 0.1))[0] == pytest.approx(1.0)
+    assert inception_score(torch.eye(10).repeat(5, 1), splits=1)[0] == pytest.approx(10.0)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(blur(images, 0), images)
+    blurred = blur(images, 2)
+    assert blurred.dtype == torch.uint8 and blurred.float().std() < images.float().std() / 2
+
+
+def test_missing_inception_weights_say_where_to_put_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth.*--features clip"):
+        inception_weights_path(tmp_path / "nope.pth")
+
+
+class StandIn:
+    """A fixed random projection of 4x4-pooled pixels: the Inception path without its weights."""
+
+    name = "stand-in"
+
+    def __init__(self, *_args, **_kw):
+        g = torch.Generator().manual_seed(0)
+        self.proj, self.cls = torch.randn(48, 8, generator=g), torch.randn(48, 5, generator=g)
+
+    def __call__(self, images):
+        x = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)
+        return x @ self.proj, torch.softmax(x @ self.cls, 1)
+
+
+def test_eval_fid_pipeline_resumes_and_agrees_with_pytorch_fid(tiny_parts, tmp_path, monkeypatch):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    monkeypatch.setattr(eval_fid, "InceptionExtractor", StandIn)
+    out = tmp_path / "fid"
+    args = ["--model", str(tiny_parts / "model"), "--clip", str(tiny_parts / "clip"), "--source", "shapes",
+            "--split", "zeroshot", "--n", "6", "--blur", "0", "2", "--batch-size", "4", "--out", str(out),
+            "--stats-cache", str(tmp_path / "cache"), "--no-progress"]
+    assert eval_fid.main(args) == 0
+    result = json.loads((out / "fid.json").read_text())
+    assert set(result["fid"]) == {"0", "2"} and result["n"] == 6 and result["clip_score"] is not None
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    # The same figure from pytorch-fid's distance on the same features.
+    ext = StandIn()
+    def chw(image):
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+    fake = torch.stack([chw(Image.open(out / "images" / f"{i:06d}.png")) for i in range(6)])
+    real = torch.stack([chw(make_sample(i, "zeroshot", 0, 32).image) for i in range(6)])
+    (m1, s1), (m2, s2) = statistics(ext(fake)[0]), statistics(ext(real)[0])
+    ref = calculate_frechet_distance(m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy())
+    assert result["fid"]["0"] == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    # A restart keeps what exists and remakes only what is missing, identically.
+    kept = (out / "images" / "000001.png").read_bytes()
+    (out / "images" / "000001.png").unlink()
+    assert eval_fid.main(args) == 0
+    assert (out / "images" / "000001.png").read_bytes() == kept
+    assert json.loads((out / "fid.json").read_text())["fid"] == result["fid"]
+
+
+def test_eval_shapes_tool(tiny_parts, tmp_path):
+    out = tmp_path / "shapes"
+    assert eval_shapes.main(["--model", str(tiny_parts / "model"), "--clip", str(tiny_parts / "clip"), "--split",
+                             "train", "zeroshot", "--n", "3", "--candidates", "1", "2", "--cond-scale", "1", "2",
+                             "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "shapes-eval.json").read_text())["rows"]
+    assert [(r["split"], r["cond_scale"], r["candidates"]) for r in rows] == [
+        (s, c, k) for s in ("train", "zeroshot") for c in (1.0, 2.0) for k in (1, 2)]
+    assert all(0 <= r["all_correct"] <= 1 and "clip_score" in r for r in rows)
+    assert (out / "zeroshot-cond2.png").is_file() and "| split |" in (out / "shapes-eval.md").read_text()
+    check = tmp_path / "check"
+    assert eval_shapes.main(["--check-detector", "--n", "20", "--out", str(check), "--no-progress"]) == 0
+    assert all(r["all_correct"] == 1.0 for r in json.loads((check / "shapes-eval.json").read_text())["rows"])

@@ -1,0 +1,254 @@
+"""Zero-shot FID and IS by the paper's protocol (sec. 3.2): one image per held-out caption, compared with
+the real images of those captions, also after blurring both sets (Fig. 9a).
+
+    python tools/eval_fid.py --source shapes --split zeroshot --n 2000 --features clip --out runs/fid-shapes
+    python tools/eval_fid.py --model runs/my-dalle --source coco --captions annotations/captions_val2014.json \
+        --path val2014 --n 30000 --features inception --candidates 32 --device cuda --out runs/fid-coco
+
+Sources of (caption, real image) pairs: shapes (a split of the synthetic data), folder (image + .txt pairs),
+webdataset (shards) or coco (a captions JSON, with --path the image folder; the first caption of each of
+the first N images by id). Real images are centre-cropped and resized to the model's output size.
+
+Generated images are written to OUT/images/ as they are made, so a restarted run continues where it
+stopped. Real-image statistics are cached in --stats-cache, keyed by the data, the features and the blur.
+Writes OUT/fid.json and OUT/fid.md: FID for each blur radius, IS, CLIP score, N, settings and model id.
+
+--features inception uses pytorch-fid's Inception-v3 (weights from torch's hub cache or
+--inception-weights, never downloaded); --features clip uses the project's reranker instead: quick, no
+download, and not comparable with published FIDs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a source checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from dalle.cli import resolve_device
+from dalle.data.transforms import EvalTransform, to_rgb
+from dalle.evaluation.fid import (
+    INCEPTION_WEIGHTS,
+    CLIPExtractor,
+    InceptionExtractor,
+    blur,
+    frechet_distance,
+    inception_score,
+    statistics,
+)
+from dalle.pipeline import DEFAULT_MODEL, generate, load_pipeline, score
+from dalle.rerank import best
+
+
+def load_pairs(args: argparse.Namespace, image_size: int) -> list[tuple[str, object]]:
+    """The first N (caption, loader) pairs; loader() -> uint8 (3, S, S) real image."""
+    tf = EvalTransform(image_size)
+
+    def from_pil(img: Image.Image) -> torch.Tensor:
+        return (tf(to_rgb(img)) * 255).round().to(torch.uint8)
+
+    if args.source == "shapes":
+        from dalle.data.shapes import make_sample
+
+        samples = [make_sample(i, args.split, args.seed, image_size) for i in range(args.n)]
+        return [(s.caption, lambda s=s: from_pil(s.image)) for s in samples]
+    if args.source == "coco":
+        data = json.loads(Path(args.captions).read_text())
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        first: dict[int, str] = {}
+        for a in sorted(data["annotations"], key=lambda a: a["id"]):
+            first.setdefault(a["image_id"], a["caption"].strip())
+        ids = sorted(first)[: args.n]
+        return [(first[i], lambda i=i: from_pil(Image.open(Path(args.path) / files[i]))) for i in ids]
+    from dalle.data.readers import ImageTextFolder, webdataset_pairs
+
+    ds = (ImageTextFolder(args.path, EvalTransform(image_size), require_captions=True, seed=args.seed)
+          if args.source == "folder" else webdataset_pairs(args.path, EvalTransform(image_size), shuffle=0,
+                                                          seed=args.seed, require_captions=True))
+    pairs = []
+    items = (ds[i] for i in range(len(ds))) if args.source == "folder" else iter(ds)
+    for item in items:
+        if item is None:
+            continue
+        image = (item["image"] * 255).round().to(torch.uint8)
+        pairs.append((item["caption"], lambda im=image: im))
+        if len(pairs) == args.n:
+            break
+    return pairs
+
+
+def write_png(image: torch.Tensor, path: Path) -> None:
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp)
+    os.replace(tmp, path)  # a crash never leaves a half-written image that a restart would trust
+
+
+def generate_missing(pipe, captions: list[str], image_dir: Path, args: argparse.Namespace) -> None:
+    todo = [i for i in range(len(captions)) if not (image_dir / f"{i:06d}.png").is_file()]
+    if len(todo) < len(captions):
+        print(f"{len(captions) - len(todo)} images already in {image_dir}; making the other {len(todo)}")
+    k = args.candidates
+    bar = tqdm(total=len(todo) * k, unit="img", desc="generating", disable=args.no_progress)
+    per_batch = max(1, args.batch_size // k)
+    for start in range(0, len(todo), per_batch):
+        idx = todo[start : start + per_batch]
+        prompts = [captions[i] for i in idx for _ in range(k)]
+        seeds = [args.seed + i * k + c for i in idx for c in range(k)]  # unique per (caption, candidate)
+        images = generate(pipe, prompts, seeds, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          cond_scale=args.cond_scale).view(len(idx), k, 3, *pipe_size(pipe))
+        for row, i in enumerate(idx):
+            pick = int(best(score(pipe, captions[i], images[row]), 1)[0]) if k > 1 else 0
+            write_png(images[row, pick].clamp(0, 1).mul(255).round().to(torch.uint8), image_dir / f"{i:06d}.png")
+        bar.update(len(idx) * k)
+    bar.close()
+
+
+def pipe_size(pipe) -> tuple[int, int]:
+    s = pipe.dvae.config.image_size
+    return s, s
+
+
+def features_by_radius(images, extractor, radii: list[float], batch_size: int, desc: str, quiet: bool):
+    """{radius: features (N, D)} and the unblurred class probabilities (N, C), in one pass over images."""
+    feats: dict[float, list[torch.Tensor]] = {r: [] for r in radii}
+    probs = []
+    batch: list[torch.Tensor] = []
+
+    def flush() -> None:
+        x = torch.stack(batch)
+        for r in radii:
+            f, p = extractor(blur(x, r))
+            feats[r].append(f)
+            if r == 0:
+                probs.append(p)
+        batch.clear()
+
+    for image in tqdm(images, desc=desc, disable=quiet):
+        batch.append(image)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return {r: torch.cat(v) for r, v in feats.items()}, (torch.cat(probs) if probs else None)
+
+
+def real_statistics(pairs, extractor, args: argparse.Namespace, key_base: dict) -> dict[float, tuple]:
+    cache = Path(args.stats_cache).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    files = {r: cache / (hashlib.sha256(json.dumps({**key_base, "blur": r}, sort_keys=True).encode())
+                         .hexdigest()[:20] + ".safetensors") for r in args.blur}
+    missing = [r for r, f in files.items() if not f.is_file()]
+    if missing:
+        feats, _ = features_by_radius((load() for _, load in pairs), extractor, missing, args.batch_size,
+                                      "real-image features", args.no_progress)
+        for r in missing:
+            mu, sigma = statistics(feats[r])
+            save_file({"mu": mu, "sigma": sigma}, str(files[r]), metadata={"key": json.dumps({**key_base, "blur": r})})
+    stats = {r: load_file(str(f)) for r, f in files.items()}
+    return {r: (s["mu"], s["sigma"]) for r, s in stats.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="transformer model or run directory")
+    p.add_argument("--clip", default=None, help="reranker directory (default: the model's clip/ folder)")
+    p.add_argument("--source", default="shapes", choices=["shapes", "folder", "webdataset", "coco"],
+                   help="where the held-out captions and their real images come from")
+    p.add_argument("--path", default="", help="folder, shard pattern, or (coco) the image folder")
+    p.add_argument("--captions", default="", help="coco: the captions JSON (e.g. captions_val2014.json)")
+    p.add_argument("--split", default="zeroshot", choices=["train", "val", "zeroshot"], help="shapes split")
+    p.add_argument("--n", type=int, default=2000, help="captions (the paper: 30,000)")
+    p.add_argument("--features", default="inception", choices=["inception", "clip"],
+                   help="inception (comparable with published FIDs) or clip (the project's reranker)")
+    p.add_argument("--inception-weights", default="",
+                   help=f"path of {INCEPTION_WEIGHTS} (default: torch's hub cache, checkpoints/ folder)")
+    p.add_argument("--blur", type=float, nargs="+", default=[0, 1, 2, 4, 8],
+                   help="Gaussian blur radii applied to both sets (paper Fig. 9a); 0 is plain FID")
+    p.add_argument("--candidates", type=int, default=1, help="images sampled per caption; the reranker keeps one")
+    p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--seed", type=int, default=0, help="data seed and base sampling seed")
+    p.add_argument("--batch-size", type=int, default=64, help="images per sampling and feature batch")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--stats-cache", default="~/.cache/dalle-repro/fid-stats", help="real-image statistics cache")
+    p.add_argument("--out", required=True, help="directory for images/, fid.json and fid.md")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = p.parse_args(argv)
+    if args.n < 2 or args.candidates < 1:
+        p.error("--n must be at least 2 (a covariance needs two images) and --candidates at least 1")
+    if args.source != "shapes" and not args.path:
+        p.error(f"--source {args.source} needs --path")
+    if args.source == "coco" and not args.captions:
+        p.error("--source coco needs --captions (the captions JSON)")
+    if 0 not in args.blur:
+        args.blur = [0.0, *args.blur]  # the IS and the headline FID are unblurred
+    device = resolve_device(args.device)
+    try:
+        pipe = load_pipeline(args.model, clip_dir=args.clip, device=device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"cannot load the model: {e}") from None
+    if args.candidates > 1 and pipe.scorer is None:
+        raise SystemExit(f"--candidates {args.candidates} needs a reranker: {args.model} has none; pass --clip DIR")
+    pairs = load_pairs(args, pipe.dvae.config.image_size)
+    if len(pairs) < 2:
+        raise SystemExit(f"found {len(pairs)} readable (caption, image) pairs in the {args.source} source; need 2+")
+    captions = [c for c, _ in pairs]
+    if args.features == "clip":
+        if pipe.scorer is None:
+            raise SystemExit("--features clip needs a reranker: the model has no clip/ folder; pass --clip DIR")
+        extractor, feat_id = CLIPExtractor(pipe.scorer, pipe.scorer_tokenizer, captions), pipe.scorer_id
+    else:
+        try:
+            extractor, feat_id = InceptionExtractor(args.inception_weights or None, device), "pytorch-fid inception"
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
+    out = Path(args.out)
+    image_dir = out / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    generate_missing(pipe, captions, image_dir, args)
+    key = {"source": args.source, "path": args.path, "captions": args.captions, "split": args.split, "n": len(pairs),
+           "seed": args.seed, "size": pipe.dvae.config.image_size, "features": feat_id}
+    real = real_statistics(pairs, extractor, args, key)
+    fake_images = (torch.from_numpy(np.asarray(Image.open(image_dir / f"{i:06d}.png").convert("RGB")).copy())
+                   .permute(2, 0, 1) for i in range(len(pairs)))
+    feats, probs = features_by_radius(fake_images, extractor, args.blur, args.batch_size, "generated features",
+                                      args.no_progress)
+    fid = {r: frechet_distance(*statistics(feats[r]), *real[r]) for r in args.blur}
+    is_mean, is_std = inception_score(probs)
+    clip_score = None
+    if pipe.scorer is not None:
+        clip_score = float(np.mean([float(score(pipe, c, torch.from_numpy(np.asarray(Image.open(
+            image_dir / f"{i:06d}.png").convert("RGB")).copy()).permute(2, 0, 1)[None].float() / 255)[0])
+            for i, c in enumerate(captions)]))
+    result = {"model": pipe.model_id, "features": args.features, "feature_extractor": feat_id, "n": len(pairs),
+              "fid": {f"{r:g}": v for r, v in fid.items()}, "is": [is_mean, is_std], "clip_score": clip_score,
+              "settings": {k: v for k, v in vars(args).items() if k not in ("no_progress", "out")}}
+    (out / "fid.json").write_text(json.dumps(result, indent=2) + "\n")
+    note = "" if args.features == "inception" else " (CLIP features: not comparable with published FIDs)"
+    lines = [f"Model {pipe.model_id}, {len(pairs)} captions of {args.source}"
+             f"{' ' + args.split if args.source == 'shapes' else ''}, {args.features} features{note}", "",
+             "| blur radius | " + " | ".join(f"{r:g}" for r in args.blur) + " |",
+             "|---|" + "---|" * len(args.blur),
+             "| FID | " + " | ".join(f"{fid[r]:.2f}" for r in args.blur) + " |", "",
+             f"IS {is_mean:.2f} +- {is_std:.2f}" + (f", CLIP score {clip_score:.4f}" if clip_score is not None else "")]
+    (out / "fid.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
