@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{' ' + args.split if args.source == 'shapes' else ''}, {args.features} features{note}", "",
              "| blur radius | " + " | ".join(f"{r:g}" for r in args.blur) + " |",
              "|---|" + "---|" * len(args.blur),
-             "| FID | " + " | ".join(f"{fid[r]:.2f}" for r in args.blur) + " |", "",
+             "| FID | " + " | ".join(f"{fid[r]:.4g}" for r in args.blur) + " |", "",
              f"IS {is_mean:.2f} +- {is_std:.2f}" + (f", CLIP score {clip_score:.4f}" if clip_score is not None else "")]
     (out / "fid.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
