@@ -141,3 +141,31 @@ def test_eval_shapes_tool(tiny_parts, tmp_path):
     check = tmp_path / "check"
     assert eval_shapes.main(["--check-detector", "--n", "20", "--out", str(check), "--no-progress"]) == 0
     assert all(r["all_correct"] == 1.0 for r in json.loads((check / "shapes-eval.json").read_text())["rows"])
+
+
+@pytest.mark.parametrize("source", ["folder", "webdataset", "coco"])
+def test_eval_fid_reads_every_caption_source(tiny_parts, tmp_path, monkeypatch, source):
+    from dalle_tools import make_shapes
+
+    monkeypatch.setattr(eval_fid, "InceptionExtractor", StandIn)
+    data = tmp_path / "data"
+    if source == "coco":
+        (data / "img").mkdir(parents=True)
+        anns, images = [], []
+        for i in range(4):
+            s = make_sample(i, "val", 0, 32)
+            s.image.save(data / "img" / f"{i}.png")
+            images.append({"id": 10 + i, "file_name": f"{i}.png"})
+            anns += [{"id": 2 * i, "image_id": 10 + i, "caption": s.caption}, {"id": 2 * i + 1, "image_id": 10 + i,
+                                                                               "caption": "second caption"}]
+        (data / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
+        where = ["--path", str(data / "img"), "--captions", str(data / "captions.json")]
+    else:
+        assert make_shapes.main(["--n", "4", "--split", "val", "--image-size", "32", "--out", str(data)]
+                                + (["--shards", "--shard-size", "4"] if source == "webdataset" else [])) == 0
+        where = ["--path", str(data) if source == "folder" else str(next(data.glob("*.tar")))]
+    out = tmp_path / "fid"
+    assert eval_fid.main(["--model", str(tiny_parts / "model"), "--source", source, *where, "--n", "4", "--blur", "0",
+                          "--out", str(out), "--stats-cache", str(tmp_path / "cache"), "--no-progress"]) == 0
+    result = json.loads((out / "fid.json").read_text())
+    assert result["n"] == 4 and result["fid"]["0"] >= 0 and len(list((out / "images").glob("*.png"))) == 4
