@@ -59,6 +59,8 @@ setup(
             "dalle-bundle=dalle_tools.bundle:main",
             "dalle-eval-shapes=dalle_tools.eval_shapes:main",
             "dalle-eval-fid=dalle_tools.eval_fid:main",
+            "dalle-export=dalle_tools.export:main",
+            "dalle-bench-train=dalle_tools.bench_train:main",
         ]
     },
 )

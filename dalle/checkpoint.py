@@ -10,6 +10,11 @@ optimizer state, the step). Nothing is unpickled: weights are safetensors, the o
 through `torch.load(weights_only=True)`. Every write goes to a temporary directory that is renamed
 into place, then a `latest` pointer is replaced atomically, so a crash mid-save leaves the previous
 checkpoint intact and `latest` pointing at it.
+
+A DeepSpeed checkpoint has config.json and train/ but, instead of model.safetensors, a `deepspeed/`
+folder with every rank's ZeRO shard (DeepSpeed's own pickled format, read only by DeepSpeed when the
+run resumes or by `export`). `export` consolidates it into a model directory; `load_pretrained`
+refuses it with the command to run.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from torch import nn
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+DEEPSPEED_DIR = "deepspeed"  # in a DeepSpeed checkpoint: every rank's ZeRO shard, instead of WEIGHTS_NAME
+EXPORT_HINT = "python tools/export.py {path} --out MODEL_DIR"
 
 
 def _registry() -> dict[str, tuple[type, Callable[[Any], nn.Module]]]:
@@ -75,10 +82,15 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    expected = model.state_dict()
-    tied = set(expected) - set(unique_state(model))
     with safe_open(str(path), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    load_state(model, state, str(path), strict=strict)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, *, strict: bool = True) -> None:
+    """Copy `state` into `model` in place, with the checks of `load_weights`; `source` names it in errors."""
+    expected = model.state_dict()
+    tied = set(expected) - set(unique_state(model))
     missing = sorted(set(expected) - set(state) - tied)
     unexpected = sorted(set(state) - set(expected))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -87,7 +99,7 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
         parts = [f"missing tensors {missing}" if missing else "",
                  f"unexpected tensors {unexpected}" if unexpected else "",
                  f"shape mismatches {shapes}" if shapes else ""]
-        raise ValueError(f"{path} does not match the model ({'; '.join(p for p in parts if p)}); "
+        raise ValueError(f"{source} does not match the model ({'; '.join(p for p in parts if p)}); "
                          "was it written for another config?")
     with torch.no_grad():
         for k, v in state.items():
@@ -101,12 +113,15 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_model_config(model: nn.Module, directory: Path) -> None:
+    write_json(directory / CONFIG_NAME, {
+        "model_type": model_type_of(model), "config": model.config.to_dict(), "format_version": FORMAT_VERSION,
+    })
+
+
 def model_dir_contents(model: nn.Module, directory: Path, *, dtype: torch.dtype | None = None) -> None:
     """Write config.json and model.safetensors for `model` into an existing directory."""
-    cfg = model.config
-    write_json(directory / CONFIG_NAME, {
-        "model_type": model_type_of(model), "config": cfg.to_dict(), "format_version": FORMAT_VERSION,
-    })
+    write_model_config(model, directory)
     save_weights(unique_state(model), directory / WEIGHTS_NAME, dtype)
 
 
@@ -163,9 +178,20 @@ def read_config(directory: str | Path) -> tuple[str, dict[str, Any]]:
 def load_pretrained(directory: str | Path, *, expect: str | None = None,
                     map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model from a model directory: its config.json alone decides the architecture."""
+    directory = resolve_model_dir(directory)
+    if is_zero_checkpoint(directory) and not (directory / WEIGHTS_NAME).is_file():
+        raise ValueError(f"{directory} is a DeepSpeed ZeRO training checkpoint: its weights are split into "
+                         "per-rank shards. Consolidate them into a model directory first: "
+                         + EXPORT_HINT.format(path=directory))
+    model = build_model(directory, expect)
+    load_weights(model, directory / WEIGHTS_NAME)
+    return model.to(map_location).eval()
+
+
+def build_model(directory: Path, expect: str | None = None) -> nn.Module:
+    """The freshly initialised model that `directory`'s config.json describes."""
     from dalle.config import from_dict
 
-    directory = resolve_model_dir(directory)
     model_type, cfg_dict = read_config(directory)
     registry = _registry()
     if model_type not in registry:
@@ -173,9 +199,41 @@ def load_pretrained(directory: str | Path, *, expect: str | None = None,
     if expect is not None and model_type != expect:
         raise ValueError(f"{directory} holds a {model_type!r} model, but a {expect!r} model is needed here")
     cfg_cls, model_cls = registry[model_type]
-    model = model_cls(from_dict(cfg_cls, cfg_dict, where=str(directory / CONFIG_NAME)))
-    load_weights(model, directory / WEIGHTS_NAME)
-    return model.to(map_location).eval()
+    return model_cls(from_dict(cfg_cls, cfg_dict, where=str(directory / CONFIG_NAME)))
+
+
+def is_zero_checkpoint(directory: str | Path) -> bool:
+    return (Path(directory) / DEEPSPEED_DIR).is_dir()
+
+
+def export(checkpoint: str | Path, out: str | Path, *, live: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Turn a training checkpoint (a run directory's latest, or step-N) into a model directory at `out`.
+
+    Exports the EMA weights when the run kept an EMA (what a plain checkpoint's model.safetensors holds),
+    else, or with `live`, the trained weights. For a DeepSpeed checkpoint of any ZeRO stage the trained
+    weights are the fp32 master weights gathered from every rank's shard, on the CPU, without a launcher.
+    Files beside the weights (tokenizer.json, dvae.json) are copied along."""
+    src = resolve_model_dir(checkpoint)
+    model = build_model(src)
+    train = src / "train"
+    if not is_zero_checkpoint(src):
+        chosen = train / "live.safetensors" if live and (train / "live.safetensors").is_file() else src / WEIGHTS_NAME
+        load_weights(model, chosen)
+    elif not live and (train / "ema.safetensors").is_file():
+        load_weights(model, train / "ema.safetensors")
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(src), tag=DEEPSPEED_DIR)
+        load_state(model, dict(state), f"the ZeRO shards in {src / DEEPSPEED_DIR}")
+    extras = [p for p in src.iterdir()  # tokenizer.json, dvae.json; not DeepSpeed's recovery script
+              if p.is_file() and p.name not in (CONFIG_NAME, WEIGHTS_NAME) and p.suffix != ".py"]
+
+    def fill(tmp: Path) -> None:
+        model_dir_contents(model, tmp, dtype=dtype)
+        for p in extras:
+            shutil.copy2(p, tmp / p.name)
+    return atomic_dir(Path(out), fill)
 
 
 def resolve_model_dir(path: str | Path) -> Path:

@@ -1,16 +1,19 @@
 """The training engine shared by every stage: dVAE, transformer and reranker.
 
 A stage supplies a `Task` (its model, data and loss); the engine owns everything else: the optimizer
-and learning-rate schedule, mixed precision, gradient clipping, the EMA, skipping non-finite steps,
-evaluation, logging, and checkpoints that resume exactly.
+and learning-rate schedule, gradient accumulation, mixed precision, gradient clipping, the EMA, skipping
+non-finite steps, evaluation, logging, and checkpoints that resume exactly. What differs between one
+process, DDP and DeepSpeed ZeRO lives in a back end (`dalle.distributed`).
 
 Exact resume rests on one rule: every random choice of step k is a function of (seed, k). The global
-torch RNG is re-seeded at each step, the data order is a seeded permutation per epoch, and each sample
-gets its own seed, so a resumed run needs only the step, the weights, the EMA and the optimizer state.
+torch RNG is re-seeded at each step (and rank), the data order is a seeded permutation per epoch that
+the ranks read strided, and each sample gets its own seed, so a resumed run needs only the step, the
+data position, the weights, the EMA and the optimizer state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -23,9 +26,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from dalle import checkpoint as ckpt
+from dalle.data.order import ResumableSampler, Seeded, endless, mix_seed
+from dalle.distributed import make_backend
 
 log = logging.getLogger("dalle.engine")
 
@@ -33,7 +38,8 @@ log = logging.getLogger("dalle.engine")
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 32
+    batch_size: int = 32  # samples per micro-batch on each rank (process)
+    grad_accum: int = 1  # micro-batches per optimizer step; effective batch = batch_size x grad_accum x ranks
     lr: float = 1e-3
     min_lr: float = 0.0  # the cosine schedule decays to this
     warmup_steps: int = 0
@@ -53,8 +59,9 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(f"steps, batch_size and grad_accum must be positive, got {self.steps}, "
+                             f"{self.batch_size}, {self.grad_accum}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -64,7 +71,8 @@ class TrainConfig:
 
 
 class Task(Protocol):
-    """What a stage gives the engine. `model` is trained; the rest are pure functions of their inputs."""
+    """What a stage gives the engine. `model` is trained; the rest are pure functions of their inputs.
+    A task may also define `tokens_per_sample` (throughput in tokens/s) and `save_extra(directory)`."""
 
     model: nn.Module
 
@@ -84,32 +92,6 @@ def matrix_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def mix_seed(*parts: int) -> int:
-    """Combine integers into a 63-bit seed (splitmix64 rounds); stable across processes and runs."""
-    x = 0x9E3779B97F4A7C15
-    for p in parts:
-        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 29
-    return x & 0x7FFFFFFFFFFFFFFF
-
-
-class ResumableSampler(Sampler):
-    """Endless stream of (index, sample_seed): a fresh seeded permutation per epoch, started at any
-    position, so the batches after a resume are the ones an uninterrupted run would have seen."""
-
-    def __init__(self, size: int, seed: int, start: int = 0) -> None:
-        self.size, self.seed, self.start = size, seed, start
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, offset = divmod(self.start, self.size)
-        while True:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-            for i in torch.randperm(self.size, generator=g)[offset:].tolist():
-                yield i, mix_seed(self.seed, epoch, i)
-            epoch, offset = epoch + 1, 0
-
-
 def lr_at(cfg: TrainConfig, step: int) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -120,7 +102,8 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point state (weights and buffers)."""
+    """Exponential moving average of a model's floating-point state (weights and buffers), kept in the
+    model's own precision (fp32 also when DeepSpeed trains bf16 or fp16 working weights)."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
@@ -130,7 +113,7 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         ema = [t for t in self.model.state_dict().values() if t.is_floating_point()]
         live = [t for t in model.state_dict().values() if t.is_floating_point()]
-        torch._foreach_lerp_(ema, live, 1 - self.decay)
+        torch._foreach_lerp_(ema, [v.to(e.dtype) for e, v in zip(ema, live)], 1 - self.decay)
 
 
 class EvalSink:
@@ -154,60 +137,55 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def _endless(loader: DataLoader) -> Iterator[dict[str, Any]]:
-    epoch = 0
-    while True:
-        if hasattr(loader.dataset, "set_epoch"):  # new shard order and augmentations each epoch
-            loader.dataset.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-class _Seeded(Dataset):
-    """Hands each sample its seed when the dataset takes `(index, seed)` keys (`accepts_seed`)."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-        self.accepts_seed = getattr(dataset, "accepts_seed", False)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        return self.dataset[key] if self.accepts_seed else self.dataset[key[0]]
-
-
 class Trainer:
     """Runs a `Task` for `cfg.steps` optimizer steps in `run_dir`, resuming from its last checkpoint.
 
     run_dir/run.json            everything needed to repeat the run (configs of all sections)
     run_dir/log.jsonl           one JSON object per log and eval event; run_dir/tb/ for TensorBoard
     run_dir/eval/               image grids written by the task's evaluation
-    run_dir/checkpoints/step-N  model directories with a train/ folder; `latest` names the newest
+    run_dir/checkpoints/step-N  model directories with a train/ folder; `latest` names the newest. Under
+                                DeepSpeed, step-N/deepspeed/ holds every rank's shard instead of
+                                model.safetensors: tools/export.py turns it into a model directory.
+    Only rank 0 writes logs, grids and the checkpoint's shared files; every rank reads its own data.
     """
 
     def __init__(self, task: Task, cfg: TrainConfig, run_dir: str | Path, *, device: str = "cpu",
-                 resume: str = "auto", record: dict[str, Any] | None = None, progress: bool = True) -> None:
+                 resume: str = "auto", record: dict[str, Any] | None = None, progress: bool = True,
+                 deepspeed: str | Path | None = None) -> None:
         self.task, self.cfg, self.run_dir = task, cfg, Path(run_dir)
         self.device = torch.device(device)
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on the CPU")
+        self.backend = make_backend(self.device, deepspeed)
+        self.is_main = self.backend.is_main
         self.model = task.model.to(self.device)
-        self.optimizer = torch.optim.AdamW(task.param_groups(self.model), lr=cfg.lr, betas=cfg.betas,
-                                           eps=cfg.eps, weight_decay=cfg.weight_decay)
+        self.backend.broadcast_weights(self.model)
+        # Copied before the back end wraps the model: DeepSpeed casts it to bf16/fp16 and hooks it.
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-        self.step = 0
+        self.backend.wrap(self.model, task.param_groups(self.model), cfg)
+        self.optimizer = self.backend.optimizer
+        self.step, self.data_position = 0, 0  # data_position: samples of the shared stream consumed
         self.counters = {"skipped_samples": 0, "nonfinite_steps": 0, "overflow_steps": 0}
-        self._nonfinite_run = 0  # consecutive skipped steps
-        self.progress = progress
+        self._nonfinite_run, self._new_skipped = 0, 0  # consecutive skipped steps; unreadable samples not yet summed
+        self.progress = progress and self.is_main
         self.checkpoints = self.run_dir / "checkpoints"
         self._resume(resume)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if record is not None:
-            ckpt.write_json(self.run_dir / "run.json", record)
-        self.writer = self._tensorboard()
+        self.writer = None
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if record is not None:
+                ckpt.write_json(self.run_dir / "run.json", record)
+            self.writer = self._tensorboard()
         self.sink = EvalSink(self.run_dir / "eval", self.writer)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.backend.world
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"effective batch size {self.global_batch} = {c.batch_size} per rank x {c.grad_accum} accumulation x "
+                f"{self.backend.world} ranks; back end: {self.backend.name}")
 
     # -- setup -------------------------------------------------------------------------------
     def _tensorboard(self) -> Any | None:
@@ -235,40 +213,60 @@ class Trainer:
                     if saved.get(k) != current.get(k)}
             raise ValueError(f"cannot resume from {path}: its model config differs in {diff} "
                              "(saved, current); use another --out for a new model")
+        if ckpt.is_zero_checkpoint(path) != self.backend.sharded:
+            written, now = ("plain PyTorch", "with") if self.backend.sharded else ("DeepSpeed", "without")
+            raise ValueError(f"{path} was written by the {written} back end and this run is {now} --deepspeed; "
+                             "resume with the same back end, or export it (tools/export.py) and start a new run")
         train = path / "train"
-        live = train / "live.safetensors"
-        ckpt.load_weights(self.model, live if live.is_file() else path / ckpt.WEIGHTS_NAME)
+        if self.backend.sharded:
+            self.backend.load_state(path)  # weights and optimizer, each rank its shard
+            ema_file = train / "ema.safetensors"
+        else:
+            live = train / "live.safetensors"
+            ckpt.load_weights(self.model, live if live.is_file() else path / ckpt.WEIGHTS_NAME)
+            self.backend.load_state(path)
+            ema_file = path / ckpt.WEIGHTS_NAME
         if self.ema is not None:
-            ckpt.load_weights(self.ema.model, path / ckpt.WEIGHTS_NAME)
-        ckpt.load_optimizer(self.optimizer, train / "optimizer.pt")
+            ckpt.load_weights(self.ema.model, ema_file)
         state = json.loads((train / "state.json").read_text())
         self.step = state["step"]
+        self.data_position = state.get("data_position", self.step * self.cfg.batch_size)
         self.counters.update(state.get("counters", {}))
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        self.backend.load_extra(state)
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> Path:
-        name = f"step-{self.step:07d}"
+        """Write checkpoint step-N atomically; a collective call (DeepSpeed ranks write their shards)."""
+        self._sum_counters()
+        final = self.checkpoints / f"step-{self.step:07d}"
+        if not self.is_main:
+            self.backend.save_state(None)
+            self.backend.barrier()
+            return final
+        path = ckpt.atomic_dir(final, self._fill_checkpoint)
+        ckpt.set_latest(self.checkpoints, final.name)
+        ckpt.prune(self.checkpoints, self.cfg.keep_checkpoints)
+        self.backend.barrier()
+        return path
 
-        def fill(tmp: Path) -> None:
+    def _fill_checkpoint(self, tmp: Path) -> None:
+        (tmp / "train").mkdir()
+        self.backend.save_state(tmp)
+        if self.backend.sharded:  # the weights are in the shards: config.json (and the EMA) only
+            ckpt.write_model_config(self.model, tmp)
+            if self.ema is not None:
+                ckpt.save_weights(ckpt.unique_state(self.ema.model), tmp / "train" / "ema.safetensors")
+        else:
             ckpt.model_dir_contents(self.eval_model, tmp)
-            (tmp / "train").mkdir()
             if self.ema is not None:
                 ckpt.save_weights(ckpt.unique_state(self.model), tmp / "train" / "live.safetensors")
-            ckpt.save_optimizer(self.optimizer, tmp / "train" / "optimizer.pt")
-            ckpt.write_json(tmp / "train" / "state.json", {
-                "step": self.step, "counters": self.counters,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            })
-            extra = getattr(self.task, "save_extra", None)
-            if extra is not None:
-                extra(tmp)
-
-        path = ckpt.atomic_dir(self.checkpoints / name, fill)
-        ckpt.set_latest(self.checkpoints, name)
-        ckpt.prune(self.checkpoints, self.cfg.keep_checkpoints)
-        return path
+        ckpt.write_json(tmp / "train" / "state.json", {
+            "step": self.step, "data_position": self.data_position, "counters": self.counters,
+            "world_size": self.backend.world, "backend": self.backend.name, **self.backend.state(),
+        })
+        extra = getattr(self.task, "save_extra", None)
+        if extra is not None:
+            extra(tmp)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -282,12 +280,14 @@ class Trainer:
                       persistent_workers=cfg.num_workers > 0)
         if isinstance(ds, IterableDataset):
             # Streams cannot seek: replaying the consumed batches keeps a resumed run on the same data.
-            it = _endless(DataLoader(ds, **{**common, "persistent_workers": False}))
-            for _ in range(self.step):
+            # Each rank (and worker) reads its own shards: see dalle.data.readers.WebDatasetReader.
+            it = endless(DataLoader(ds, **{**common, "persistent_workers": False}))
+            for _ in range(self.step * cfg.grad_accum):
                 next(it)
             return it
-        sampler = ResumableSampler(len(ds), cfg.seed, start=self.step * cfg.batch_size)
-        return iter(DataLoader(_Seeded(ds), sampler=sampler, **common))
+        sampler = ResumableSampler(len(ds), cfg.seed, start=self.data_position, rank=self.backend.rank,
+                                   world=self.backend.world)
+        return iter(DataLoader(Seeded(ds), sampler=sampler, **common))
 
     # -- the loop ----------------------------------------------------------------------------
     def _autocast(self) -> Any:
@@ -298,41 +298,46 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v
                 for k, v in batch.items()}
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
-        """One optimizer step; returns its metrics, or None when the step was skipped."""
-        cfg = self.cfg
-        torch.manual_seed(mix_seed(cfg.seed, self.step, 1))  # dropout and any task noise
+    def _next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        while True:
+            batch = next(batches)
+            self._new_skipped += int(batch.pop("skipped", 0))
+            if any(isinstance(v, Tensor) and v.shape[0] for v in batch.values()):
+                return batch  # else every sample of this batch was unreadable
+
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[dict[str, float] | None, int]:
+        """One optimizer step over `grad_accum` micro-batches: (metrics or None when skipped, samples)."""
+        cfg, backend = self.cfg, self.backend
+        seed = (cfg.seed, self.step, 1) + ((backend.rank,) if backend.world > 1 else ())
+        torch.manual_seed(mix_seed(*seed))  # dropout and any task noise
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(cfg, self.step) * group.get("lr_scale", 1.0)
-        with self._autocast():
-            loss, metrics = self.task.loss(self.model, self._to_device(batch), self.step)
-        if not torch.isfinite(loss):
-            return self._skip(f"loss is {loss.item()}")
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)  # skips the update itself when grads overflowed
-            self.scaler.update()
-            if self.scaler.get_scale() < scale:
-                self.counters["overflow_steps"] += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                return None
-        elif not torch.isfinite(grad_norm):
-            return self._skip(f"gradient norm is {grad_norm.item()}")
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        bad, why, samples, sums = False, "", 0, {}
+        for micro in range(cfg.grad_accum):
+            last = micro == cfg.grad_accum - 1
+            batch = self._next_batch(batches)
+            samples += next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
+            with backend.micro_batch(last):
+                with self._autocast():
+                    loss, metrics = self.task.loss(backend.forward_model, self._to_device(batch), self.step)
+                finite = bool(torch.isfinite(loss))
+                if not bad and backend.any(not finite):  # every rank must drop the same steps
+                    bad, why = True, f"loss is {loss.item()}" if not finite else "loss is not finite on another rank"
+                backend.backward(loss, last=last)
+            for k, v in {"loss": loss.item(), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        outcome, grad_norm = backend.step(bad=bad)
+        if outcome == "overflow":  # fp16: the loss scaler lowered its scale and dropped the step
+            self.counters["overflow_steps"] += 1
+            return None, samples
+        if outcome == "nonfinite":
+            return self._skip(why or f"gradient norm is {grad_norm}"), samples
         if self.ema is not None:
             self.ema.update(self.model)
         self._nonfinite_run = 0
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), **metrics}
+        return {**sums, "grad_norm": grad_norm}, samples
 
     def _skip(self, why: str) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
         self.counters["nonfinite_steps"] += 1
         self._nonfinite_run += 1
         log.warning("step %d skipped: %s (%d in a row)", self.step, why, self._nonfinite_run)
@@ -344,16 +349,22 @@ class Trainer:
         return None
 
     def evaluate(self) -> dict[str, float]:
-        model = self.eval_model
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), self._autocast():
-            metrics = self.task.evaluate(model, self.step, self.sink)
-        model.train(was_training)
-        self._log({"event": "eval", **metrics})
+        """Rank 0 evaluates (and writes grids) while the others wait; they get {}."""
+        model = self.ema.model if self.ema is not None else self.backend.evaluation_model()
+        metrics: dict[str, float] = {}
+        if self.is_main:
+            was_training = model.training
+            model.eval()
+            with torch.no_grad(), self._autocast():
+                metrics = self.task.evaluate(model, self.step, self.sink)
+            model.train(was_training)
+            self._log({"event": "eval", **metrics})
+        self.backend.barrier()
         return metrics
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         record = {"step": self.step, **record}
         with (self.run_dir / "log.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -363,8 +374,31 @@ class Trainer:
                 if isinstance(v, (int, float)) and k != "step":
                     self.writer.add_scalar(prefix + k, v, self.step)
 
+    def _sum_counters(self) -> None:
+        """Add every rank's newly skipped unreadable samples to the (then identical) counters; collective."""
+        new = self.backend.sum(torch.tensor([float(self._new_skipped)], dtype=torch.float64))
+        self.counters["skipped_samples"] += int(new.item())
+        self._new_skipped = 0
+
+    def _log_train(self, window: dict[str, list[float]], samples: int, seconds: float) -> None:
+        """Means over the window and the ranks, throughput over all ranks; a collective call."""
+        keys = sorted(window)
+        local = [samples] + [sum(window[k]) / len(window[k]) for k in keys]
+        total = self.backend.sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        self._sum_counters()
+        record = {"event": "train", "lr": lr_at(self.cfg, self.step - 1), "samples_per_s": total[0] / seconds,
+                  **{k: v / self.backend.world for k, v in zip(keys, total[1:])}, **self.counters}
+        tokens = getattr(self.task, "tokens_per_sample", 0)
+        if tokens:
+            record["tokens_per_s"] = record["samples_per_s"] * tokens
+        scale = self.backend.loss_scale()
+        if scale is not None:
+            record["loss_scale"] = scale
+        self._log(record)
+
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
-        """Train to `cfg.steps` (or stop early at `stop_at`, as a crash would); returns the last eval."""
+        """Train to `cfg.steps` (or stop early at `stop_at`, as a crash would); returns the last eval
+        (on rank 0; {} elsewhere). Every rank runs it: logging, evaluation and saving are collective."""
         from tqdm.auto import tqdm
 
         cfg, end = self.cfg, min(self.cfg.steps, stop_at or self.cfg.steps)
@@ -373,34 +407,47 @@ class Trainer:
         window: dict[str, list[float]] = {}
         samples, t0 = 0, time.perf_counter()
         eval_metrics: dict[str, float] = {}
+        self._log({"event": "start", "effective_batch_size": self.global_batch, "world_size": self.backend.world,
+                   "grad_accum": cfg.grad_accum, "backend": self.backend.name})
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True)
         while self.step < end:
-            batch = next(batches)
-            self.counters["skipped_samples"] += int(batch.pop("skipped", 0))
-            if not any(isinstance(v, Tensor) and v.shape[0] for v in batch.values()):
-                continue  # every sample of this batch was unreadable
-            metrics = self.train_step(batch)
+            metrics, n = self.train_step(batches)
             self.step += 1
+            self.data_position += self.global_batch
             bar.update(1)
             if metrics is not None:
-                samples += next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
+                samples += n
                 for k, v in metrics.items():
                     window.setdefault(k, []).append(v)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
             if self.step % cfg.log_every == 0 or self.step == end:
-                dt = time.perf_counter() - t0
-                means = {k: sum(v) / len(v) for k, v in window.items()}
-                self._log({"event": "train", "lr": lr_at(cfg, self.step - 1), "samples_per_s": samples / dt,
-                           **means, **self.counters})
+                self._log_train(window, samples, time.perf_counter() - t0)
                 window, samples, t0 = {}, 0, time.perf_counter()
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 eval_metrics = self.evaluate()
-                bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
+                if self.is_main:
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
             if self.step % cfg.save_every == 0 or self.step == end:
                 self.save()
         bar.close()
+        self._check_ranks_agree()
         if self.counters["skipped_samples"]:
             log.warning("%d unreadable samples were skipped in this run", self.counters["skipped_samples"])
         if self.writer is not None:
             self.writer.flush()
         return eval_metrics
+
+    def _check_ranks_agree(self) -> None:
+        spread = self.backend.weight_spread()
+        if spread is None:
+            return
+        self._log({"event": "ranks", "world_size": self.backend.world, "weight_spread": spread})
+        if spread > 0:
+            log.warning("the ranks' weights differ (largest difference of a parameter sum: %.3g)", spread)
+
+    def close(self) -> None:
+        """Flush the logs and leave the process group (so a launcher sees a clean exit)."""
+        if self.writer is not None:
+            self.writer.close()
+        with contextlib.suppress(Exception):
+            self.backend.close()

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dalle.attention import attend, layer_kinds
+from dalle.attention import attend, dense_mask, layer_kinds
 
 
 @dataclass(frozen=True)
@@ -217,3 +217,14 @@ class DALLE(nn.Module):
         slot = cache.length - self.config.text_seq_len  # image slot this token occupies
         x = self.image_emb(token)[:, None] + self.image_pos(slot, 1)
         return self.image_head(self.backbone(x, cache)[:, -1])
+
+
+def training_flops_per_token(cfg: DALLEConfig) -> tuple[float, float]:
+    """Training FLOPs (forward + backward) per token: (matmuls, attention). 6 per matmul weight (2 forward,
+    4 backward; embeddings are lookups), and 12·d per visible (query, key) pair of each layer's mask
+    (QK^T and AV, forward and backward), averaged over the stream. Recomputing activations adds a forward."""
+    d = cfg.n_embd
+    matmul = cfg.n_layer * (4 + 2 * cfg.mlp_ratio) * d * d + d * (cfg.text_vocab_total + cfg.image_vocab_size)
+    kinds = layer_kinds(cfg.n_layer, cfg.attn_schedule)
+    pairs = {k: int(dense_mask(k, cfg.text_seq_len, cfg.image_grid, cfg.conv_kernel).sum()) for k in set(kinds)}
+    return 6.0 * matmul, 12.0 * d * sum(pairs[k] for k in kinds) / cfg.seq_len

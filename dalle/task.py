@@ -126,6 +126,7 @@ class DALLETask:
                              f" of {cfg.image_vocab_size}")
         self.model, self.objective, self.tokenizer, self.dvae = model, objective, tokenizer, dvae
         self.dvae_path = dvae_path
+        self.tokens_per_sample = cfg.seq_len  # text + image slots: what tokens/s in the logs counts
         model.gradient_checkpointing = objective.gradient_checkpointing
         model.set_attention_backend(objective.attn_backend)
         self.train = captioned(train, tokenizer, cfg.text_seq_len, objective, True)
