@@ -23,7 +23,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from dalle.cli import resolve_device
+from dalle.cli import add_sampling_flags, resolve_device
 from dalle.data.transforms import EvalTransform, to_rgb
 from dalle.pipeline import DEFAULT_MODEL, generate, load_pipeline, prime_codes, score
 from dalle.rerank import best
@@ -46,9 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(0: 4 x --num-images when the model has a reranker, else --num-images)")
     p.add_argument("--batch-size", type=int, default=16, help="images sampled together")
     p.add_argument("--seed", type=int, default=0, help="candidate c of each prompt uses seed SEED + c")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    add_sampling_flags(p)
     p.add_argument("--cond-scale", type=float, default=1.0,
                    help="classifier-free guidance scale (1.0: off; 3.0 is a common choice)")
     p.add_argument("--prime-image", default="", help="image whose top rows of codes are kept (image-to-image)")

@@ -50,6 +50,13 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The sampling flags generate.py and the evaluation tools share."""
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+
+
 def resolve_device(name: str) -> str:
     """The device for this process: under a launcher, "auto" and "cuda" mean this rank's own GPU."""
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -36,7 +36,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from dalle.cli import resolve_device
+from dalle.cli import add_sampling_flags, resolve_device
 from dalle.data.transforms import EvalTransform, to_rgb
 from dalle.evaluation.fid import (
     INCEPTION_WEIGHTS,
@@ -178,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="Gaussian blur radii applied to both sets (paper Fig. 9a); 0 is plain FID")
     p.add_argument("--candidates", type=int, default=1, help="images sampled per caption; the reranker keeps one")
     p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    add_sampling_flags(p)
     p.add_argument("--seed", type=int, default=0, help="data seed and base sampling seed")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling and feature batch")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")

@@ -31,7 +31,7 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from dalle.cli import resolve_device
+from dalle.cli import add_sampling_flags, resolve_device
 from dalle.evaluation.compositional import Prompt, score_images, shapes_prompts, summarise, to_uint8
 from dalle.pipeline import DEFAULT_MODEL, Pipeline, generate, load_pipeline, score
 
@@ -133,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, nargs="+", default=[1, 8, 32],
                    help="report the reranker's best of the first k samples for each k (1: no reranking)")
     p.add_argument("--cond-scale", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to compare")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    add_sampling_flags(p)
     p.add_argument("--seed", type=int, default=0, help="data seed of the prompts, and base seed of the samples")
     p.add_argument("--batch-size", type=int, default=64, help="images sampled together")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
