@@ -50,6 +50,15 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def start(parser: argparse.ArgumentParser, schema: dict[str, type], argv: list[str] | None
+          ) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """What every training tool does first: parse the flags, set up logging and threads, load the config."""
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    apply_threads(args.threads)
+    return args, load_sections(args, schema)
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """The sampling flags generate.py and the evaluation tools share."""
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout
 import torch
 from torch.utils.data import Dataset
 
-from dalle.cli import apply_threads, load_sections, resolve_device, setup_logging, training_parser
+from dalle.cli import resolve_device, start, training_parser
 from dalle.data.sources import DataConfig
 from dalle.engine import TrainConfig, Trainer, matrix_decay_groups
 from dalle.model import DALLE, DALLEConfig, training_flops_per_token
@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = training_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the figures here too (rank 0)")
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timing (compilation)")
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    apply_threads(args.threads)
-    cfg = load_sections(args, SECTIONS)
+    args, cfg = start(parser, SECTIONS, argv)
     device = resolve_device(args.device)
     task = SyntheticTask(DALLE(cfg["model"]), cfg["objective"])
     trainer = Trainer(task, cfg["train"], args.out, device=device, resume="never", progress=not args.no_progress,

@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dalle.cli import apply_threads, load_sections, run_training, setup_logging, training_parser
+from dalle.cli import run_training, start, training_parser
 from dalle.clip import CLIP, CLIPConfig
 from dalle.clip_task import CLIPInputs, CLIPObjective, CLIPTask
 from dalle.data.sources import DataConfig, build_dataset
@@ -29,10 +29,7 @@ SECTIONS = {"model": CLIPConfig, "objective": CLIPObjective, "train": TrainConfi
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = training_parser(__doc__.split("\n\n")[0]).parse_args(argv)
-    setup_logging(args.log_level)
-    apply_threads(args.threads)
-    cfg = load_sections(args, SECTIONS)
+    args, cfg = start(training_parser(__doc__.split("\n\n")[0]), SECTIONS, argv)
     inputs: CLIPInputs = cfg["inputs"]
     if not inputs.tokenizer:
         raise SystemExit("inputs.tokenizer is not set: train one with tools/train_bpe.py and point to it")

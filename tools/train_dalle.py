@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dalle.checkpoint import load_pretrained, resolve_model_dir
-from dalle.cli import apply_threads, load_sections, resolve_device, run_training, setup_logging, training_parser
+from dalle.cli import resolve_device, run_training, start, training_parser
 from dalle.data.sources import DataConfig, build_dataset
 from dalle.engine import TrainConfig
 from dalle.model import DALLE, DALLEConfig
@@ -30,10 +30,7 @@ SECTIONS = {"model": DALLEConfig, "objective": DALLEObjective, "train": TrainCon
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = training_parser(__doc__.split("\n\n")[0]).parse_args(argv)
-    setup_logging(args.log_level)
-    apply_threads(args.threads)
-    cfg = load_sections(args, SECTIONS)
+    args, cfg = start(training_parser(__doc__.split("\n\n")[0]), SECTIONS, argv)
     inputs: DALLEInputs = cfg["inputs"]
     if not inputs.tokenizer:
         raise SystemExit("inputs.tokenizer is not set: train one with tools/train_bpe.py and point to it")

@@ -15,7 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dalle.cli import apply_threads, load_sections, run_training, setup_logging, training_parser
+from dalle.cli import run_training, start, training_parser
 from dalle.data.sources import DataConfig, build_dataset
 from dalle.engine import TrainConfig
 from dvae.model import DiscreteVAE, DVAEConfig
@@ -25,11 +25,7 @@ SECTIONS = {"model": DVAEConfig, "objective": DVAEObjective, "train": TrainConfi
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = training_parser(__doc__.split("\n\n")[0])
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    apply_threads(args.threads)
-    cfg = load_sections(args, SECTIONS)
+    args, cfg = start(training_parser(__doc__.split("\n\n")[0]), SECTIONS, argv)
     model_cfg: DVAEConfig = cfg["model"]
     train = build_dataset(cfg["data"], "train", model_cfg.image_size, "dvae")
     val = build_dataset(cfg["data"], "val", model_cfg.image_size, "eval")
