@@ -124,6 +124,26 @@ def _dense_mask(kind: str, text_len: int, grid: int, kernel: int, device: torch.
 
 
 @functools.lru_cache(maxsize=64)
+def _additive_mask(kind: str, text_len: int, grid: int, kernel: int, device: torch.device,
+                   dtype: torch.dtype) -> Tensor:
+    mask = _dense_mask(kind, text_len, grid, kernel, device)
+    return torch.zeros(mask.shape, device=device, dtype=dtype).masked_fill(~mask, float("-inf"))  # (L, L)
+
+
+# Half-precision attention on the CPU: below this many scores per layer, two batched matmuls beat the
+# fused kernel, whose bf16 backward is slow on CPUs (fwd+bwd at 8 x 8 heads x 288 tokens: 15 ms vs 36 ms).
+_CPU_MATH_MAX_SCORES = 2**25
+
+
+def _math_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    b, h, lq, d = q.shape
+    scores = torch.baddbmm(bias.expand(b * h, lq, k.shape[2]), q.reshape(b * h, lq, d),
+                           k.reshape(b * h, -1, d).transpose(1, 2), alpha=d**-0.5)  # (B*H, Lq, Lk)
+    y = torch.bmm(scores.softmax(dim=-1), v.reshape(b * h, -1, v.shape[-1]))  # (B*H, Lq, Dv)
+    return y.view(b, h, lq, -1)
+
+
+@functools.lru_cache(maxsize=64)
 def _block_mask(kind: str, text_len: int, grid: int, kernel: int, length: int, device: torch.device) -> BlockMask:
     # The pattern does not depend on the length, so a prefix of the stream just asks for a smaller mask.
     fn = mask_mod(kind, text_len, grid, kernel)
@@ -191,11 +211,22 @@ def attend(
         block_mask = _block_mask(kind, text_len, grid, kernel, lq, q.device)
         fn = _compiled_flex() if q.is_cuda else flex_attention
         return fn(q, k, v, block_mask=block_mask)  # (B, H, Lq, Dv)
+    if (full_seq and not q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[0] * q.shape[1] * lq * lk <= _CPU_MATH_MAX_SCORES):
+        bias = _additive_mask(kind, text_len, grid, kernel, q.device, q.dtype)[:lq, :lk]
+        return _math_attention(q, k, v, bias)  # (B, H, Lq, Dv)
     if kind == "full" and full_seq:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, Lq, Dv)
+    mask = dense_mask(kind, text_len, grid, kernel, q.device)[q_offset : q_offset + lq, :lk]  # (Lq, Lk)
+    if lq == 1 and not q.is_cuda:
+        # One decoding step: the fused CPU kernel's tiling costs about twice the two small matmuls it
+        # replaces when there is a single query (tools/bench.py, gen:cached).
+        scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, 1, Lk)
+        if kind != "full":  # the newest query may read every cached key under the full mask
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)  # (B, H, 1, Dv)
     if kind == "full" and lq == 1:  # the newest query reads the whole cache
         return F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, Dv)
-    mask = dense_mask(kind, text_len, grid, kernel, q.device)[q_offset : q_offset + lq, :lk]  # (Lq, Lk)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dv)
 
 

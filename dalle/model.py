@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -65,13 +66,26 @@ class DALLEConfig:
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, (B, H, L, D) each; `length` slots are filled."""
+    """Preallocated keys and values of every layer, (B, H, L, D) each; `length` slots are filled.
+
+    Separate key and value buffers keep (B, H) mergeable into one batch dimension, so the attention
+    matmuls of a decoding step read the cache in place (one buffer holding both copied it each step)."""
 
     def __init__(self, cfg: DALLEConfig, batch: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch, cfg.n_head, cfg.seq_len, cfg.n_embd // cfg.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.length = 0
+
+
+def _row_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """layer(x) for a few rows x (M, i) -> (M, o), as W @ x^T: for M <= 8 on this CPU's MKL that GEMM
+    shape runs about twice as fast as x @ W^T (tools/bench.py, gen:cached)."""
+    if layer.in_features > layer.out_features:  # a long reduction (the MLP's second layer): x @ W^T wins
+        return F.linear(x, layer.weight, layer.bias)
+    if layer.bias is None:
+        return torch.mm(layer.weight, x.t()).t()
+    return torch.addmm(layer.bias[:, None], layer.weight, x.t()).t()  # (o, M) -> (M, o)
 
 
 class Attention(nn.Module):
@@ -96,6 +110,21 @@ class Attention(nn.Module):
                    kernel=self.cfg.conv_kernel, backend=self.backend, q_offset=offset)  # (B, H, l, D)
         return self.proj(y.transpose(1, 2).reshape(b, l, d))
 
+    def step(self, x: Tensor, cache: KVCache, layer: int, mask: Tensor | None) -> Tensor:
+        """One decoding step, (B, d) -> (B, d): the newest slot's query against the cache. `mask` (Lk,) marks
+        the cached keys the layer's pattern lets it read (None: all of them)."""
+        b, d = x.shape
+        h, pos = self.cfg.n_head, cache.length
+        q, k, v = _row_linear(self.qkv, x).reshape(b, 3, h, 1, d // h).unbind(1)  # 3 x (B, H, 1, D)
+        cache.k[layer][:, :, pos : pos + 1] = k
+        cache.v[layer][:, :, pos : pos + 1] = v
+        keys, values = cache.k[layer][:, :, : pos + 1], cache.v[layer][:, :, : pos + 1]
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * (d // h) ** -0.5  # (B, H, 1, Lk)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        y = torch.matmul(scores.softmax(dim=-1), values)  # (B, H, 1, D)
+        return _row_linear(self.proj, y.reshape(b, d))
+
 
 class Block(nn.Module):
     def __init__(self, cfg: DALLEConfig, kind: str) -> None:
@@ -109,6 +138,13 @@ class Block(nn.Module):
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         x = x + self.drop(self.attn(self.ln1(x), cache, layer))
         return x + self.drop(self.mlp(self.ln2(x)))
+
+    def step(self, x: Tensor, cache: KVCache, layer: int, mask: Tensor | None) -> Tensor:  # (B, d) -> (B, d)
+        """`forward` for one new slot in inference: the same computation without module and dropout
+        overheads, which at batch 4 and d=256 cost as much as the arithmetic."""
+        fc1, act, fc2 = self.mlp
+        x = x + self.attn.step(self.ln1(x), cache, layer, mask)
+        return x + _row_linear(fc2, act(_row_linear(fc1, self.ln2(x))))
 
 
 class DALLE(nn.Module):
@@ -214,9 +250,18 @@ class DALLE(nn.Module):
     @torch.no_grad()
     def decode_step(self, token: Tensor, cache: KVCache) -> Tensor:
         """Feed image token (B,) into the next slot; returns the logits (B, Vi) for the token after it."""
-        slot = cache.length - self.config.text_seq_len  # image slot this token occupies
-        x = self.image_emb(token)[:, None] + self.image_pos(slot, 1)
-        return self.image_head(self.backbone(x, cache)[:, -1])
+        cfg, pos = self.config, cache.length
+        if pos >= cfg.seq_len:
+            raise RuntimeError(f"the cache is full ({pos} of {cfg.seq_len} slots): no image slot is left")
+        slot = pos - cfg.text_seq_len  # image slot this token occupies
+        x = self.image_emb(token) + self.row_pos[slot // cfg.image_grid] + self.col_pos[slot % cfg.image_grid]
+        for i, block in enumerate(self.blocks):
+            kind = block.attn.kind
+            mask = None if kind == "full" else \
+                dense_mask(kind, cfg.text_seq_len, cfg.image_grid, cfg.conv_kernel, x.device)[pos, : pos + 1]
+            x = block.step(x, cache, i, mask)
+        cache.length += 1
+        return _row_linear(self.image_head, self.ln_f(x))
 
 
 def training_flops_per_token(cfg: DALLEConfig) -> tuple[float, float]:

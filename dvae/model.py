@@ -187,11 +187,13 @@ class DiscreteVAE(nn.Module):
     def pixel_stats(self, z: Tensor) -> Tensor:  # (B, V, h, w) -> (B, 2C, H, W)
         return self.decoder(z)
 
-    def stats_to_images(self, stats: Tensor) -> Tensor:
+    def stats_to_images(self, stats: Tensor, clamp: bool = True) -> Tensor:
         mu = stats[:, : self.config.input_channels].float()
         if self.config.loss == "logit_laplace":
-            return unmap_pixels(torch.sigmoid(mu))
-        return mu.clamp(0, 1)
+            x = (torch.sigmoid(mu) - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)
+        else:
+            x = mu
+        return x.clamp(0, 1) if clamp else x
 
     def forward(
         self, images: Tensor, temperature: float, generator: torch.Generator | None = None

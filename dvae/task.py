@@ -17,7 +17,15 @@ from torch.utils.data import Dataset
 
 from dalle.data.sources import eval_batches
 from dvae import schedules
-from dvae.losses import codebook_usage, kl_to_uniform, logit_laplace_nll, mse_loss, psnr, usage_kl_to_uniform
+from dvae.losses import (
+    codebook_usage,
+    gradient_difference_loss,
+    kl_to_uniform,
+    logit_laplace_nll,
+    mse_loss,
+    psnr,
+    usage_kl_to_uniform,
+)
 from dvae.model import DiscreteVAE
 
 if TYPE_CHECKING:
@@ -34,6 +42,7 @@ class DVAEObjective:
     kl_steps: int = 5_000
     usage_weight: float = 0.0  # weight of the codebook-usage term (0 in the paper; see losses.usage_kl_to_uniform)
     usage_hard: bool = False  # usage term over straight-through argmax codes instead of the mean softmax
+    edge_weight: float = 0.0  # weight of the gradient-difference term (0 in the paper; see losses)
     eval_images: int = 1024  # held-out images for PSNR and codebook statistics
     grid_images: int = 16  # originals over reconstructions in the saved grid
     channels_last: bool = True  # about 2x faster convolutions on CPUs with bf16 autocast
@@ -77,6 +86,10 @@ class DVAETask:
             usage = usage_kl_to_uniform(logits, images[0].numel(), hard=self.objective.usage_hard)
             loss = loss + self.objective.usage_weight * usage
             metrics["usage_kl"] = usage.item()
+        if self.objective.edge_weight:
+            edge = gradient_difference_loss(images, model.stats_to_images(stats, clamp=False))
+            loss = loss + self.objective.edge_weight * edge
+            metrics["edge"] = edge.item()
         return loss, metrics
 
     def evaluate(self, model: nn.Module, step: int, sink: EvalSink) -> dict[str, float]:

@@ -173,6 +173,25 @@ def test_cached_decoding_equals_full_sequence(kind):
     torch.testing.assert_close(chunk, full[:, :, 5:9], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_precision_cpu_path_matches_fp32(kind):
+    # bf16 on the CPU takes two batched matmuls with an additive mask instead of the fused kernel.
+    q, k, v = (t.requires_grad_() for t in qkv(19))
+    geometry = dict(kind=kind, text_len=3, grid=G, kernel=3)
+    ref = attend(q, k, v, **geometry)
+    ref.square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    half = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    out = attend(*half, **geometry)
+    out.float().square().sum().backward()
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    for h, g in zip(half, grads):
+        torch.testing.assert_close(h.grad.float(), g, atol=5e-2, rtol=5e-2)
+    # and a prefix of the stream (a prompt without image tokens yet)
+    torch.testing.assert_close(attend(*(t[:, :, :5] for t in half), **geometry).float(), ref[:, :, :5].detach(),
+                               atol=3e-2, rtol=3e-2)
+
+
 def test_sdpa_backward_runs():
     q, k, v = (t.requires_grad_() for t in qkv(19))
     attend(q, k, v, kind="conv", text_len=3, grid=G, kernel=3, backend="auto").sum().backward()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle.config import from_dict, load_yaml
+from dalle.config import apply_overrides, from_dict, load_yaml
 from dalle.data.sources import DataConfig
 from dalle.engine import TrainConfig
 from dalle.model import DALLE, DALLEConfig
@@ -47,3 +47,12 @@ def test_dalle_configs(path):
         text = cfg.text_vocab_size + torch.arange(cfg.text_seq_len)[None]
         image = torch.zeros(1, cfg.image_seq_len, dtype=torch.long)
         assert model(text, image)[1].shape == (1, cfg.image_seq_len, cfg.image_vocab_size)
+
+
+def test_overrides_parse_numbers_as_numbers():
+    # YAML 1.1 reads "3e-3" (no dot) as a string; a float field must still get the number.
+    data = apply_overrides({"train": {"lr": 1.0e-3}}, ["train.lr=3e-3", "train.steps=7", "train.betas=[0.9, 0.95]"])
+    cfg = from_dict(TrainConfig, data["train"], "train")
+    assert cfg.lr == 3e-3 and cfg.steps == 7 and cfg.betas == (0.9, 0.95)
+    with pytest.raises(ValueError, match=r"train\.lr: expected a number, got 'fast'"):
+        from_dict(TrainConfig, {"lr": "fast"}, "train")

@@ -97,6 +97,32 @@ def test_tiny_model_overfits_one_batch():
     assert loss.item() < 0.1 * first
 
 
+def _loss_curve(precision, steps=40):
+    torch.manual_seed(0)
+    model = DALLE(dataclasses.replace(CFG, attn_schedule="paper")).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    text, image = batch(4)
+    curve = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            tl, il = model(text, image)
+            loss = F.cross_entropy(tl.flatten(0, 1).float(), text.flatten()) / 8 + 7 * F.cross_entropy(
+                il.flatten(0, 1).float(), image.flatten()) / 8
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        curve.append(loss.item())
+    return torch.tensor(curve)
+
+
+def test_bf16_autocast_training_follows_the_fp32_loss_curve():
+    # The training engine's bf16 precision is exactly this autocast; its speed-up is only worth having if
+    # the model still learns the same thing.
+    fp32, bf16 = _loss_curve("fp32"), _loss_curve("bf16")
+    assert bf16[-1] < 0.5 * bf16[0]  # it learns at all
+    assert ((bf16 - fp32).abs() / fp32).max() < 0.1
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     model = model_for().train()
     text, image = batch(2)

@@ -5,7 +5,7 @@ import torch
 
 from dalle.config import from_dict, load_yaml
 from dvae import schedules
-from dvae.losses import codebook_usage, kl_to_uniform, logit_laplace_nll, psnr
+from dvae.losses import codebook_usage, gradient_difference_loss, kl_to_uniform, logit_laplace_nll, psnr
 from dvae.model import DiscreteVAE, DVAEConfig, map_pixels, unmap_pixels
 
 TINY = DVAEConfig(image_size=32, downsample=4, vocab_size=64, n_hid=8, n_blk_per_group=1, n_init=16)
@@ -128,3 +128,12 @@ def test_usage_term_soft_and_hard():
     assert hard.item() == pytest.approx(math.log(16) * 4 / dims, rel=1e-5)  # all mass on one code
     hard.backward()
     assert logits.grad[:, 0].sum() > 0  # pushes the over-used code down
+
+
+def test_gradient_difference_loss_against_hand_computation():
+    x = torch.zeros(1, 1, 2, 3)
+    x[..., 0, 1] = 1.0  # one bright pixel: differences +1/-1 along the row, -1 down its column
+    y = torch.zeros_like(x)
+    # horizontal differences of x: [[1, -1], [0, 0]] -> mean square 2/4; vertical: [[0, -1, 0]] -> 1/3
+    assert gradient_difference_loss(x, y).item() == pytest.approx(0.5 + 1 / 3)
+    assert gradient_difference_loss(x, x + 0.3).item() == pytest.approx(0.0, abs=1e-12)  # same edges

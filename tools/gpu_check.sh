@@ -5,6 +5,9 @@
 #      synthetic tokens for 30 steps with DeepSpeed ZeRO-2, through the same engine as tools/train_dalle.py;
 #   3. the same in fp16 with DeepSpeed's dynamic loss scaling started at 2^24, so it must overflow, skip
 #      steps, lower the scale until steps apply again, and raise it after 5 clean steps (recovery).
+#   4. FlexAttention block-sparse vs dense SDPA for the row, column and conv masks at 1280 tokens
+#      (forward + backward, bf16), and cached generation of 16 images at 256 + 1024 tokens with the
+#      bench-300m model in bf16 (tools/bench.py, cases gpu:attention and gpu:generate).
 # Figures (tokens/s, MFU, peak memory, the scaler's record) are appended to benchmarks/RESULTS.md with
 # the date and the card's name. Exit status 1 when a run fails or fp16 does not skip and recover.
 #
@@ -56,6 +59,10 @@ train() {  # precision, DeepSpeed JSON
 train bf16 configs/deepspeed/zero2_bf16.json
 train fp16 "$OUT/zero2_fp16_check.json"
 
+echo "== attention and generation"
+timeout 240 "$PY" tools/bench.py --cases gpu:attention,gpu:generate --max-wait 0 --json "$OUT/gpu-bench.json" \
+    --markdown "$OUT/gpu-bench.md"
+
 echo "== report"
 "$PY" - "$OUT" "$STEPS" <<'PYEOF'
 import datetime, json, math, sys
@@ -85,6 +92,10 @@ for name, r in runs.items():
 lines += ["", f"fp16 loss scale per step: {' '.join(f'2^{math.log2(s):.0f}' for s in scales)}",
           f"fp16 overflow steps skipped and recovered: {'yes' if ok else 'NO'} "
           f"(skips then applied steps: {skipped_then_applied}; scale raised again after its low: {raised_again})", ""]
+gpu = json.loads((out / "gpu-bench.json").read_text())["ours"]
+lines += ["`tools/bench.py --cases gpu:attention,gpu:generate` (medians):", "",
+          (out / "gpu-bench.md").read_text(), ""]
+ok = ok and all("error" not in r for r in gpu.values())
 text = "\n".join(lines)
 print(text)
 results = Path("benchmarks/RESULTS.md")
