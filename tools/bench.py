@@ -449,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads in every case (the peer's figures use 2)")
     p.add_argument("--max-wait", type=float, default=30.0,
                    help="seconds to wait for other processes to go quiet before each timed run (0: never)")
-    p.add_argument("--compare-peer", action="store_true", help="also run the peer's cases, interleaved with ours")
+    p.add_argument("--compare-peer", action="store_true",
+                   help="also run the peer's cases, each right before the case of ours it is compared with")
     p.add_argument("--peer-python", default=os.path.expanduser("~/.cache/dalle-peer-venv/bin/python"),
                    help="python of the peer's venv (benchmarks/peer/setup_venv.sh builds it)")
     p.add_argument("--peer-cases", default=",".join(PEER_CASES), help="peer cases to run with --compare-peer")
