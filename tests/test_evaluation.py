@@ -59,6 +59,15 @@ def test_detector_reports_what_it_sees():
         detect(np.zeros((64, 32, 3), dtype=np.uint8))
 
 
+def test_detector_survives_colours_between_the_palette_entries():
+    # A generated image may paint an object in a blend no palette colour explains; the detector found
+    # the object but then had no pixel to measure it by, and crashed the whole evaluation.
+    img = np.full((64, 64, 3), 64, np.uint8)
+    img[20:40, 20:40] = (185, 32, 117)  # halfway between red and purple, on dark grey
+    found = detect(img)
+    assert len(found) == 1 and found[0].position == "centre" and found[0].extent == 20
+
+
 def test_frechet_distance_matches_pytorch_fid():
     from pytorch_fid.fid_score import calculate_frechet_distance
 

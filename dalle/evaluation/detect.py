@@ -166,6 +166,9 @@ def detect(image: np.ndarray, min_area_frac: float = 0.004) -> list[Detected]:
         local[window] = np.clip((dy * cy * _YCC_W).sum(-1) / max(float((cy * cy * _YCC_W).sum()), 1e-6), 0, 1)
         local[window] *= (labels[window] == lab) | (labels[window] == 0)  # not a neighbour's pixels
         ys, xs = np.nonzero(local >= 0.5)
+        if not len(xs):  # a blend of palette colours that no one colour explains: keep the component
+            local[window] = np.maximum(local[window], comp[window])
+            ys, xs = np.nonzero(comp)
         x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         shape, iou, extent = classify_shape(local, cx, cy, float(max(x1 - x0, y1 - y0)))
