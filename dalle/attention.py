@@ -143,6 +143,16 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     return y.view(b, h, lq, -1)
 
 
+def attend_newest(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """One decoding step on the CPU: the newest slot's query (B, H, 1, D) against the cached keys and values
+    (B, H, Lk, D); mask (Lk,) or (1, Lk) marks the keys the layer's pattern reads (None: all). The fused
+    CPU kernel's tiling costs about twice these two small matmuls for a single query (tools/bench.py)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, 1, Lk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)  # (B, H, 1, Dv)
+
+
 @functools.lru_cache(maxsize=64)
 def _block_mask(kind: str, text_len: int, grid: int, kernel: int, length: int, device: torch.device) -> BlockMask:
     # The pattern does not depend on the length, so a prefix of the stream just asks for a smaller mask.
@@ -218,13 +228,8 @@ def attend(
     if kind == "full" and full_seq:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, Lq, Dv)
     mask = dense_mask(kind, text_len, grid, kernel, q.device)[q_offset : q_offset + lq, :lk]  # (Lq, Lk)
-    if lq == 1 and not q.is_cuda:
-        # One decoding step: the fused CPU kernel's tiling costs about twice the two small matmuls it
-        # replaces when there is a single query (tools/bench.py, gen:cached).
-        scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, 1, Lk)
-        if kind != "full":  # the newest query may read every cached key under the full mask
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)  # (B, H, 1, Dv)
+    if lq == 1 and not q.is_cuda:  # under the full mask the newest query reads every cached key
+        return attend_newest(q, k, v, None if kind == "full" else mask)  # (B, H, 1, Dv)
     if kind == "full" and lq == 1:  # the newest query reads the whole cache
         return F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, Dv)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dv)

@@ -52,11 +52,11 @@ def from_dict(cls: type[T], values: dict[str, Any] | None, where: str = "") -> T
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         # YAML gives lists where the dataclass wants tuples (hashable, frozen).
-        hint = str(hints.get(name, ""))
-        if isinstance(value, list) and "tuple" in hint:
+        hint = hints.get(name)
+        if isinstance(value, list) and "tuple" in str(hint):
             values[name] = tuple(value)
         # YAML 1.1 reads 3e-4 (no dot) as a string; a float field takes it as the number it means.
-        elif isinstance(value, str) and hint in ("float", "<class 'float'>", "float | None"):
+        elif isinstance(value, str) and hint in (float, float | None):
             try:
                 values[name] = float(value)
             except ValueError:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dalle.attention import attend, dense_mask, layer_kinds
+from dalle.attention import attend, attend_newest, dense_mask, layer_kinds
 
 
 @dataclass(frozen=True)
@@ -119,11 +119,7 @@ class Attention(nn.Module):
         cache.k[layer][:, :, pos : pos + 1] = k
         cache.v[layer][:, :, pos : pos + 1] = v
         keys, values = cache.k[layer][:, :, : pos + 1], cache.v[layer][:, :, : pos + 1]
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * (d // h) ** -0.5  # (B, H, 1, Lk)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        y = torch.matmul(scores.softmax(dim=-1), values)  # (B, H, 1, D)
-        return _row_linear(self.proj, y.reshape(b, d))
+        return _row_linear(self.proj, attend_newest(q, keys, values, mask).reshape(b, d))
 
 
 class Block(nn.Module):

@@ -152,8 +152,9 @@ def map_pixels(x: Tensor, eps: float = LOGIT_LAPLACE_EPS) -> Tensor:
     return (1 - 2 * eps) * x + eps
 
 
-def unmap_pixels(x: Tensor, eps: float = LOGIT_LAPLACE_EPS) -> Tensor:
-    return ((x - eps) / (1 - 2 * eps)).clamp(0, 1)
+def unmap_pixels(x: Tensor, eps: float = LOGIT_LAPLACE_EPS, clamp: bool = True) -> Tensor:
+    x = (x - eps) / (1 - 2 * eps)
+    return x.clamp(0, 1) if clamp else x
 
 
 class DiscreteVAE(nn.Module):
@@ -190,10 +191,8 @@ class DiscreteVAE(nn.Module):
     def stats_to_images(self, stats: Tensor, clamp: bool = True) -> Tensor:
         mu = stats[:, : self.config.input_channels].float()
         if self.config.loss == "logit_laplace":
-            x = (torch.sigmoid(mu) - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)
-        else:
-            x = mu
-        return x.clamp(0, 1) if clamp else x
+            return unmap_pixels(torch.sigmoid(mu), clamp=clamp)
+        return mu.clamp(0, 1) if clamp else mu
 
     def forward(
         self, images: Tensor, temperature: float, generator: torch.Generator | None = None

@@ -166,13 +166,14 @@ def _trainer(schedule: str, precision: str, run_dir: str) -> tuple[Any, Any]:
     return trainer, cfg
 
 
-def _batches(cfg: Any, batch: int, seed: int = 0) -> Any:
-    import torch
+def _batch(cfg: Any, size: int, start: int = 0) -> dict[str, Any]:
+    """Samples start .. start + size - 1 of tools/bench_train.py's random tokens, as one batch."""
+    from torch.utils.data import default_collate
 
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        yield {"text": torch.randint(cfg.text_vocab_total, (batch, cfg.text_seq_len), generator=g),
-               "codes": torch.randint(cfg.image_vocab_size, (batch, cfg.image_seq_len), generator=g)}
+    from tools.bench_train import RandomTokens
+
+    data = RandomTokens(cfg)
+    return default_collate([data[i] for i in range(start, start + size)])
 
 
 def case_train(schedule: str, precision: str, warmup: int, runs: int) -> dict[str, Any]:
@@ -180,7 +181,7 @@ def case_train(schedule: str, precision: str, warmup: int, runs: int) -> dict[st
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer, cfg = _trainer(schedule, precision, tmp)
-        batch = next(_batches(cfg, trainer.cfg.batch_size))
+        batch = _batch(cfg, trainer.cfg.batch_size)
         fixed = iter(lambda: dict(batch), None)  # the same batch each step, as the peer's benchmark does
         losses: list[float] = []
         r = timed(lambda: losses.append(trainer.train_step(fixed)[0]["loss"]), warmup, runs)
@@ -196,7 +197,7 @@ def case_masks(precision: str, warmup: int, runs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {s: _trainer(s, precision, f"{tmp}/{s}")[0] for s in ("full", "paper")}
         cfg = trainers["full"].task.model.config
-        batch = next(_batches(cfg, trainers["full"].cfg.batch_size))
+        batch = _batch(cfg, trainers["full"].cfg.batch_size)
         walls: dict[str, list[float]] = {"full": [], "paper": []}
         for i in range(warmup + runs):
             for name, trainer in trainers.items():
@@ -213,13 +214,15 @@ def case_masks(precision: str, warmup: int, runs: int) -> dict[str, Any]:
 
 
 def case_parity(warmup: int, runs: int, steps: int = 40) -> dict[str, Any]:
+    import torch
+
     curves = {}
     for precision in ("fp32", "bf16"):
-        _setup(int(os.environ.get("BENCH_THREADS", "2")))
+        torch.manual_seed(0)  # both precisions start from the same weights
         with tempfile.TemporaryDirectory() as tmp:
             trainer, cfg = _trainer("full", precision, tmp)
-            data = _batches(cfg, trainer.cfg.batch_size, seed=1)
-            batches = [next(data) for _ in range(4)]  # a tiny set the model can start to memorise
+            n = trainer.cfg.batch_size
+            batches = [_batch(cfg, n, k * n) for k in range(4)]  # a tiny set the model can start to memorise
             stream = (dict(batches[i % 4]) for i in range(steps))
             curves[precision] = [trainer.train_step(stream)[0]["loss"] for _ in range(steps)]
             trainer.close()
@@ -358,8 +361,7 @@ def _subprocess_json(cmd: list[str], env: dict[str, str], marker: str) -> dict[s
 
 
 def run_ours(name: str, threads: int, max_wait: float) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENCH_THREADS": str(threads),
-           "BENCH_MAX_WAIT": str(max_wait)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENCH_MAX_WAIT": str(max_wait)}
     return _subprocess_json([sys.executable, __file__, "--case", name, "--threads", str(threads)], env, "@@BENCH@@")
 
 
