@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import importlib
 import itertools
 import json
@@ -33,6 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists, on purpose: its functions take `group=group.WORLD` as a
+# default evaluated at import, and a world group held that way (DeepSpeed imports the module after
+# initialising) outlives destroy_process_group into interpreter shutdown, where tearing down its gloo
+# threads can abort a finished run ("terminate called without an active exception").
+import torch.distributed.nn.functional  # noqa: F401
 from torch import Tensor, nn
 
 from dalle import checkpoint as ckpt
@@ -137,7 +144,11 @@ class Backend:
 
     def close(self) -> None:
         if dist.is_initialized():
+            self.barrier()  # no rank tears its group down while a peer is still inside a collective
             dist.destroy_process_group()
+        # A group object that outlives the interpreter's shutdown takes its gloo worker threads down with
+        # it, and the process aborts ("terminate called without an active exception") after a good run.
+        gc.collect()
 
 
 class PlainBackend(Backend):
@@ -372,6 +383,23 @@ class DeepSpeedBackend(Backend):
                                     itertools.chain(self.module.parameters(), self.module.buffers())):
                     dst.copy_(src)
         return full
+
+    def close(self) -> None:
+        # DeepSpeed's engine and optimizer and its `groups` module hold process groups; drop them while
+        # the interpreter is alive (deepspeed.comm's destroy releases the module's references).
+        if dist.is_initialized():
+            self.barrier()
+        engine = self.__dict__.pop("engine", None)
+        if engine is not None:
+            engine.destroy()
+        for name in ("optimizer", "forward_model"):
+            self.__dict__.pop(name, None)
+        del engine
+        if dist.is_initialized():
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()
+        gc.collect()
 
 
 def make_backend(device: torch.device, deepspeed: str | Path | None) -> PlainBackend | DeepSpeedBackend:

@@ -13,7 +13,6 @@ data position, the weights, the EMA and the optimizer state.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -449,5 +448,8 @@ class Trainer:
         """Flush the logs and leave the process group (so a launcher sees a clean exit)."""
         if self.writer is not None:
             self.writer.close()
-        with contextlib.suppress(Exception):
+        self.__dict__.pop("optimizer", None)  # the backend frees what it wraps only once nothing else holds it
+        try:
             self.backend.close()
+        except Exception as e:  # the run's checkpoints are already written; say so rather than hide it
+            log.warning("leaving the process group failed (%s: %s); the checkpoints are complete", type(e).__name__, e)

@@ -232,7 +232,7 @@ class DALLE(nn.Module):
         t = self.config.text_seq_len
         return self.text_head(h[:, :t]), self.image_head(h[:, t:])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, text: Tensor, image_prefix: Tensor, cache: KVCache) -> Tensor:
         """Run the prompt and any given image tokens through the cache; returns the image logits
         (B, Vi) for the next image token. image_prefix: (B, p) with 0 <= p < N."""
@@ -243,7 +243,7 @@ class DALLE(nn.Module):
             x = torch.cat([x, self.image_emb(image_prefix[:, -1:]) + self.image_pos(p, 1)], dim=1)
         return self.image_head(self.backbone(x, cache)[:, -1])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode_step(self, token: Tensor, cache: KVCache) -> Tensor:
         """Feed image token (B,) into the next slot; returns the logits (B, Vi) for the token after it."""
         cfg, pos = self.config, cache.length

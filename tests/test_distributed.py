@@ -142,6 +142,27 @@ def test_plain_back_end_never_imports_deepspeed(tmp_path):
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def test_deepspeed_run_releases_its_process_groups(tmp_path):
+    # A group still referenced when the interpreter shuts down takes its gloo threads with it and the
+    # process aborts after a good run ("terminate called without an active exception", exit -6).
+    args = ["--config", "configs/dvae/tiny.yaml", "--out", str(tmp_path), "--no-progress", "--set", "train.steps=2",
+            "--deepspeed", str(DS_CONFIGS / "zero1_bf16.json"), "--set", "train.precision=bf16"]
+    code = ("import gc, runpy, sys, weakref\nimport torch.distributed as dist\nrefs = []\n"
+            "new_group, init = dist.new_group, dist.init_process_group\n"
+            "def recording_new_group(*a, **k):\n    g = new_group(*a, **k)\n    refs.append(weakref.ref(g))\n"
+            "    return g\n"
+            "def recording_init(*a, **k):\n    init(*a, **k)\n    refs.append(weakref.ref(dist.group.WORLD))\n"
+            "dist.new_group, dist.init_process_group = recording_new_group, recording_init\n"
+            f"sys.argv = {['train_dvae.py', *args]!r}\n"
+            "try:\n    runpy.run_path('tools/train_dvae.py', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "gc.collect()\nassert refs, 'no process group was created'\n"
+            "alive = [r() for r in refs if r() is not None]\nassert not alive, f'still referenced: {alive}'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_estimate_plans_a_zero3_run(capsys):
     assert estimate.main(["--config", "configs/dalle/paper-12b.yaml", "--gpus", "64", "--zero", "3"]) == 0
     out = capsys.readouterr().out

@@ -137,3 +137,4 @@ def test_gradient_difference_loss_against_hand_computation():
     # horizontal differences of x: [[1, -1], [0, 0]] -> mean square 2/4; vertical: [[0, -1, 0]] -> 1/3
     assert gradient_difference_loss(x, y).item() == pytest.approx(0.5 + 1 / 3)
     assert gradient_difference_loss(x, x + 0.3).item() == pytest.approx(0.0, abs=1e-12)  # same edges
+
