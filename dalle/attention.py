@@ -145,8 +145,8 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
 
 def attend_newest(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """One decoding step on the CPU: the newest slot's query (B, H, 1, D) against the cached keys and values
-    (B, H, Lk, D); mask (Lk,) or (1, Lk) marks the keys the layer's pattern reads (None: all). The fused
-    CPU kernel's tiling costs about twice these two small matmuls for a single query (tools/bench.py)."""
+    (B, H, Lk, D); mask (Lk,) or (1, Lk) marks the keys the layer's pattern reads (None: all). Two small
+    matmuls: in whole decoding runs the fused CPU kernel was 3-4% slower (benchmarks/RESULTS.md, run 3)."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, 1, Lk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -178,12 +178,21 @@ class DiscreteVAE(nn.Module):
         x = map_pixels(images) if self.config.loss == "logit_laplace" else images
         return self.encoder(x)
 
-    def relax(self, logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
-        """Gumbel-softmax relaxation of the categorical posterior over the vocab (dim 1)."""
-        # -log(E) with E ~ Exponential(1) is Gumbel(0, 1) distributed.
-        e = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
-        gumbel = -e.exponential_(generator=generator).log()
-        return F.softmax((logits.float() + gumbel) / temperature, dim=1).to(logits.dtype)
+    def relax(self, logits: Tensor, temperature: float, generator: torch.Generator | None = None,
+              noise: float = 1.0, hard: bool = False) -> Tensor:
+        """Gumbel-softmax relaxation of the categorical posterior over the vocab (dim 1). `noise` scales
+        the gumbel noise (1: the paper's sampling, 0: none). `hard`: straight-through, the forward value
+        is the one-hot code of the sample and the gradient that of the soft relaxation."""
+        z = logits.float()
+        if noise:
+            # -log(E) with E ~ Exponential(1) is Gumbel(0, 1) distributed.
+            e = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
+            z = z - noise * e.exponential_(generator=generator).log()
+        soft = F.softmax(z / temperature, dim=1)
+        if hard:
+            one_hot = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
+            soft = one_hot + soft - soft.detach()
+        return soft.to(logits.dtype)
 
     def pixel_stats(self, z: Tensor) -> Tensor:  # (B, V, h, w) -> (B, 2C, H, W)
         return self.decoder(z)
@@ -195,11 +204,12 @@ class DiscreteVAE(nn.Module):
         return mu.clamp(0, 1) if clamp else mu
 
     def forward(
-        self, images: Tensor, temperature: float, generator: torch.Generator | None = None
+        self, images: Tensor, temperature: float, generator: torch.Generator | None = None, noise: float = 1.0,
+        hard: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Training pass: (B, 3, H, W) -> (logits (B, V, h, w), pixel stats (B, 2C, H, W))."""
         logits = self.logits(images)
-        return logits, self.pixel_stats(self.relax(logits, temperature, generator))
+        return logits, self.pixel_stats(self.relax(logits, temperature, generator, noise, hard))
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:  # (B, 3, H, W) in [0, 1] -> (B, h, w) int64

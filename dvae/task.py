@@ -42,6 +42,8 @@ class DVAEObjective:
     kl_steps: int = 5_000
     usage_weight: float = 0.0  # weight of the codebook-usage term (0 in the paper; see losses.usage_kl_to_uniform)
     usage_hard: bool = False  # usage term over straight-through argmax codes instead of the mean softmax
+    gumbel_noise: float = 1.0  # scale of the relaxation's gumbel noise (1: the paper; 0: none)
+    straight_through: bool = False  # decoder sees one-hot codes, encoder gets the soft gradient (not the paper)
     edge_weight: float = 0.0  # weight of the gradient-difference term (0 in the paper; see losses)
     eval_images: int = 1024  # held-out images for PSNR and codebook statistics
     grid_images: int = 16  # originals over reconstructions in the saved grid
@@ -76,7 +78,8 @@ class DVAETask:
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, float]]:
         images = self._images(batch)
         tau, beta = self.schedules(step)
-        logits, stats = model(images, tau)
+        logits, stats = model(images, tau, noise=self.objective.gumbel_noise,
+                              hard=self.objective.straight_through)
         cfg = model.config
         rec = logit_laplace_nll(images, stats) if cfg.loss == "logit_laplace" else mse_loss(images, stats)
         kl = kl_to_uniform(logits, images[0].numel())

@@ -138,3 +138,25 @@ def test_gradient_difference_loss_against_hand_computation():
     assert gradient_difference_loss(x, y).item() == pytest.approx(0.5 + 1 / 3)
     assert gradient_difference_loss(x, x + 0.3).item() == pytest.approx(0.0, abs=1e-12)  # same edges
 
+
+
+def test_relaxation_noise_and_straight_through():
+    model = DiscreteVAE(TINY)
+    logits = torch.randn(2, 64, 3, 3, requires_grad=True)
+    weights = torch.randn(2, 64, 3, 3)
+    # Without noise the relaxation is the tempered softmax of the logits, the same on every call.
+    quiet = model.relax(logits, 0.5, noise=0.0)
+    torch.testing.assert_close(quiet, torch.softmax(logits / 0.5, dim=1))
+    noisy = model.relax(logits, 0.5, torch.Generator().manual_seed(1))
+    assert not torch.allclose(noisy, quiet)
+    # Straight-through: the forward value is the one-hot code of the same sample, the gradient the soft one's.
+    hard = model.relax(logits, 0.7, torch.Generator().manual_seed(1), hard=True)
+    soft = model.relax(logits, 0.7, torch.Generator().manual_seed(1))
+    one_hot = torch.nn.functional.one_hot(soft.argmax(1), 64).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(hard.detach(), one_hot, rtol=0, atol=1e-6)
+    (g_hard,) = torch.autograd.grad((hard * weights).sum(), logits)
+    (g_soft,) = torch.autograd.grad((soft * weights).sum(), logits)
+    torch.testing.assert_close(g_hard, g_soft)
+    # What the decoder trains on is then exactly what it decodes from argmax codes at evaluation.
+    codes = model.relax(logits, 0.7, noise=0.0, hard=True).argmax(1)
+    assert torch.equal(codes, logits.argmax(1))
