@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dvae.model import LOGIT_LAPLACE_EPS, map_pixels
+from dvae.model import LOGIT_LAPLACE_EPS, map_pixels, straight_through
 
 
 def logit_laplace_nll(images: Tensor, stats: Tensor, eps: float = LOGIT_LAPLACE_EPS) -> Tensor:
@@ -73,8 +73,7 @@ def usage_kl_to_uniform(logits: Tensor, dims_per_image: int, hard: bool = False)
     """
     q = F.softmax(logits.float(), dim=1)  # (B, V, h, w)
     if hard:
-        one_hot = F.one_hot(q.argmax(dim=1), q.shape[1]).permute(0, 3, 1, 2).to(q.dtype)
-        q = one_hot - q.detach() + q
+        q = straight_through(q)
     mean_q = q.mean(dim=(0, 2, 3))  # (V,)
     kl = (mean_q * mean_q.clamp_min(1e-12).log()).sum() + math.log(logits.shape[1])
     return kl * logits.shape[2] * logits.shape[3] / dims_per_image

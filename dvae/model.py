@@ -157,6 +157,12 @@ def unmap_pixels(x: Tensor, eps: float = LOGIT_LAPLACE_EPS, clamp: bool = True) 
     return x.clamp(0, 1) if clamp else x
 
 
+def straight_through(soft: Tensor) -> Tensor:
+    """The one-hot argmax code over dim 1 in the forward pass, the gradient of `soft` in the backward."""
+    one_hot = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
+    return one_hot + soft - soft.detach()
+
+
 class DiscreteVAE(nn.Module):
     def __init__(self, cfg: DVAEConfig) -> None:
         super().__init__()
@@ -189,10 +195,7 @@ class DiscreteVAE(nn.Module):
             e = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
             z = z - noise * e.exponential_(generator=generator).log()
         soft = F.softmax(z / temperature, dim=1)
-        if hard:
-            one_hot = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
-            soft = one_hot + soft - soft.detach()
-        return soft.to(logits.dtype)
+        return (straight_through(soft) if hard else soft).to(logits.dtype)
 
     def pixel_stats(self, z: Tensor) -> Tensor:  # (B, V, h, w) -> (B, 2C, H, W)
         return self.decoder(z)
