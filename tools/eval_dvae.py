@@ -34,7 +34,7 @@ from dvae.task import reconstruction_metrics
 def detector_accuracy(model, n: int, seed: int, device: str) -> dict[str, float]:
     """Every attribute of every object, as the detector reads it from the reconstruction."""
     from dalle.data.shapes import make_sample
-    from dalle.evaluation.compositional import Prompt, score_images, summarise
+    from dalle.evaluation.compositional import Prompt, score_images, shape_accuracy_by_kind, summarise
 
     prompts, recs = [], []
     for i in range(n):
@@ -44,7 +44,8 @@ def detector_accuracy(model, n: int, seed: int, device: str) -> dict[str, float]
         prompts.append(Prompt(s.caption, dataclasses.replace(s, mentions=every)))
         image = torch.from_numpy(np.asarray(s.image).copy()).permute(2, 0, 1).float().div(255)[None].to(device)
         recs.append(model.decode(model.encode(image))[0].float().cpu())
-    return summarise(prompts, score_images(prompts, recs))["all"]
+    verdicts = score_images(prompts, recs)
+    return {**summarise(prompts, verdicts)["all"], "shape_by_kind": shape_accuracy_by_kind(prompts, verdicts)}
 
 
 def main(argv: list[str] | None = None) -> int:

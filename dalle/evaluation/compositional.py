@@ -72,3 +72,14 @@ def summarise(prompts: Sequence[Prompt], verdicts: Sequence[Verdict]) -> dict[st
         for kind in sorted(heldout_kinds(p.sample.scene)):
             groups.setdefault({"pair": "held-out pair", "triple": "held-out layout"}[kind], []).append(v)
     return {name: _figures(vs) for name, vs in groups.items()}
+
+
+def shape_accuracy_by_kind(prompts: Sequence[Prompt], verdicts: Sequence[Verdict]) -> dict[str, float]:
+    """Shape accuracy per "size shape" kind ("small star": 0.13, ...), over the objects whose caption
+    mentions the shape: where a decoder loses detail, it loses it on small, pointed shapes first."""
+    hits: dict[str, list[bool]] = {}
+    for p, v in zip(prompts, verdicts):
+        named = [o for o, m in zip(p.sample.scene.objects, p.sample.mentions) if "shape" in m]
+        for o, ok in zip(named, v.attributes.get("shape", [])):
+            hits.setdefault(f"{o.size} {o.shape}", []).append(ok)
+    return {k: float(np.mean(hits[k])) for k in sorted(hits)}
