@@ -139,7 +139,6 @@ def test_gradient_difference_loss_against_hand_computation():
     assert gradient_difference_loss(x, x + 0.3).item() == pytest.approx(0.0, abs=1e-12)  # same edges
 
 
-
 def test_relaxation_noise_and_straight_through():
     model = DiscreteVAE(TINY)
     logits = torch.randn(2, 64, 3, 3, requires_grad=True)

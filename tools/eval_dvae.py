@@ -31,8 +31,9 @@ from dvae.task import reconstruction_metrics
 
 
 @torch.no_grad()
-def detector_accuracy(model, n: int, seed: int, device: str) -> dict[str, float]:
-    """Every attribute of every object, as the detector reads it from the reconstruction."""
+def detector_accuracy(model, n: int, seed: int, device: str) -> dict[str, float | dict[str, float]]:
+    """Every attribute of every object, as the detector reads it from the reconstruction, and shape
+    accuracy per size and shape."""
     from dalle.data.shapes import make_sample
     from dalle.evaluation.compositional import Prompt, score_images, shape_accuracy_by_kind, summarise
 
