@@ -123,6 +123,15 @@ def _dense_mask(kind: str, text_len: int, grid: int, kernel: int, device: torch.
     return mask_mod(kind, text_len, grid, kernel)(zero, zero, idx[:, None], idx[None, :])  # (L, L)
 
 
+def additive_mask(
+    kind: str, text_len: int, grid: int, kernel: int = 11, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """(L, L) float mask: 0 where `dense_mask` is True, -inf elsewhere. Cached per arguments: do not modify."""
+    _check_geometry(kind, text_len, grid, kernel)
+    return _additive_mask(kind, text_len, grid, kernel, torch.device(device if device is not None else "cpu"), dtype)
+
+
 @functools.lru_cache(maxsize=64)
 def _additive_mask(kind: str, text_len: int, grid: int, kernel: int, device: torch.device,
                    dtype: torch.dtype) -> Tensor:
@@ -143,14 +152,19 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     return y.view(b, h, lq, -1)
 
 
-def attend_newest(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """One decoding step on the CPU: the newest slot's query (B, H, 1, D) against the cached keys and values
-    (B, H, Lk, D); mask (Lk,) or (1, Lk) marks the keys the layer's pattern reads (None: all). Two small
-    matmuls: in whole decoding runs the fused CPU kernel was 3-4% slower (benchmarks/RESULTS.md, run 3)."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, 1, Lk)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)  # (B, H, 1, Dv)
+def attend_newest(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """One decoding step: the newest slot's query (B, H, 1, D) against the cached keys and values (B, H, Lk, D);
+    bias (Lk,) is the query's row of `additive_mask` (0: the layer's pattern reads that key, -inf: it skips it).
+
+    One baddbmm scales the scores and adds the mask: three kernels where a separate scale and masked_fill
+    made seven, 1-4% off a whole bench-small generation (benchmarks/RESULTS.md, run 4). The fused SDPA
+    kernel was 3-4% slower end to end here (run 3). Keys may be a prefix view of the cache: merging (B, H)
+    keeps it a view."""
+    b, h, _, d = q.shape
+    lk = k.shape[2]
+    scores = torch.baddbmm(bias, q.reshape(b * h, 1, d), k.reshape(b * h, lk, d).transpose(1, 2),
+                           alpha=d**-0.5)  # (B*H, 1, Lk)
+    return torch.bmm(scores.softmax(dim=-1).to(v.dtype), v.reshape(b * h, lk, -1)).view(b, h, 1, -1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -227,9 +241,10 @@ def attend(
         return _math_attention(q, k, v, bias)  # (B, H, Lq, Dv)
     if kind == "full" and full_seq:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, Lq, Dv)
+    if lq == 1 and not q.is_cuda:
+        bias = _additive_mask(kind, text_len, grid, kernel, q.device, q.dtype)[q_offset, :lk]  # (Lk,)
+        return attend_newest(q, k, v, bias)  # (B, H, 1, Dv)
     mask = dense_mask(kind, text_len, grid, kernel, q.device)[q_offset : q_offset + lq, :lk]  # (Lq, Lk)
-    if lq == 1 and not q.is_cuda:  # under the full mask the newest query reads every cached key
-        return attend_newest(q, k, v, None if kind == "full" else mask)  # (B, H, 1, Dv)
     if kind == "full" and lq == 1:  # the newest query reads the whole cache
         return F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, Dv)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dv)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dalle.attention import attend, attend_newest, dense_mask, layer_kinds
+from dalle.attention import additive_mask, attend, attend_newest, dense_mask, layer_kinds
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ class DALLEConfig:
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, (B, H, L, D) each; `length` slots are filled.
+    """Preallocated keys and values of every layer, (B, H, L, D) each; `length` slots are filled. `bias[i]`
+    is layer i's (L, L) `additive_mask`, shared between layers of one kind, so a step reads its row.
 
     Separate key and value buffers keep (B, H) mergeable into one batch dimension, so the attention
     matmuls of a decoding step read the cache in place (one buffer holding both copied it each step)."""
@@ -75,6 +76,8 @@ class KVCache:
         shape = (batch, cfg.n_head, cfg.seq_len, cfg.n_embd // cfg.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.bias = [additive_mask(kind, cfg.text_seq_len, cfg.image_grid, cfg.conv_kernel, device, dtype)
+                     for kind in layer_kinds(cfg.n_layer, cfg.attn_schedule)]
         self.length = 0
 
 
@@ -110,16 +113,17 @@ class Attention(nn.Module):
                    kernel=self.cfg.conv_kernel, backend=self.backend, q_offset=offset)  # (B, H, l, D)
         return self.proj(y.transpose(1, 2).reshape(b, l, d))
 
-    def step(self, x: Tensor, cache: KVCache, layer: int, mask: Tensor | None) -> Tensor:
-        """One decoding step, (B, d) -> (B, d): the newest slot's query against the cache. `mask` (Lk,) marks
-        the cached keys the layer's pattern lets it read (None: all of them)."""
+    def step(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """One decoding step, (B, d) -> (B, d): the newest slot's query against the cached keys its
+        layer's pattern reads."""
         b, d = x.shape
         h, pos = self.cfg.n_head, cache.length
         q, k, v = _row_linear(self.qkv, x).reshape(b, 3, h, 1, d // h).unbind(1)  # 3 x (B, H, 1, D)
         cache.k[layer][:, :, pos : pos + 1] = k
         cache.v[layer][:, :, pos : pos + 1] = v
         keys, values = cache.k[layer][:, :, : pos + 1], cache.v[layer][:, :, : pos + 1]
-        return _row_linear(self.proj, attend_newest(q, keys, values, mask).reshape(b, d))
+        y = attend_newest(q, keys, values, cache.bias[layer][pos, : pos + 1])  # (B, H, 1, D)
+        return _row_linear(self.proj, y.reshape(b, d))
 
 
 class Block(nn.Module):
@@ -135,11 +139,11 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.ln1(x), cache, layer))
         return x + self.drop(self.mlp(self.ln2(x)))
 
-    def step(self, x: Tensor, cache: KVCache, layer: int, mask: Tensor | None) -> Tensor:  # (B, d) -> (B, d)
+    def step(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:  # (B, d) -> (B, d)
         """`forward` for one new slot in inference: the same computation without module and dropout
         overheads, which at batch 4 and d=256 cost as much as the arithmetic."""
         fc1, act, fc2 = self.mlp
-        x = x + self.attn.step(self.ln1(x), cache, layer, mask)
+        x = x + self.attn.step(self.ln1(x), cache, layer)
         return x + _row_linear(fc2, act(_row_linear(fc1, self.ln2(x))))
 
 
@@ -252,10 +256,7 @@ class DALLE(nn.Module):
         slot = pos - cfg.text_seq_len  # image slot this token occupies
         x = self.image_emb(token) + self.row_pos[slot // cfg.image_grid] + self.col_pos[slot % cfg.image_grid]
         for i, block in enumerate(self.blocks):
-            kind = block.attn.kind
-            mask = None if kind == "full" else \
-                dense_mask(kind, cfg.text_seq_len, cfg.image_grid, cfg.conv_kernel, x.device)[pos, : pos + 1]
-            x = block.step(x, cache, i, mask)
+            x = block.step(x, cache, i)
         cache.length += 1
         return _row_linear(self.image_head, self.ln_f(x))
 

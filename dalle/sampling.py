@@ -110,7 +110,7 @@ def sample(
         logits = next_logits(k).float()
         if guided:
             cond, uncond = logits.chunk(2)
-            logits = uncond + cond_scale * (cond - uncond)
+            logits = torch.lerp(uncond, cond, cond_scale)  # uncond + cond_scale * (cond - uncond), one kernel
         probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
         out[:, k] = _draw(probs, generator)
         if on_token is not None:

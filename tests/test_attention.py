@@ -7,7 +7,16 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
 
-from dalle.attention import KINDS, attend, block_sparsity, dense_mask, layer_kinds, mask_mod
+from dalle.attention import (
+    KINDS,
+    additive_mask,
+    attend,
+    attend_newest,
+    block_sparsity,
+    dense_mask,
+    layer_kinds,
+    mask_mod,
+)
 
 T, G = 2, 4  # 2 text slots and a 4x4 image grid: L = 18
 
@@ -171,6 +180,26 @@ def test_cached_decoding_equals_full_sequence(kind):
     torch.testing.assert_close(torch.cat(steps, dim=2), full, atol=1e-6, rtol=1e-6)
     chunk = attend(q[:, :, 5:9], k[:, :, :9], v[:, :, :9], q_offset=5, **geometry)  # several queries at once
     torch.testing.assert_close(chunk, full[:, :, 5:9], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_additive_mask_is_the_dense_mask_as_a_bias(kind):
+    mask, bias = dense_mask(kind, 3, G, 3), additive_mask(kind, 3, G, 3, dtype=torch.bfloat16)
+    assert bias.dtype == torch.bfloat16 and torch.equal(bias == 0, mask) and torch.isneginf(bias[~mask]).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoding_step_reads_a_prefix_view_of_a_larger_cache(kind):
+    # The model's KV cache is preallocated: a step reads a prefix view of it, and slots past the newest
+    # one (here filled with large values) must not leak in.
+    q, k, v = qkv(19)
+    full = attend(q, k, v, kind=kind, text_len=3, grid=G, kernel=3)
+    cache_k, cache_v = (torch.full((2, 2, 25, 8), 1e4) for _ in range(2))
+    cache_k[:, :, :19], cache_v[:, :, :19] = k, v
+    bias = additive_mask(kind, 3, G, 3)
+    for i in (0, 2, 3, 11, 18):
+        out = attend_newest(q[:, :, i : i + 1], cache_k[:, :, : i + 1], cache_v[:, :, : i + 1], bias[i, : i + 1])
+        torch.testing.assert_close(out, full[:, :, i : i + 1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
