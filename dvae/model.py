@@ -34,6 +34,9 @@ class DVAEConfig:
     # Multiplies the initial weights of the encoder's logit conv. Above 1, posteriors start sharp and
     # differ between positions, so short runs begin with many codes in use (1.0: PyTorch's default init).
     logit_init_scale: float = 1.0
+    # The narrowest a decoder res-block's bottleneck may be (0: the paper's n_out / 4 everywhere). At a
+    # small n_hid the full-resolution blocks, which draw corners and points, are only n_hid / 4 wide.
+    decoder_min_hidden: int = 0
 
     def __post_init__(self) -> None:
         if self.downsample not in (2, 4, 8, 16):
@@ -44,6 +47,8 @@ class DVAEConfig:
             )
         if self.vocab_size < 2 or self.n_hid < 4 or self.n_blk_per_group < 1:
             raise ValueError(f"vocab_size >= 2, n_hid >= 4 and n_blk_per_group >= 1 required: {self}")
+        if self.decoder_min_hidden < 0:
+            raise ValueError(f"decoder_min_hidden must be >= 0 (0: n_out / 4), got {self.decoder_min_hidden}")
         if self.loss not in ("logit_laplace", "mse"):
             raise ValueError(f"loss must be 'logit_laplace' or 'mse', got {self.loss!r}")
 
@@ -82,9 +87,9 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
+    def __init__(self, n_in: int, n_out: int, n_layers: int, min_hidden: int = 0) -> None:
         super().__init__()
-        n_hid = n_out // 4
+        n_hid = max(n_out // 4, min_hidden)
         self.post_gain = 1 / n_layers**2
         self.id_path = _conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
         self.res_path = nn.Sequential(
@@ -135,7 +140,7 @@ class Decoder(nn.Module):
         n_in = cfg.n_init
         for g, width in enumerate(widths):
             for _ in range(cfg.n_blk_per_group):
-                layers.append(DecoderBlock(n_in, width, n_layers))
+                layers.append(DecoderBlock(n_in, width, n_layers, cfg.decoder_min_hidden))
                 n_in = width
             if g < len(widths) - 1:
                 layers.append(nn.Upsample(scale_factor=2, mode="nearest"))

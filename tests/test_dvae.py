@@ -33,6 +33,20 @@ def test_paper_config_on_meta_device():
     assert model.logits(x).shape == (1, 8192, 32, 32)
 
 
+def test_decoder_min_hidden_widens_only_the_narrow_blocks():
+    # TINY's decoder blocks are 32, 16 and 8 wide: bottlenecks 8, 4 and 2 by the paper's n_out / 4.
+    def hidden(cfg):
+        return [b.res_path[1].out_channels for b in DiscreteVAE(cfg).decoder.blocks if hasattr(b, "res_path")]
+
+    assert hidden(TINY) == [8, 4, 2]
+    wide = DVAEConfig(**{**TINY.to_dict(), "decoder_min_hidden": 4})
+    assert hidden(wide) == [8, 4, 4]
+    model = DiscreteVAE(wide).eval()
+    assert model.decode(model.encode(torch.rand(2, 3, 32, 32))).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="decoder_min_hidden"):
+        DVAEConfig(decoder_min_hidden=-1)
+
+
 def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="divisible"):
         DVAEConfig(image_size=30, downsample=4)
