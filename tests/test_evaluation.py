@@ -10,7 +10,13 @@ import torch
 from PIL import Image
 
 from dalle.data.shapes import make_sample
-from dalle.evaluation.compositional import score_images, shape_accuracy_by_kind, shapes_prompts, summarise
+from dalle.evaluation.compositional import (
+    score_images,
+    shape_accuracy_by_kind,
+    shape_confusion,
+    shapes_prompts,
+    summarise,
+)
 from dalle.evaluation.detect import detect
 from dalle.evaluation.fid import blur, frechet_distance, inception_score, inception_weights_path, statistics
 from dalle_tools import eval_fid, eval_shapes
@@ -47,19 +53,38 @@ def test_detector_is_near_chance_on_shuffled_prompts():
     assert figures["all_correct"] < 0.1 and figures["colour"] < 0.3 and figures["shape"] < 0.35
 
 
-def test_shape_accuracy_by_kind_blames_the_objects_that_were_drawn_wrong():
-    prompts = shapes_prompts("train", 60, seed=3)
-    images = [np.asarray(p.sample.image).copy() for p in prompts]
-    wrong = {}
-    for p, im in zip(prompts, images):  # paint every small object other than a square as a filled box
-        for o, mentioned in zip(p.sample.scene.objects, p.sample.mentions):
-            if o.size == "small" and o.shape != "square" and "shape" in mentioned:
+def _small_objects_as_boxes(prompts):
+    """The prompts' images with every small object other than a square painted as a filled box."""
+    images, wrong = [np.asarray(p.sample.image).copy() for p in prompts], set()
+    for p, im in zip(prompts, images):
+        for o in p.sample.scene.objects:
+            if o.size == "small" and o.shape != "square":
                 x0, y0, x1, y1 = (round(v) for v in o.bbox)
                 im[y0:y1, x0:x1] = im[int(o.cy), int(o.cx)]
-                wrong[f"small {o.shape}"] = True
+                wrong.add(f"small {o.shape}")
+    return images, wrong
+
+
+def test_shape_accuracy_by_kind_blames_the_objects_that_were_drawn_wrong():
+    prompts = shapes_prompts("train", 60, seed=3)
+    images, wrong = _small_objects_as_boxes(prompts)
     by_kind = shape_accuracy_by_kind(prompts, score_images(prompts, images))
-    assert wrong and all(by_kind[k] < 0.5 for k in wrong), by_kind
+    assert wrong and all(by_kind[k] < 0.5 for k in wrong if k in by_kind), by_kind
     assert all(v == 1.0 for k, v in by_kind.items() if k.startswith("large")), by_kind
+
+
+def test_shape_confusion_says_what_a_wrong_shape_was_read_as():
+    prompts = shapes_prompts("train", 60, seed=3)
+    images, wrong = _small_objects_as_boxes(prompts)
+    confusion = shape_confusion(prompts, score_images(prompts, images))
+    for kind in wrong:  # boxes read as squares (or as nothing where a box merged with its neighbour)
+        assert kind.split()[1] not in confusion[kind] and set(confusion[kind]) <= {"square", "none"}, confusion
+        assert next(iter(confusion[kind])) == "square", confusion  # most frequent first
+    for kind, read in confusion.items():
+        if kind.startswith("large"):
+            assert read == {kind.split()[1]: sum(read.values())}, confusion
+    n_objects = sum(len(p.sample.scene.objects) for p in prompts)
+    assert sum(sum(r.values()) for r in confusion.values()) == n_objects
 
 
 def test_detector_reports_what_it_sees():

@@ -5,6 +5,7 @@ import json
 from PIL import Image
 
 from dalle.checkpoint import latest_checkpoint, load_pretrained
+from dalle.data.shapes import make_sample
 from dalle_tools import eval_dvae, make_shapes, train_dvae
 
 TINY = "configs/dvae/tiny.yaml"
@@ -27,9 +28,17 @@ def test_train_then_eval(tmp_path, capsys):
     grid = tmp_path / "grid.png"
     out = tmp_path / "metrics.json"
     assert eval_dvae.main(["--model", str(run), "--n", "32", "--grid", str(grid), "--json", str(out),
-                           "--device", "cpu"]) == 0
+                           "--device", "cpu", "--detector", "8", "--misread-grid", str(tmp_path / "bad.png")]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["images"] == 32 and 0 < metrics["codes_used"] <= 1 and metrics["psnr_db"] > 5
+    read_as = metrics["detector_on_reconstructions"]["shape_read_as"]  # every object of the 8 scenes, once
+    drawn = [o for i in range(8) for o in make_sample(i, "val", 0, record["model"]["image_size"]).scene.objects]
+    assert sum(sum(r.values()) for r in read_as.values()) == len(drawn)
+    assert set(read_as) == {f"{o.size} {o.shape}" for o in drawn}
+    by_count = metrics["detector_on_reconstructions"]["by_object_count"]
+    assert sum(g["n"] for g in by_count.values()) == 8 and set(by_count) <= {"1 object", "2 objects"}
+    misread = metrics["detector_on_reconstructions"]["misread_scenes"]  # a 20-step dVAE draws blobs
+    assert misread > 0 and Image.open(tmp_path / "bad.png").size[0] == min(misread, 12) * (32 + 1) + 1
     assert Image.open(grid).size[0] > 32
 
 

@@ -5,7 +5,9 @@ and a PNG grid of originals (top) over reconstructions (bottom).
 
 On shapes, --detector N also runs the shapes detector (dalle/evaluation/detect.py) on the reconstructions
 of the first N held-out scenes and reports how often it still reads each object's colour, shape and size
-(and a single object's position) as drawn: whether the reconstructions are recognisable, as a number.
+(and a single object's position) as drawn: whether the reconstructions are recognisable, as a number,
+per size and shape (`shape_by_kind`), what each size and shape was read as (`shape_read_as`), and all
+of it for one- and two-object scenes apart (`by_object_count`).
 """
 
 from __future__ import annotations
@@ -31,22 +33,46 @@ from dvae.task import reconstruction_metrics
 
 
 @torch.no_grad()
-def detector_accuracy(model, n: int, seed: int, device: str) -> dict[str, float | dict[str, float]]:
-    """Every attribute of every object, as the detector reads it from the reconstruction, and shape
-    accuracy per size and shape."""
+def detector_accuracy(model, n: int, seed: int, device: str) -> tuple[dict, list[torch.Tensor]]:
+    """Every attribute of every object, as the detector reads it from the reconstruction; shape accuracy
+    per size and shape, and what each kind was read as. Also the scenes with an object whose colour or
+    shape was misread, each as (original, reconstruction)."""
     from dalle.data.shapes import make_sample
-    from dalle.evaluation.compositional import Prompt, score_images, shape_accuracy_by_kind, summarise
+    from dalle.evaluation.compositional import (
+        Prompt,
+        score_images,
+        shape_accuracy_by_kind,
+        shape_confusion,
+        summarise,
+    )
 
-    prompts, recs = [], []
+    prompts, originals, recs = [], [], []
     for i in range(n):
         s = make_sample(i, "val", seed, model.config.image_size)
         single = len(s.scene.objects) == 1
         every = tuple(("colour", "shape", "size") + (("position",) if single else ()) for _ in s.scene.objects)
         prompts.append(Prompt(s.caption, dataclasses.replace(s, mentions=every)))
         image = torch.from_numpy(np.asarray(s.image).copy()).permute(2, 0, 1).float().div(255)[None].to(device)
+        originals.append(image[0].cpu())
         recs.append(model.decode(model.encode(image))[0].float().cpu())
     verdicts = score_images(prompts, recs)
-    return {**summarise(prompts, verdicts)["all"], "shape_by_kind": shape_accuracy_by_kind(prompts, verdicts)}
+    groups = summarise(prompts, verdicts)
+    misread = [torch.stack([o, r.clamp(0, 1)]) for o, r, v in zip(originals, recs, verdicts)
+               if not all(v.attributes["colour"] + v.attributes["shape"])]
+    return {**groups.pop("all"), "shape_by_kind": shape_accuracy_by_kind(prompts, verdicts),
+            "shape_read_as": shape_confusion(prompts, verdicts), "by_object_count": groups}, misread
+
+
+def pairs_grid(pairs: list[torch.Tensor], per_row: int = 12) -> torch.Tensor:
+    """(2, 3, H, W) pairs -> one image: rows of up to `per_row` originals, each over its reconstruction."""
+    cols = min(per_row, len(pairs))
+    blank = torch.ones_like(pairs[0][0])
+    tiles = []
+    for k in range(0, len(pairs), cols):
+        chunk = pairs[k : k + cols]
+        pad = [blank] * (cols - len(chunk))
+        tiles += [p[0] for p in chunk] + pad + [p[1] for p in chunk] + pad
+    return make_grid(torch.stack(tiles), nrow=cols, padding=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="", help="also write the metrics to this JSON file")
     p.add_argument("--detector", type=int, default=0, metavar="N",
                    help="shapes only: detector accuracy on the reconstructions of the first N scenes (0: off)")
+    p.add_argument("--misread-grid", default="",
+                   help="with --detector: write the scenes with a misread colour or shape to this PNG (each "
+                        "original above its reconstruction, up to 48)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     args = p.parse_args(argv)
     if args.detector and args.source != "shapes":
         p.error("--detector reads shapes scenes: it needs --source shapes")
+    if args.misread_grid and not args.detector:
+        p.error("--misread-grid shows what --detector misreads: give --detector N too")
 
     device = resolve_device(args.device)
     model = load_pretrained(args.model, expect="dvae", map_location=device)
@@ -82,14 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no readable images found in {args.path or args.source}") from None
     metrics = {"psnr_db": found["psnr"], "perplexity": found["perplexity"], "codes_used": found["codes_used"],
                "images": found["images"], "model": str(args.model)}
+    misread: list[torch.Tensor] = []
     if args.detector:
-        metrics["detector_on_reconstructions"] = detector_accuracy(model, args.detector, args.seed, device)
+        metrics["detector_on_reconstructions"], misread = detector_accuracy(model, args.detector, args.seed, device)
+        metrics["detector_on_reconstructions"]["misread_scenes"] = len(misread)
     print(json.dumps(metrics, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
     if args.grid:
         save_image(make_grid(shown, nrow=len(shown) // 2, padding=1), args.grid)
         print(f"grid written to {args.grid}")
+    if args.misread_grid:
+        if misread:
+            save_image(pairs_grid(misread[:48]), args.misread_grid)
+        print(f"{len(misread)} misread scenes" + (f", written to {args.misread_grid}" if misread else ""))
     return 0
 
 

@@ -83,3 +83,15 @@ def shape_accuracy_by_kind(prompts: Sequence[Prompt], verdicts: Sequence[Verdict
         for o, ok in zip(named, v.attributes.get("shape", [])):
             hits.setdefault(f"{o.size} {o.shape}", []).append(ok)
     return {k: float(np.mean(hits[k])) for k in sorted(hits)}
+
+
+def shape_confusion(prompts: Sequence[Prompt], verdicts: Sequence[Verdict]) -> dict[str, dict[str, int]]:
+    """What each "size shape" kind was read as, over every object drawn: {"small cross": {"cross": 46,
+    "diamond": 33}, ...}, most frequent first ("none": no detection). Says how a shape fails, where
+    `shape_accuracy_by_kind` says how often."""
+    counts: dict[str, dict[str, int]] = {}
+    for p, v in zip(prompts, verdicts):
+        for o, shape in zip(p.sample.scene.objects, v.read_as):
+            row = counts.setdefault(f"{o.size} {o.shape}", {})
+            row[shape or "none"] = row.get(shape or "none", 0) + 1
+    return {k: dict(sorted(counts[k].items(), key=lambda kv: (-kv[1], kv[0]))) for k in sorted(counts)}

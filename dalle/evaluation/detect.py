@@ -184,6 +184,7 @@ class Verdict:
     attributes: dict[str, list[bool]]  # attribute -> one bool per object that mentions it
     count: bool
     relation: bool | None  # None for one-object scenes
+    read_as: tuple[str | None, ...] = ()  # the shape read for each scene object (None: no detection)
 
     @property
     def all_correct(self) -> bool:
@@ -209,4 +210,4 @@ def compare(scene: Scene, mentions: Mentions, found: list[Detected]) -> Verdict:
     relation = None
     if len(objects) == 2:
         relation = dets[0] is not None and dets[1] is not None and relation_of(dets[0], dets[1]) == scene.relation
-    return Verdict(attributes, len(found) == len(objects), relation)
+    return Verdict(attributes, len(found) == len(objects), relation, tuple(d.shape if d else None for d in dets))
