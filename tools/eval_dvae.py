@@ -60,7 +60,8 @@ def detector_accuracy(model, n: int, seed: int, device: str) -> tuple[dict, list
     misread = [torch.stack([o, r.clamp(0, 1)]) for o, r, v in zip(originals, recs, verdicts)
                if not all(v.attributes["colour"] + v.attributes["shape"])]
     return {**groups.pop("all"), "shape_by_kind": shape_accuracy_by_kind(prompts, verdicts),
-            "shape_read_as": shape_confusion(prompts, verdicts), "by_object_count": groups}, misread
+            "shape_read_as": shape_confusion(prompts, verdicts), "by_object_count": groups,
+            "misread_scenes": len(misread)}, misread
 
 
 def pairs_grid(pairs: list[torch.Tensor], per_row: int = 12) -> torch.Tensor:
@@ -116,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     misread: list[torch.Tensor] = []
     if args.detector:
         metrics["detector_on_reconstructions"], misread = detector_accuracy(model, args.detector, args.seed, device)
-        metrics["detector_on_reconstructions"]["misread_scenes"] = len(misread)
     print(json.dumps(metrics, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
