@@ -152,14 +152,16 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     return y.view(b, h, lq, -1)
 
 
-def attend_newest(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+def attend_newest(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
     """One decoding step: the newest slot's query (B, H, 1, D) against the cached keys and values (B, H, Lk, D);
-    bias (Lk,) is the query's row of `additive_mask` (0: the layer's pattern reads that key, -inf: it skips it).
+    bias (Lk,) is the query's row of `additive_mask` (0: the layer's pattern reads that key, -inf: it skips
+    it), or None where it reads every key (a full layer). Keys and values may be prefix views of the cache.
 
-    One baddbmm scales the scores and adds the mask: three kernels where a separate scale and masked_fill
-    made seven, 1-4% off a whole bench-small generation (benchmarks/RESULTS.md, run 4). The fused SDPA
-    kernel was 3-4% slower end to end here (run 3). Keys may be a prefix view of the cache: merging (B, H)
-    keeps it a view."""
+    Unmasked, SDPA's fused kernel is 1-2% faster end to end than two batched matmuls; masked, it is 1-2%
+    slower (alternating A/B runs of guided bench-small generations, benchmarks/RESULTS.md, run 6). The
+    masked path: one baddbmm scales the scores and adds the mask, and merging (B, H) keeps the keys a view."""
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, Dv)
     b, h, _, d = q.shape
     lk = k.shape[2]
     scores = torch.baddbmm(bias, q.reshape(b * h, 1, d), k.reshape(b * h, lk, d).transpose(1, 2),

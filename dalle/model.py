@@ -65,30 +65,47 @@ class DALLEConfig:
         return asdict(self)
 
 
+# oneDNN's linear on a weight packed ahead: private ops (they back torch.compile's CPU linear fusions), so a
+# build without them takes F.linear
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class KVCache:
     """Preallocated keys and values of every layer, (B, H, L, D) each; `length` slots are filled. `bias[i]`
-    is layer i's (L, L) `additive_mask`, shared between layers of one kind, so a step reads its row.
+    is layer i's (L, L) `additive_mask`, shared between layers of one kind, so a step reads its row, or None
+    for a full layer, whose newest query reads every cached key.
 
     Separate key and value buffers keep (B, H) mergeable into one batch dimension, so the attention
-    matmuls of a decoding step read the cache in place (one buffer holding both copied it each step)."""
+    matmuls of a decoding step read the cache in place (one buffer holding both copied it each step).
 
-    def __init__(self, cfg: DALLEConfig, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+    On a CPU in fp32 a decoding step's products go through oneDNN with each weight packed once for
+    this cache's batch (`packed`, filled on first use: weights cannot change while a cache lives, since
+    sampling runs under inference mode), and the MLP's GELU runs inside its first product. Against MKL
+    on the unpacked weights that takes 6-9% off a guided bench-small generation (benchmarks/RESULTS.md,
+    run 6)."""
+
+    def __init__(self, cfg: DALLEConfig, batch: int, device: torch.device | str, dtype: torch.dtype) -> None:
         shape = (batch, cfg.n_head, cfg.seq_len, cfg.n_embd // cfg.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.bias = [additive_mask(kind, cfg.text_seq_len, cfg.image_grid, cfg.conv_kernel, device, dtype)
+        self.bias = [None if kind == "full" else
+                     additive_mask(kind, cfg.text_seq_len, cfg.image_grid, cfg.conv_kernel, device, dtype)
                      for kind in layer_kinds(cfg.n_layer, cfg.attn_schedule)]
         self.length = 0
+        on_cpu = torch.device(device).type == "cpu"
+        self.packed: dict[nn.Linear, Tensor] | None = {} if _ONEDNN and on_cpu and dtype == torch.float32 else None
 
 
-def _row_linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """layer(x) for a few rows x (M, i) -> (M, o), as W @ x^T: for M <= 8 on this CPU's MKL that GEMM
-    shape runs about twice as fast as x @ W^T (tools/bench.py, gen:cached)."""
-    if layer.in_features > layer.out_features:  # a long reduction (the MLP's second layer): x @ W^T wins
-        return F.linear(x, layer.weight, layer.bias)
-    if layer.bias is None:
-        return torch.mm(layer.weight, x.t()).t()
-    return torch.addmm(layer.bias[:, None], layer.weight, x.t()).t()  # (o, M) -> (M, o)
+def _row_linear(layer: nn.Linear, x: Tensor, cache: KVCache, gelu: bool = False) -> Tensor:
+    """layer(x) for the B rows of a decoding step, (B, i) -> (B, o), then tanh-GELU if asked."""
+    if cache.packed is None:
+        y = F.linear(x, layer.weight, layer.bias)
+        return F.gelu(y, approximate="tanh") if gelu else y
+    w = cache.packed.get(layer)
+    if w is None:
+        w = cache.packed[layer] = torch.ops.mkldnn._reorder_linear_weight(layer.weight, x.shape[0])
+    return torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "gelu" if gelu else "none", [],
+                                              "tanh" if gelu else "")
 
 
 class Attention(nn.Module):
@@ -118,12 +135,13 @@ class Attention(nn.Module):
         layer's pattern reads."""
         b, d = x.shape
         h, pos = self.cfg.n_head, cache.length
-        q, k, v = _row_linear(self.qkv, x).reshape(b, 3, h, 1, d // h).unbind(1)  # 3 x (B, H, 1, D)
+        q, k, v = _row_linear(self.qkv, x, cache).reshape(b, 3, h, 1, d // h).unbind(1)  # 3 x (B, H, 1, D)
         cache.k[layer][:, :, pos : pos + 1] = k
         cache.v[layer][:, :, pos : pos + 1] = v
         keys, values = cache.k[layer][:, :, : pos + 1], cache.v[layer][:, :, : pos + 1]
-        y = attend_newest(q, keys, values, cache.bias[layer][pos, : pos + 1])  # (B, H, 1, D)
-        return _row_linear(self.proj, y.reshape(b, d))
+        bias = cache.bias[layer]
+        y = attend_newest(q, keys, values, None if bias is None else bias[pos, : pos + 1])  # (B, H, 1, D)
+        return _row_linear(self.proj, y.reshape(b, d), cache)
 
 
 class Block(nn.Module):
@@ -142,9 +160,9 @@ class Block(nn.Module):
     def step(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:  # (B, d) -> (B, d)
         """`forward` for one new slot in inference: the same computation without module and dropout
         overheads, which at batch 4 and d=256 cost as much as the arithmetic."""
-        fc1, act, fc2 = self.mlp
+        fc1, _, fc2 = self.mlp  # the GELU (tanh) runs inside fc1's kernel
         x = x + self.attn.step(self.ln1(x), cache, layer)
-        return x + _row_linear(fc2, act(_row_linear(fc1, self.ln2(x))))
+        return x + _row_linear(fc2, _row_linear(fc1, self.ln2(x), cache, gelu=True), cache)
 
 
 class DALLE(nn.Module):
@@ -258,7 +276,7 @@ class DALLE(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block.step(x, cache, i)
         cache.length += 1
-        return _row_linear(self.image_head, self.ln_f(x))
+        return _row_linear(self.image_head, self.ln_f(x), cache)
 
 
 def training_flops_per_token(cfg: DALLEConfig) -> tuple[float, float]:

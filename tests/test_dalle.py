@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dalle.config import from_dict, load_yaml
-from dalle.model import DALLE, DALLEConfig
+from dalle.model import DALLE, DALLEConfig, KVCache
 from dalle.sampling import empty_text, filter_logits, sample
 from dalle.task import DALLEObjective, DALLETask
 
@@ -152,6 +152,23 @@ def test_cached_sampling_equals_uncached(schedule, cond_scale):
     assert torch.equal(text, text_before)  # the caller's prompt is never modified
     assert outs[0].shape == (2, CFG.image_seq_len)
     assert 0 <= outs[0].min() and outs[0].max() < CFG.image_vocab_size
+
+
+@pytest.mark.parametrize("schedule", ["paper", "full"])
+def test_packed_decoding_step_gives_the_plain_products_logits(schedule):
+    # On a CPU in fp32 a decoding step runs its products through oneDNN on weights packed once per cache,
+    # with the MLP's GELU inside the first product; the logits must be those of plain F.linear and GELU.
+    model = model_for(schedule)
+    text, image = batch(2)
+    fast, plain = (KVCache(model.config, 2, "cpu", torch.float32) for _ in range(2))
+    if fast.packed is None:
+        pytest.skip("this torch build has no oneDNN")
+    plain.packed = None
+    torch.testing.assert_close(model.prefill(text, image[:, :0], fast), model.prefill(text, image[:, :0], plain))
+    for k in range(6):
+        torch.testing.assert_close(model.decode_step(image[:, k], fast), model.decode_step(image[:, k], plain),
+                                   atol=1e-5, rtol=1e-5)
+    assert len(fast.packed) == 4 * CFG.n_layer + 1  # every product of the step took the packed path
 
 
 def test_priming_keeps_the_given_rows_and_matches_uncached():
