@@ -101,11 +101,15 @@ def _row_linear(layer: nn.Linear, x: Tensor, cache: KVCache, gelu: bool = False)
     if cache.packed is None:
         y = F.linear(x, layer.weight, layer.bias)
         return F.gelu(y, approximate="tanh") if gelu else y
+    # oneDNN's one-row kernel rounds differently from its many-row ones, which give each row the same bits
+    # whatever the batch (2-64 rows here): two rows keep an image independent of what shared its batch
+    rows = x if x.shape[0] > 1 else x.expand(2, -1)
     w = cache.packed.get(layer)
     if w is None:
-        w = cache.packed[layer] = torch.ops.mkldnn._reorder_linear_weight(layer.weight, x.shape[0])
-    return torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "gelu" if gelu else "none", [],
-                                              "tanh" if gelu else "")
+        w = cache.packed[layer] = torch.ops.mkldnn._reorder_linear_weight(layer.weight, rows.shape[0])
+    y = torch.ops.mkldnn._linear_pointwise(rows, w, layer.bias, "gelu" if gelu else "none", [],
+                                           "tanh" if gelu else "")
+    return y[: x.shape[0]]
 
 
 class Attention(nn.Module):
@@ -263,7 +267,7 @@ class DALLE(nn.Module):
                        self.soi.expand(text.shape[0], 1, -1) + self.image_pos(0, 1)], dim=1)
         if p:  # image slots 0..p: <soi> plus the p given tokens
             x = torch.cat([x, self.image_emb(image_prefix[:, -1:]) + self.image_pos(p, 1)], dim=1)
-        return self.image_head(self.backbone(x, cache)[:, -1])
+        return _row_linear(self.image_head, self.backbone(x, cache)[:, -1], cache)  # as decode_step computes it
 
     @torch.inference_mode()
     def decode_step(self, token: Tensor, cache: KVCache) -> Tensor:

@@ -171,6 +171,22 @@ def test_packed_decoding_step_gives_the_plain_products_logits(schedule):
     assert len(fast.packed) == 4 * CFG.n_layer + 1  # every product of the step took the packed path
 
 
+def test_a_rows_decoding_step_does_not_depend_on_its_batch():
+    # Part of what makes an image reproducible from its seed alone (generate.py's sidecars): from the same
+    # cache, a row's decoding logits carry the same bits alone as beside others (the prompt pass, MKL's,
+    # may still differ in the last bit between batch sizes).
+    model = model_for()
+    text, image = batch(3)
+    together, alone = KVCache(model.config, 3, "cpu", torch.float32), KVCache(model.config, 1, "cpu", torch.float32)
+    model.prefill(text, image[:, :0], together)
+    for key in ("k", "v"):
+        for mine, theirs in zip(getattr(alone, key), getattr(together, key)):
+            mine.copy_(theirs[1:2])
+    alone.length = together.length
+    for k in range(6):
+        assert torch.equal(model.decode_step(image[:, k], together)[1:2], model.decode_step(image[1:2, k], alone))
+
+
 def test_priming_keeps_the_given_rows_and_matches_uncached():
     model = model_for()
     text, image = batch(2)
