@@ -243,12 +243,12 @@ def attend(
         return _math_attention(q, k, v, bias)  # (B, H, Lq, Dv)
     if kind == "full" and full_seq:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, Lq, Dv)
+    if lq == 1 and kind == "full":  # the newest query reads the whole cache (attend_newest without a mask)
+        return F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, Dv)
     if lq == 1 and not q.is_cuda:
         bias = _additive_mask(kind, text_len, grid, kernel, q.device, q.dtype)[q_offset, :lk]  # (Lk,)
         return attend_newest(q, k, v, bias)  # (B, H, 1, Dv)
     mask = dense_mask(kind, text_len, grid, kernel, q.device)[q_offset : q_offset + lq, :lk]  # (Lq, Lk)
-    if kind == "full" and lq == 1:  # the newest query reads the whole cache
-        return F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, Dv)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dv)
 
 
