@@ -361,6 +361,17 @@ class Trainer:
         self.backend.barrier()
         return metrics
 
+    def _evaluate_or_save(self) -> dict[str, float]:
+        """`evaluate`, but a failing evaluation first saves the training done since the last checkpoint
+        (one process: saving is collective, and the other ranks of a group are not at this call)."""
+        try:
+            return self.evaluate()
+        except Exception:
+            if self.backend.world == 1 and self._nonfinite_run == 0:
+                path = self.save()
+                log.error("evaluation at step %d failed; the training up to it is saved in %s", self.step, path)
+            raise
+
     def _log(self, record: dict[str, Any]) -> None:
         if not self.is_main:
             return
@@ -423,7 +434,7 @@ class Trainer:
                 self._log_train(window, samples, time.perf_counter() - t0)
                 window, samples, t0 = {}, 0, time.perf_counter()
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                eval_metrics = self.evaluate()
+                eval_metrics = self._evaluate_or_save()
                 if self.is_main:
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
             if self.step % cfg.save_every == 0 or self.step == end:

@@ -98,7 +98,9 @@ class KVCache:
 
 def _row_linear(layer: nn.Linear, x: Tensor, cache: KVCache, gelu: bool = False) -> Tensor:
     """layer(x) for the B rows of a decoding step, (B, i) -> (B, o), then tanh-GELU if asked."""
-    if cache.packed is None:
+    # oneDNN's packed kernel takes fp32 rows and weights only: under autocast (bf16 sampling inside a bf16
+    # training run's evaluation) or on other dtypes the plain product runs, with autocast's own casts
+    if cache.packed is None or x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
         y = F.linear(x, layer.weight, layer.bias)
         return F.gelu(y, approximate="tanh") if gelu else y
     # oneDNN's one-row kernel rounds differently from its many-row ones, which give each row the same bits

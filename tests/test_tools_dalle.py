@@ -160,3 +160,49 @@ def test_streaming_raw_images_get_tokenised_text(assets, tmp_path):
     b = collate_skip_bad(list(ds))
     assert a["text"].shape == (6, 12) and a["image"].shape == (6, 3, 32, 32)
     assert torch.equal(a["text"], b["text"])
+
+
+def test_shapes_config_trains_through_an_evaluation_with_its_sample_grid(assets, tmp_path):
+    """The shipped stage-2 config (bf16 autocast, top-k sample grid) at tiny sizes: sampling inside the
+    evaluation's autocast must work, and the run must reach its save."""
+    run = tmp_path / "run"
+    tiny = ["model.text_seq_len=12", "model.image_vocab_size=64", "model.image_grid=4", "model.n_embd=32",
+            "model.n_layer=4", "model.n_head=4", "model.conv_kernel=3", "objective.val_samples=8",
+            "train.steps=4", "train.batch_size=4", "train.warmup_steps=1", "train.eval_every=2",
+            "train.save_every=4", "train.log_every=2", f"data.path={assets / 'tok-train'}",
+            f"data.val_path={assets / 'tok-val'}", f"inputs.tokenizer={assets / 'tokenizer.json'}",
+            f"inputs.dvae={assets / 'dvae'}"]
+    args = ["--config", "configs/dalle/shapes.yaml", "--out", str(run), "--no-progress", "--device", "cpu"]
+    assert train_dalle.main(args + [x for kv in tiny for x in ("--set", kv)]) == 0
+    recorded = json.loads((run / "run.json").read_text())
+    assert recorded["train"]["precision"] == "bf16" and recorded["objective"]["sample_top_k"] > 0
+    assert len(list((run / "eval").glob("samples-*.png"))) == 2
+    assert latest_checkpoint(run).name == "step-0000004"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cached_sampling_works_under_cpu_autocast(assets, dtype):
+    from dalle.sampling import sample
+
+    tok = TextTokenizer.from_file(assets / "tokenizer.json")
+    model = DALLE(DALLEConfig(text_vocab_size=tok.vocab_size, text_seq_len=12, image_vocab_size=64, image_grid=4,
+                              n_embd=32, n_layer=4, n_head=4, conv_kernel=3)).eval()
+    text, _ = tok.encode_batch(["a red circle", "a blue square"], 12)
+    with torch.autocast("cpu", dtype=dtype):
+        cached = sample(model, text, top_k=8, cond_scale=3.0, generator=torch.Generator().manual_seed(1))
+        plain = sample(model, text, top_k=8, cond_scale=3.0, generator=torch.Generator().manual_seed(1),
+                       use_cache=False)
+    assert cached.shape == (2, 16) and torch.equal(cached, plain)
+
+
+def test_a_failing_evaluation_saves_the_training_since_the_last_checkpoint(assets, tmp_path):
+    task = _task(assets)
+
+    def broken(*_args):
+        raise RuntimeError("evaluation broke")
+    task.evaluate = broken
+    cfg = TrainConfig(steps=6, batch_size=4, eval_every=3, save_every=100, log_every=3)
+    trainer = Trainer(task, cfg, tmp_path / "run", progress=False)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        trainer.fit()
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000003"
