@@ -2,9 +2,12 @@
 
     python generate.py "a red circle above a blue square" --num-images 8 --candidates 32 --grid
 
-Samples --candidates images per prompt, ranks them with the model's CLIP reranker (paper sec. 2.5) and
+Samples --candidates images per prompt, ranks them with the model's reranker (paper sec. 2.5) and
 keeps the best --num-images. Writes OUT/<prompt>-<rank>.png, best first, and a JSON sidecar for each
-(prompt, seed, settings, rerank score, model id). Candidate c of a prompt is sampled with seed SEED + c
+(prompt, its position in the list, seed, settings, rerank score, model id). <prompt> is the prompt's
+words in any script, lower case, joined by "-"; a prompt whose name an earlier one took gets
+"-p<position>" added, so every prompt keeps its images. Files already in OUT are never replaced
+without --overwrite. Candidate c of a prompt is sampled with seed SEED + c
 alone, so any image can be made again exactly with `--seed <its seed> --num-images 1 --candidates 1`
 and the sidecar's settings. With --grid, also one grid PNG per prompt, best first.
 """
@@ -23,12 +26,10 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from dalle.cli import add_sampling_flags, resolve_device
+from dalle.cli import DTYPES, add_sampling_flags, resolve_device
 from dalle.data.transforms import EvalTransform, to_rgb
-from dalle.pipeline import DEFAULT_MODEL, generate, load_pipeline, prime_codes, score
-from dalle.rerank import best
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from dalle.generation import default_candidates, generate_many
+from dalle.pipeline import DEFAULT_MODEL, load_pipeline, prime_codes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="transformer model directory or training run directory (default: the shipped model)")
     p.add_argument("--dvae", default=None, help="dVAE directory (default: the one the model names)")
-    p.add_argument("--clip", default=None, help="CLIP reranker directory (default: the model's clip/ folder)")
+    p.add_argument("--reranker", default=None, help="reranker directory (default: the model's reranker/ folder)")
     p.add_argument("--num-images", type=int, default=4, help="images kept per prompt")
     p.add_argument("--candidates", type=int, default=0,
                    help="images sampled per prompt, then reranked, keeping the best --num-images "
@@ -52,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prime-image", default="", help="image whose top rows of codes are kept (image-to-image)")
     p.add_argument("--prime-rows", type=int, default=0, help="rows of the code grid taken from --prime-image")
     p.add_argument("--out", default="outputs", help="output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files of the same names in --out (default: refuse, and write nothing)")
     p.add_argument("--grid", action="store_true", help="also write one grid PNG per prompt, best first")
     p.add_argument("--scores", action="store_true", help="print the rerank score under each image of the grid")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -76,7 +79,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def slug(prompt: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "empty"
+    """A file-name stem a person can match to the prompt: its words in any script, lower case, joined by
+    "-", at most 60 characters; "prompt" when nothing of it is a letter or digit (emoji, punctuation)."""
+    return re.sub(r"[\W_]+", "-", prompt.casefold()).strip("-")[:60].strip("-") or "prompt"
+
+
+def output_stems(prompts: list[str]) -> list[str]:
+    """One distinct stem per prompt, in order: its slug, with "-p<position>" (1-based) added when an
+    earlier prompt of the list already took that slug (repeated lines, case variants, two emoji)."""
+    taken: set[str] = set()
+    stems = []
+    for i, prompt in enumerate(prompts, 1):
+        stem = slug(prompt)
+        if stem in taken:
+            stem = f"{stem}-p{i}"
+        taken.add(stem)
+        stems.append(stem)
+    return stems
 
 
 def labelled_grid(images: torch.Tensor, labels: list[str], nrow: int) -> Image.Image:
@@ -105,14 +124,22 @@ def main(argv: list[str] | None = None) -> int:
                 "tools/train_default.sh" if Path(args.model) == DEFAULT_MODEL else "check the path")
         raise SystemExit(f"--model {args.model} does not exist ({hint})")
     try:
-        pipe = load_pipeline(args.model, dvae_dir=args.dvae, clip_dir=args.clip,
+        pipe = load_pipeline(args.model, dvae_dir=args.dvae, reranker_dir=args.reranker,
                              device=resolve_device(args.device), dtype=DTYPES[args.dtype])
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot load the model: {e}") from None
-    candidates = args.candidates or (4 * args.num_images if pipe.scorer is not None else args.num_images)
-    if candidates > args.num_images and pipe.scorer is None:
+    candidates = args.candidates or default_candidates(pipe, args.num_images)
+    if candidates > args.num_images and pipe.reranker is None:
         raise SystemExit(f"--candidates {candidates} > --num-images {args.num_images} needs a reranker, and "
-                         f"{args.model} has none: pass --clip DIR (a tools/train_clip.py run)")
+                         f"{args.model} has none: pass --reranker DIR (a tools/train_reranker.py run)")
+    stems = output_stems(args.prompts)
+    targets = [out / f"{stem}-{rank}{ext}" for stem in stems for rank in range(args.num_images)
+               for ext in (".png", ".json")] + ([out / f"{stem}-grid.png" for stem in stems] if args.grid else [])
+    existing = [t.name for t in targets if t.exists()]
+    if existing and not args.overwrite:
+        raise SystemExit(f"--out {out} already holds {existing[0]}" + (f" and {len(existing) - 1} more of this "
+                         f"run's file names" if len(existing) > 1 else "") + ": choose another --out, or pass "
+                         "--overwrite to replace them")
     prime = None
     if args.prime_image:
         try:
@@ -122,40 +149,29 @@ def main(argv: list[str] | None = None) -> int:
         prime = prime_codes(pipe, image, args.prime_rows)
     settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "cond_scale", "prime_image",
                                               "prime_rows", "dtype")}
-    jobs = [(p, args.seed + c) for p in args.prompts for c in range(candidates)]
     per_image = pipe.model.config.image_seq_len - (0 if prime is None else len(prime))
-    bar = tqdm(total=len(jobs) * per_image, unit="tok", desc="sampling", disable=args.no_progress)
-    sampled: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for start in range(0, len(jobs), args.batch_size):
-        chunk = jobs[start : start + args.batch_size]
-        rows = len(chunk)
-        images = generate(pipe, [j[0] for j in chunk], [j[1] for j in chunk], temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale, prime=prime,
-                          on_token=lambda _k: bar.update(rows))  # noqa: B023 (called within this iteration)
-        for (prompt, seed), image in zip(chunk, images):
-            sampled.setdefault(prompt, []).append((seed, image))
+    bar = tqdm(total=len(args.prompts) * candidates * per_image, unit="tok", desc="sampling",
+               disable=args.no_progress)
+    results = generate_many(pipe, args.prompts, keep=args.num_images, candidates=candidates, seed=args.seed,
+                            batch_size=args.batch_size, progress=bar.update, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale, prime=prime)
     bar.close()
-    for prompt, pairs in sampled.items():
-        images = torch.stack([image for _, image in pairs])
-        scores = score(pipe, prompt, images) if pipe.scorer is not None else None
-        order = best(scores, args.num_images).tolist() if scores is not None else range(args.num_images)
-        for rank, c in enumerate(order):
-            name = f"{slug(prompt)}-{rank}"
-            save_image(images[c], out / f"{name}.png")
-            meta = {"prompt": prompt, "seed": pairs[c][0], "rank": rank, "candidate": c, "candidates": candidates,
-                    "score": None if scores is None else round(float(scores[c]), 6), "model": pipe.model_id,
-                    "reranker": pipe.scorer_id, **settings}
-            (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for position, (prompt, stem, kept) in enumerate(zip(args.prompts, stems, results), 1):
+        for rank, g in enumerate(kept):
+            save_image(g.image, out / f"{stem}-{rank}.png")
+            meta = {"prompt": prompt, "position": position, "seed": g.seed, "rank": rank, "candidate": g.candidate,
+                    "candidates": candidates, "score": None if g.score is None else round(g.score, 6),
+                    "model": pipe.model_id, "reranker": pipe.reranker_id, **settings}
+            (out / f"{stem}-{rank}.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         if args.grid:
-            kept = images[list(order)]
+            images = torch.stack([g.image for g in kept])
             nrow = min(len(kept), 8)
-            if args.scores and scores is not None:
-                labelled_grid(kept, [f"{float(scores[c]):.3f}" for c in order], nrow).save(
-                    out / f"{slug(prompt)}-grid.png")
+            if args.scores and kept[0].score is not None:
+                labelled_grid(images, [f"{g.score:.3f}" for g in kept], nrow).save(out / f"{stem}-grid.png")
             else:
-                save_image(make_grid(kept, nrow=nrow, padding=2), out / f"{slug(prompt)}-grid.png")
+                save_image(make_grid(images, nrow=nrow, padding=2), out / f"{stem}-grid.png")
     kept_note = f", best {args.num_images} of {candidates} by the reranker" if candidates > args.num_images else ""
-    print(f"wrote {args.num_images} image(s) for each of {len(sampled)} prompt(s) to {out}{kept_note}")
+    print(f"wrote {args.num_images} image(s) for each of {len(args.prompts)} prompt(s) to {out}{kept_note}")
     return 0
 
 

@@ -1,20 +1,13 @@
-"""The only module that reads or writes weights.
-
-A model directory is what a user can read and what every tool loads:
+"""Model directories: the one format every model is saved in and every tool loads.
 
     config.json          {"model_type": "dvae", "config": {...}, "format_version": 1}
     model.safetensors    the weights to use (the EMA weights when training kept an EMA)
 
-Training checkpoints are model directories with a `train/` folder beside the weights (live weights,
-optimizer state, the step). Nothing is unpickled: weights are safetensors, the optimizer state loads
-through `torch.load(weights_only=True)`. Every write goes to a temporary directory that is renamed
-into place, then a `latest` pointer is replaced atomically, so a crash mid-save leaves the previous
-checkpoint intact and `latest` pointing at it.
-
-A DeepSpeed checkpoint has config.json and train/ but, instead of model.safetensors, a `deepspeed/`
-folder with every rank's ZeRO shard (DeepSpeed's own pickled format, read only by DeepSpeed when the
-run resumes or by `export`). `export` consolidates it into a model directory; `load_pretrained`
-refuses it with the command to run.
+`load_pretrained` rebuilds a model from its config.json alone, with strict key and shape checks. Nothing
+is unpickled: weights are safetensors. Every write goes to a temporary directory that is renamed into
+place, so a crash mid-save leaves the previous directory intact. Training checkpoints (a `train/` folder
+beside the weights, `latest` pointers, DeepSpeed shards) are `dalle.train.checkpoints`' business; this
+module only follows a run directory's `latest` pointer and refuses a DeepSpeed checkpoint's shards.
 """
 
 from __future__ import annotations
@@ -43,12 +36,18 @@ def _registry() -> dict[str, tuple[type, Callable[[Any], nn.Module]]]:
     from dvae.model import DiscreteVAE, DVAEConfig
 
     models: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {"dvae": (DVAEConfig, DiscreteVAE)}
-    from dalle.clip import CLIP, CLIPConfig
-    from dalle.model import DALLE, DALLEConfig
+    from dalle.reranker.model import Reranker, RerankerConfig
+    from dalle.transformer.model import DALLE, DALLEConfig
 
     models["dalle"] = (DALLEConfig, DALLE)
-    models["clip"] = (CLIPConfig, CLIP)
+    models["reranker"] = (RerankerConfig, Reranker)
     return models
+
+
+# Names that earlier versions of the project wrote into config.json, read as today's: model types, then
+# config keys per model type. A directory written before a rename still loads.
+LEGACY_TYPES = {"clip": "reranker"}
+LEGACY_KEYS = {"dalle": {"image_grid": "image_grid_size"}}
 
 
 def model_type_of(model: nn.Module) -> str:
@@ -172,7 +171,9 @@ def read_config(directory: str | Path) -> tuple[str, dict[str, Any]]:
     if data.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{cfg_path} has format_version {data['format_version']}; this version of the "
                          f"project reads up to {FORMAT_VERSION}: upgrade the package")
-    return data["model_type"], data["config"]
+    model_type = LEGACY_TYPES.get(data["model_type"], data["model_type"])
+    renamed = LEGACY_KEYS.get(model_type, {})
+    return model_type, {renamed.get(k, k): v for k, v in data["config"].items()}
 
 
 def load_pretrained(directory: str | Path, *, expect: str | None = None,
@@ -206,36 +207,6 @@ def is_zero_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / DEEPSPEED_DIR).is_dir()
 
 
-def export(checkpoint: str | Path, out: str | Path, *, live: bool = False, dtype: torch.dtype | None = None) -> Path:
-    """Turn a training checkpoint (a run directory's latest, or step-N) into a model directory at `out`.
-
-    Exports the EMA weights when the run kept an EMA (what a plain checkpoint's model.safetensors holds),
-    else, or with `live`, the trained weights. For a DeepSpeed checkpoint of any ZeRO stage the trained
-    weights are the fp32 master weights gathered from every rank's shard, on the CPU, without a launcher.
-    Files beside the weights (tokenizer.json, dvae.json) are copied along."""
-    src = resolve_model_dir(checkpoint)
-    model = build_model(src)
-    train = src / "train"
-    if not is_zero_checkpoint(src):
-        chosen = train / "live.safetensors" if live and (train / "live.safetensors").is_file() else src / WEIGHTS_NAME
-        load_weights(model, chosen)
-    elif not live and (train / "ema.safetensors").is_file():
-        load_weights(model, train / "ema.safetensors")
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(src), tag=DEEPSPEED_DIR)
-        load_state(model, dict(state), f"the ZeRO shards in {src / DEEPSPEED_DIR}")
-    extras = [p for p in src.iterdir()  # tokenizer.json, dvae.json; not DeepSpeed's recovery script
-              if p.is_file() and p.name not in (CONFIG_NAME, WEIGHTS_NAME) and p.suffix != ".py"]
-
-    def fill(tmp: Path) -> None:
-        model_dir_contents(model, tmp, dtype=dtype)
-        for p in extras:
-            shutil.copy2(p, tmp / p.name)
-    return atomic_dir(Path(out), fill)
-
-
 def resolve_model_dir(path: str | Path) -> Path:
     """A model directory itself, or the latest checkpoint of a run directory or its checkpoints/."""
     path = Path(path)
@@ -247,36 +218,3 @@ def resolve_model_dir(path: str | Path) -> Path:
     return path
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint `run_dir/checkpoints/latest` points to, or None when there is none."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    target = pointer.parent / pointer.read_text().strip()
-    if not (target / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{pointer} points to {target}, which is not a complete checkpoint")
-    return target
-
-
-def set_latest(checkpoints: Path, name: str) -> None:
-    tmp = checkpoints / "latest.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, checkpoints / "latest")
-
-
-def prune(checkpoints: Path, keep: int) -> None:
-    """Remove all but the newest `keep` step directories, and stale temporaries of dead saves."""
-    steps = sorted(p for p in checkpoints.glob("step-*") if p.is_dir())
-    for p in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
-    for p in checkpoints.glob(".tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    torch.save(optimizer.state_dict(), path)
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-    optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -1,62 +1,15 @@
-"""What the command-line tools share: the common training flags, config loading and logging setup.
-
-Every training tool reads a YAML config (one section per dataclass), applies `--set section.key=value`
-overrides, records the resolved config in the run directory and hands a Task to the engine. The same
-command runs in one process, under `torchrun` (DDP) or under the `deepspeed` launcher (`--deepspeed`).
+"""What every command-line program shares, training or not: the device, threads, weights dtype and
+sampling flags. Training's own flags and the run's start and end live in `dalle.train.cli`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-from typing import Any
 
 import torch
 
-from dalle.config import apply_overrides, from_dict, load_yaml, to_dict
-
-
-def setup_logging(level: str = "INFO") -> None:
-    numeric = getattr(logging, level.upper(), logging.INFO)
-    if int(os.environ.get("RANK", 0)) > 0:  # one voice per run: other ranks only warn
-        numeric = max(numeric, logging.WARNING)
-    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-
-
-def training_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", required=True,
-                   help="YAML config with one section per dataclass (model, train, data, ...)")
-    p.add_argument("--out", required=True, help="run directory: checkpoints, logs, eval grids")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value, e.g. --set train.steps=200 (repeatable)")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:N or auto (cuda when available; cuda:LOCAL_RANK under a launcher)")
-    p.add_argument("--deepspeed", metavar="CONFIG.json", default=os.environ.get("DALLE_DEEPSPEED") or None,
-                   help="train with DeepSpeed using this JSON (configs/deepspeed/: ZeRO stage, precision); batch "
-                        "sizes, accumulation, clipping, optimizer and LR schedule still come from the train "
-                        "section. Default: $DALLE_DEEPSPEED, else plain PyTorch (DDP under torchrun)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                   help=argparse.SUPPRESS)  # the deepspeed launcher passes it; LOCAL_RANK says the same
-    p.add_argument("--resume", default="auto",
-                   help="auto: continue from OUT's latest checkpoint if any; never: refuse a run "
-                        "directory that has checkpoints; or a checkpoint directory to start from")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0: torch's default, one per core)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    return p
-
-
-def start(parser: argparse.ArgumentParser, schema: dict[str, type], argv: list[str] | None
-          ) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """What every training tool does first: parse the flags, set up logging and threads, load the config."""
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    apply_threads(args.threads)
-    return args, load_sections(args, schema)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -78,58 +31,6 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def load_sections(args: argparse.Namespace, schema: dict[str, type]) -> dict[str, Any]:
-    """Parse the config file into one dataclass per section of `schema`; unknown sections are errors.
-    Also seeds torch with train.seed, so the model the tool builds next starts from the same weights
-    for the same command (on every back end and rank)."""
-    data = apply_overrides(load_yaml(args.config), args.overrides)
-    unknown = sorted(set(data) - set(schema))
-    if unknown:
-        raise SystemExit(f"{args.config}: unknown section(s) {unknown}; expected {sorted(schema)}")
-    try:
-        sections = {name: from_dict(cls, data.get(name), where=f"{args.config} [{name}]")
-                    for name, cls in schema.items()}
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"config error: {e}") from None
-    if hasattr(sections.get("train"), "seed"):
-        torch.manual_seed(sections["train"].seed)
-    return sections
-
-
-def record(sections: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    return {"config_file": os.path.abspath(args.config), "overrides": args.overrides,
-            "deepspeed": os.path.abspath(args.deepspeed) if args.deepspeed else None,
-            "world_size": int(os.environ.get("WORLD_SIZE", 1)),
-            **{name: to_dict(value) for name, value in sections.items()}}
-
-
 def apply_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
-
-
-def run_training(task: Any, sections: dict[str, Any], args: argparse.Namespace, describe: str) -> int:
-    """The common end of every training tool: build the engine, say what is trained, train, report."""
-    from dalle.checkpoint import EXPORT_HINT, latest_checkpoint
-    from dalle.engine import Trainer
-
-    n = sum(p.numel() for p in task.model.parameters())  # before ZeRO-3 splits them across ranks
-    try:
-        trainer = Trainer(task, sections["train"], args.out, device=resolve_device(args.device),
-                          resume=args.resume, record=record(sections, args), progress=not args.no_progress,
-                          deepspeed=args.deepspeed)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"cannot start training: {e}") from None
-    if trainer.is_main:
-        logging.getLogger("dalle").info("%s; %.2fM parameters, run dir %s", describe, n / 1e6, args.out)
-        print(trainer.describe(), flush=True)
-    metrics = trainer.fit()
-    if trainer.is_main:
-        print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        latest = latest_checkpoint(args.out)
-        if trainer.backend.sharded:
-            print(f"DeepSpeed checkpoint: {latest}; make a model directory with: {EXPORT_HINT.format(path=latest)}")
-        else:
-            print(f"model directory: {latest}")
-    trainer.close()
-    return 0

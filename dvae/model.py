@@ -2,7 +2,7 @@
 
 Owns the architecture only: `DVAEConfig`, the conv-ResNet `Encoder` and `Decoder` with bottleneck
 res-blocks, and `DiscreteVAE`, which ties them together with the gumbel-softmax relaxation. Losses live
-in `dvae.losses`, schedules in `dvae.schedules`, the training objective in `dvae.task`.
+in `dvae.losses`, schedules in `dvae.schedules`, the training objective in `dalle.train.tasks.dvae`.
 
 Layout follows the OpenAI dVAE release: groups of res-blocks whose outputs are scaled by
 1 / n_layers**2, max-pool between encoder groups, nearest-neighbour up-sampling between decoder groups,

@@ -18,11 +18,11 @@ def _deterministic():
 @pytest.fixture(scope="session")
 def tiny_parts(tmp_path_factory):
     """For generation and evaluation tests: an untrained transformer run (dVAE by pointer, no reranker)
-    and a separate CLIP checkpoint, on 32x32 images."""
+    and a separate Reranker checkpoint, on 32x32 images."""
     from dalle.checkpoint import save_pretrained
-    from dalle.clip import CLIP, CLIPConfig
-    from dalle.model import DALLE, DALLEConfig
+    from dalle.reranker.model import Reranker, RerankerConfig
     from dalle.tokenizer import TextTokenizer
+    from dalle.transformer.model import DALLE, DALLEConfig
     from dalle_tools import train_bpe
     from dvae.model import DiscreteVAE, DVAEConfig
 
@@ -32,14 +32,14 @@ def tiny_parts(tmp_path_factory):
     torch.manual_seed(0)
     save_pretrained(DiscreteVAE(DVAEConfig(image_size=32, downsample=8, vocab_size=64, n_hid=8, n_blk_per_group=1,
                                            n_init=16)), root / "dvae")
-    dalle = DALLE(DALLEConfig(text_vocab_size=tok.vocab_size, text_seq_len=12, image_vocab_size=64, image_grid=4,
+    dalle = DALLE(DALLEConfig(text_vocab_size=tok.vocab_size, text_seq_len=12, image_vocab_size=64, image_grid_size=4,
                               n_embd=32, n_layer=2, n_head=4, conv_kernel=3))
 
     def extra(d):
         tok.save(d / "tokenizer.json")
         (d / "dvae.json").write_text(json.dumps({"path": str(root / "dvae")}))
     save_pretrained(dalle, root / "model", extra=extra)
-    clip = CLIP(CLIPConfig(text_vocab_size=tok.vocab_size, text_seq_len=16, image_size=32, patch_size=8,
+    reranker = Reranker(RerankerConfig(text_vocab_size=tok.vocab_size, text_seq_len=16, image_size=32, patch_size=8,
                            stem="patch", width=32, layers=1, heads=2, embed_dim=16))
-    save_pretrained(clip, root / "clip", extra=lambda d: tok.save(d / "tokenizer.json"))
+    save_pretrained(reranker, root / "reranker", extra=lambda d: tok.save(d / "tokenizer.json"))
     return root

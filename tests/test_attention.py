@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
 
-from dalle.attention import (
+from dalle.transformer.attention import (
     KINDS,
     additive_mask,
     attend,

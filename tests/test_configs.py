@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle.config import apply_overrides, from_dict, load_yaml
+from dalle.config import from_dict
 from dalle.data.sources import DataConfig
-from dalle.engine import TrainConfig
-from dalle.model import DALLE, DALLEConfig
-from dalle.task import DALLEInputs, DALLEObjective
+from dalle.train.config import TrainConfig, apply_overrides, load_yaml
+from dalle.train.tasks.dvae import DVAEObjective
+from dalle.train.tasks.transformer import DALLEInputs, DALLEObjective
+from dalle.transformer.model import DALLE, DALLEConfig
 from dvae.model import DiscreteVAE, DVAEConfig
-from dvae.task import DVAEObjective
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

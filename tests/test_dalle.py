@@ -6,12 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle.config import from_dict, load_yaml
-from dalle.model import DALLE, DALLEConfig, KVCache
-from dalle.sampling import empty_text, filter_logits, sample
-from dalle.task import DALLEObjective, DALLETask
+from dalle.config import from_dict
+from dalle.train.config import load_yaml
+from dalle.train.tasks.transformer import DALLEObjective, DALLETask
+from dalle.transformer.decoding import KVCache, decode_step, prefill
+from dalle.transformer.model import DALLE, DALLEConfig
+from dalle.transformer.sampling import empty_text, filter_logits, sample
 
-CFG = DALLEConfig(text_vocab_size=50, text_seq_len=6, image_vocab_size=32, image_grid=4, n_embd=32, n_layer=4,
+CFG = DALLEConfig(text_vocab_size=50, text_seq_len=6, image_vocab_size=32, image_grid_size=4, n_embd=32, n_layer=4,
                   n_head=4, conv_kernel=3)
 
 
@@ -164,9 +166,9 @@ def test_packed_decoding_step_gives_the_plain_products_logits(schedule):
     if fast.packed is None:
         pytest.skip("this torch build has no oneDNN")
     plain.packed = None
-    torch.testing.assert_close(model.prefill(text, image[:, :0], fast), model.prefill(text, image[:, :0], plain))
+    torch.testing.assert_close(prefill(model, text, image[:, :0], fast), prefill(model, text, image[:, :0], plain))
     for k in range(6):
-        torch.testing.assert_close(model.decode_step(image[:, k], fast), model.decode_step(image[:, k], plain),
+        torch.testing.assert_close(decode_step(model, image[:, k], fast), decode_step(model, image[:, k], plain),
                                    atol=1e-5, rtol=1e-5)
     assert len(fast.packed) == 4 * CFG.n_layer + 1  # every product of the step took the packed path
 
@@ -178,13 +180,13 @@ def test_a_rows_decoding_step_does_not_depend_on_its_batch():
     model = model_for()
     text, image = batch(3)
     together, alone = KVCache(model.config, 3, "cpu", torch.float32), KVCache(model.config, 1, "cpu", torch.float32)
-    model.prefill(text, image[:, :0], together)
+    prefill(model, text, image[:, :0], together)
     for key in ("k", "v"):
         for mine, theirs in zip(getattr(alone, key), getattr(together, key)):
             mine.copy_(theirs[1:2])
     alone.length = together.length
     for k in range(6):
-        assert torch.equal(model.decode_step(image[:, k], together)[1:2], model.decode_step(image[1:2, k], alone))
+        assert torch.equal(decode_step(model, image[:, k], together)[1:2], decode_step(model, image[1:2, k], alone))
 
 
 def test_priming_keeps_the_given_rows_and_matches_uncached():
@@ -247,7 +249,7 @@ def test_paper_12b_config_on_meta():
     n = sum(p.numel() for p in model.parameters())
     assert 11.9e9 < n < 12.4e9, n  # "a 12-billion parameter transformer" (sec. 2.2)
     assert cfg.seq_len == 1280 and cfg.n_embd // cfg.n_head == 64
-    from dalle.attention import layer_kinds
+    from dalle.transformer.attention import layer_kinds
 
     kinds = layer_kinds(cfg.n_layer, cfg.attn_schedule)
     assert kinds[-1] == "conv" and kinds.count("column") == 16

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from dalle.config import from_dict, load_yaml
+from dalle.config import from_dict
+from dalle.train.config import load_yaml
 from dvae import schedules
 from dvae.losses import codebook_usage, gradient_difference_loss, kl_to_uniform, logit_laplace_nll, psnr
 from dvae.model import DiscreteVAE, DVAEConfig, map_pixels, unmap_pixels
@@ -111,7 +112,7 @@ def test_psnr_and_codebook_usage():
 
 
 def test_loss_falls_on_tiny_overfit_batch():
-    from dvae.task import DVAEObjective, DVAETask
+    from dalle.train.tasks.dvae import DVAEObjective, DVAETask
 
     torch.manual_seed(0)
     model = DiscreteVAE(TINY)

@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from dalle import checkpoint as ckpt
 from dalle.data.shapes import ShapesDataset
-from dalle.engine import NonFiniteLossError, ResumableSampler, TrainConfig, Trainer
+from dalle.train import checkpoints as ckpt
+from dalle.train.config import TrainConfig
+from dalle.train.engine import NonFiniteLossError, ResumableSampler, Trainer
+from dalle.train.tasks.dvae import DVAEObjective, DVAETask
 from dvae.model import DiscreteVAE, DVAEConfig
-from dvae.task import DVAEObjective, DVAETask
 
 TINY = DVAEConfig(image_size=32, downsample=4, vocab_size=64, n_hid=8, n_blk_per_group=1, n_init=16)
 

@@ -129,7 +129,7 @@ def test_inception_score_bounds_and_blur():
 
 
 def test_missing_inception_weights_say_where_to_put_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth.*--features clip"):
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth.*--features reranker"):
         inception_weights_path(tmp_path / "nope.pth")
 
 
@@ -152,7 +152,7 @@ def test_eval_fid_pipeline_resumes_and_agrees_with_pytorch_fid(tiny_parts, tmp_p
 
     monkeypatch.setattr(eval_fid, "InceptionExtractor", StandIn)
     out = tmp_path / "fid"
-    args = ["--model", str(tiny_parts / "model"), "--clip", str(tiny_parts / "clip"), "--source", "shapes",
+    args = ["--model", str(tiny_parts / "model"), "--reranker", str(tiny_parts / "reranker"), "--source", "shapes",
             "--split", "zeroshot", "--n", "6", "--blur", "0", "2", "--batch-size", "4", "--out", str(out),
             "--stats-cache", str(tmp_path / "cache"), "--no-progress"]
     assert eval_fid.main(args) == 0
@@ -179,8 +179,8 @@ def test_eval_fid_pipeline_resumes_and_agrees_with_pytorch_fid(tiny_parts, tmp_p
 
 def test_eval_shapes_tool(tiny_parts, tmp_path):
     out = tmp_path / "shapes"
-    assert eval_shapes.main(["--model", str(tiny_parts / "model"), "--clip", str(tiny_parts / "clip"), "--split",
-                             "train", "zeroshot", "--n", "3", "--candidates", "1", "2", "--cond-scale", "1", "2",
+    assert eval_shapes.main(["--model", str(tiny_parts / "model"), "--reranker", str(tiny_parts / "reranker"),
+                             "--split", "train", "zeroshot", "--n", "3", "--candidates", "1", "2", "--cond-scale", "1", "2",
                              "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
     rows = json.loads((out / "shapes-eval.json").read_text())["rows"]
     assert [(r["split"], r["cond_scale"], r["candidates"]) for r in rows] == [

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import generate
+from dalle.generation import sample_images as generate_images
 from dalle.pipeline import DEFAULT_MODEL, load_pipeline, score
-from dalle.pipeline import generate as generate_images
 from dalle_tools import bundle
 
 PROMPT = "a red circle"
@@ -17,21 +17,21 @@ PROMPT = "a red circle"
 
 def test_candidates_are_reranked_best_first(tiny_parts, tmp_path):
     out = tmp_path / "out"
-    assert generate.main([PROMPT, "--model", str(tiny_parts / "model"), "--clip", str(tiny_parts / "clip"),
+    assert generate.main([PROMPT, "--model", str(tiny_parts / "model"), "--reranker", str(tiny_parts / "reranker"),
                           "--num-images", "2", "--candidates", "5", "--seed", "3", "--out", str(out), "--grid",
                           "--scores", "--no-progress"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a-red-circle-0.json", "a-red-circle-0.png",
                                                      "a-red-circle-1.json", "a-red-circle-1.png",
                                                      "a-red-circle-grid.png"]
     # The same five candidates, scored independently: the kept ones are the two highest, best first.
-    pipe = load_pipeline(tiny_parts / "model", clip_dir=tiny_parts / "clip")
+    pipe = load_pipeline(tiny_parts / "model", reranker_dir=tiny_parts / "reranker")
     scores = score(pipe, PROMPT, generate_images(pipe, [PROMPT] * 5, list(range(3, 8))))
     expected = torch.argsort(scores, descending=True)[:2].tolist()
     metas = [json.loads((out / f"a-red-circle-{r}.json").read_text()) for r in range(2)]
     assert [m["candidate"] for m in metas] == expected and [m["seed"] for m in metas] == [3 + c for c in expected]
     assert [m["rank"] for m in metas] == [0, 1] and metas[0]["candidates"] == 5
     assert metas[0]["score"] == pytest.approx(float(scores[expected[0]]), abs=1e-5)
-    assert metas[0]["score"] >= metas[1]["score"] and metas[0]["reranker"].startswith("clip@")
+    assert metas[0]["score"] >= metas[1]["score"] and metas[0]["reranker"].startswith("reranker@")
     # The sidecar's seed alone makes the best image again.
     again = tmp_path / "again"
     assert generate.main([PROMPT, "--model", str(tiny_parts / "model"), "--num-images", "1", "--seed",
@@ -49,16 +49,16 @@ def test_candidates_without_a_reranker_is_an_error(tiny_parts, tmp_path, capsys)
 
 
 def test_bundle_is_self_contained(tiny_parts, tmp_path):
-    assert bundle.main(["--dalle", str(tiny_parts / "model"), "--clip", str(tiny_parts / "clip"), "--out",
+    assert bundle.main(["--dalle", str(tiny_parts / "model"), "--reranker", str(tiny_parts / "reranker"), "--out",
                         str(tmp_path / "b")]) == 0
     moved = tmp_path / "elsewhere"
     shutil.move(tmp_path / "b", moved)  # no pointer back to the training runs is needed
-    assert {"config.json", "model.safetensors", "tokenizer.json", "dvae", "clip", "bundle.json"} <= {
+    assert {"config.json", "model.safetensors", "tokenizer.json", "dvae", "reranker", "bundle.json"} <= {
         p.name for p in moved.iterdir()}
     weights = load_file(str(moved / "model.safetensors"))
     assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
-    pipe, ref = load_pipeline(moved), load_pipeline(tiny_parts / "model", clip_dir=tiny_parts / "clip")
-    assert pipe.scorer is not None
+    pipe, ref = load_pipeline(moved), load_pipeline(tiny_parts / "model", reranker_dir=tiny_parts / "reranker")
+    assert pipe.reranker is not None
     a, b = generate_images(pipe, [PROMPT], [0]), generate_images(ref, [PROMPT], [0])
     assert a.shape == b.shape == (1, 3, 32, 32)
     images = torch.rand(3, 3, 32, 32)
@@ -75,7 +75,7 @@ def test_shipped_default_model(tmp_path):
     size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
     assert size < 40 * 2**20
     pipe = load_pipeline(DEFAULT_MODEL)  # strict: every tensor present, with the shape its config implies
-    assert pipe.scorer is not None and pipe.dvae.config.grid_size == pipe.model.config.image_grid
+    assert pipe.reranker is not None and pipe.dvae.config.grid_size == pipe.model.config.image_grid_size
     assert generate.main([PROMPT, "--num-images", "1", "--candidates", "2", "--out", str(tmp_path),
                           "--no-progress"]) == 0
     meta = json.loads((tmp_path / "a-red-circle-0.json").read_text())

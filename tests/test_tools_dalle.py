@@ -5,12 +5,14 @@ import json
 import pytest
 import torch
 
-from dalle.checkpoint import latest_checkpoint, load_pretrained, save_pretrained
+from dalle.checkpoint import load_pretrained, save_pretrained
 from dalle.data.tokens import TokenShards
-from dalle.engine import TrainConfig, Trainer
-from dalle.model import DALLE, DALLEConfig
-from dalle.task import DALLEObjective, DALLETask
 from dalle.tokenizer import TextTokenizer
+from dalle.train.checkpoints import latest_checkpoint
+from dalle.train.config import TrainConfig
+from dalle.train.engine import Trainer
+from dalle.train.tasks.transformer import DALLEObjective, DALLETask
+from dalle.transformer.model import DALLE, DALLEConfig
 from dalle_tools import pretokenize, train_bpe, train_dalle
 from dvae.model import DiscreteVAE, DVAEConfig
 
@@ -66,7 +68,7 @@ def test_train_dalle_tool(assets):
 def _task(assets, seed=0):
     tok = TextTokenizer.from_file(assets / "tokenizer.json")
     torch.manual_seed(seed)
-    model = DALLE(DALLEConfig(text_vocab_size=tok.vocab_size, text_seq_len=12, image_vocab_size=64, image_grid=4,
+    model = DALLE(DALLEConfig(text_vocab_size=tok.vocab_size, text_seq_len=12, image_vocab_size=64, image_grid_size=4,
                               n_embd=32, n_layer=2, n_head=4, conv_kernel=3, dropout=0.1))
     return DALLETask(model, DALLEObjective(caption_drop=0.3, val_samples=8), tok, TokenShards(assets / "tok-train"),
                      TokenShards(assets / "tok-val"))
@@ -147,7 +149,7 @@ def test_streaming_raw_images_get_tokenised_text(assets, tmp_path):
     """webdataset shards of raw images: captions are tokenised per sample, reproducibly."""
     from dalle.data.readers import collate_skip_bad, webdataset_pairs
     from dalle.data.transforms import transform_from_name
-    from dalle.task import CaptionedStream
+    from dalle.train.tasks.transformer import CaptionedStream
     from dalle_tools import make_shapes
 
     make_shapes.main(["--n", "6", "--out", str(tmp_path / "wds"), "--image-size", "32", "--shards",
@@ -166,7 +168,7 @@ def test_shapes_config_trains_through_an_evaluation_with_its_sample_grid(assets,
     """The shipped stage-2 config (bf16 autocast, top-k sample grid) at tiny sizes: sampling inside the
     evaluation's autocast must work, and the run must reach its save."""
     run = tmp_path / "run"
-    tiny = ["model.text_seq_len=12", "model.image_vocab_size=64", "model.image_grid=4", "model.n_embd=32",
+    tiny = ["model.text_seq_len=12", "model.image_vocab_size=64", "model.image_grid_size=4", "model.n_embd=32",
             "model.n_layer=4", "model.n_head=4", "model.conv_kernel=3", "objective.val_samples=8",
             "train.steps=4", "train.batch_size=4", "train.warmup_steps=1", "train.eval_every=2",
             "train.save_every=4", "train.log_every=2", f"data.path={assets / 'tok-train'}",
@@ -182,10 +184,10 @@ def test_shapes_config_trains_through_an_evaluation_with_its_sample_grid(assets,
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cached_sampling_works_under_cpu_autocast(assets, dtype):
-    from dalle.sampling import sample
+    from dalle.transformer.sampling import sample
 
     tok = TextTokenizer.from_file(assets / "tokenizer.json")
-    model = DALLE(DALLEConfig(text_vocab_size=tok.vocab_size, text_seq_len=12, image_vocab_size=64, image_grid=4,
+    model = DALLE(DALLEConfig(text_vocab_size=tok.vocab_size, text_seq_len=12, image_vocab_size=64, image_grid_size=4,
                               n_embd=32, n_layer=4, n_head=4, conv_kernel=3)).eval()
     text, _ = tok.encode_batch(["a red circle", "a blue square"], 12)
     with torch.autocast("cpu", dtype=dtype):

@@ -4,8 +4,9 @@ import json
 
 from PIL import Image
 
-from dalle.checkpoint import latest_checkpoint, load_pretrained
+from dalle.checkpoint import load_pretrained
 from dalle.data.shapes import make_sample
+from dalle.train.checkpoints import latest_checkpoint
 from dalle_tools import eval_dvae, make_shapes, train_dvae
 
 TINY = "configs/dvae/tiny.yaml"

@@ -133,8 +133,9 @@ def _setup(threads: int) -> Any:
 
 
 def _model_cfg(schedule: str) -> Any:
-    from dalle.config import from_dict, load_yaml
-    from dalle.model import DALLEConfig
+    from dalle.config import from_dict
+    from dalle.train.config import load_yaml
+    from dalle.transformer.model import DALLEConfig
 
     return from_dict(DALLEConfig, {**load_yaml(CONFIG)["model"], "attn_schedule": schedule}, "model")
 
@@ -154,10 +155,11 @@ def case_peak(dtype_name: str, warmup: int, runs: int) -> dict[str, Any]:
 
 
 def _trainer(schedule: str, precision: str, run_dir: str) -> tuple[Any, Any]:
-    from dalle.config import from_dict, load_yaml
-    from dalle.engine import TrainConfig, Trainer
-    from dalle.model import DALLE
-    from dalle.task import DALLEObjective
+    from dalle.config import from_dict
+    from dalle.train.config import TrainConfig, load_yaml
+    from dalle.train.engine import Trainer
+    from dalle.train.tasks.transformer import DALLEObjective
+    from dalle.transformer.model import DALLE
     from tools.bench_train import SyntheticTask
 
     cfg = _model_cfg(schedule)
@@ -177,7 +179,7 @@ def _batch(cfg: Any, size: int, start: int = 0) -> dict[str, Any]:
 
 
 def case_train(schedule: str, precision: str, warmup: int, runs: int) -> dict[str, Any]:
-    from dalle.model import training_flops_per_token
+    from dalle.transformer.model import training_flops_per_token
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer, cfg = _trainer(schedule, precision, tmp)
@@ -234,8 +236,8 @@ def case_parity(warmup: int, runs: int, steps: int = 40) -> dict[str, Any]:
 def case_gen(schedule: str, cached: bool, cond_scale: float, warmup: int, runs: int) -> dict[str, Any]:
     import torch
 
-    from dalle.model import DALLE
-    from dalle.sampling import sample
+    from dalle.transformer.model import DALLE
+    from dalle.transformer.sampling import sample
     from dvae.model import DiscreteVAE, DVAEConfig
 
     cfg = _model_cfg(schedule)
@@ -246,7 +248,7 @@ def case_gen(schedule: str, cached: bool, cond_scale: float, warmup: int, runs: 
     def generate() -> None:
         codes = sample(model, text, top_k=top_k, cond_scale=cond_scale, use_cache=cached,
                        generator=torch.Generator().manual_seed(0))
-        dvae.decode(codes.view(GEN_BATCH, cfg.image_grid, cfg.image_grid))
+        dvae.decode(codes.view(GEN_BATCH, cfg.image_grid_size, cfg.image_grid_size))
 
     r = timed(generate, warmup, runs)
     return {**r, "image_tokens_per_s": GEN_BATCH * cfg.image_seq_len / r["median_s"],
@@ -296,7 +298,7 @@ def _cuda_timed(fn: Callable[[], Any], warmup: int, runs: int) -> dict[str, Any]
 def case_gpu_attention(warmup: int, runs: int) -> dict[str, Any]:
     import torch
 
-    from dalle.attention import attend, block_sparsity
+    from dalle.transformer.attention import attend, block_sparsity
 
     b, h, d, text_len, grid = 8, 16, 64, 256, 32
     out: dict[str, Any] = {"shape": f"B={b} H={h} L={text_len + grid * grid} D={d}"}
@@ -316,9 +318,10 @@ def case_gpu_attention(warmup: int, runs: int) -> dict[str, Any]:
 def case_gpu_generate(warmup: int, runs: int, batch: int = 16) -> dict[str, Any]:
     import torch
 
-    from dalle.config import from_dict, load_yaml
-    from dalle.model import DALLE, DALLEConfig
-    from dalle.sampling import sample
+    from dalle.config import from_dict
+    from dalle.train.config import load_yaml
+    from dalle.transformer.model import DALLE, DALLEConfig
+    from dalle.transformer.sampling import sample
 
     cfg = from_dict(DALLEConfig, load_yaml(ROOT / "configs/dalle/bench-300m.yaml")["model"], "model")
     model = DALLE(cfg).to("cuda", torch.bfloat16).eval()

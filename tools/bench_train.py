@@ -1,7 +1,7 @@
 """Time the training engine on synthetic tokens: throughput, peak memory and the fp16 loss scaler.
 
     python tools/bench_train.py --config configs/dalle/bench-300m.yaml --out /tmp/bench --json bf16.json \
-        --set train.precision=bf16 --deepspeed configs/deepspeed/zero2_bf16.json   # under `deepspeed`
+        --set train.precision=bf16 --deepspeed configs/deepspeed/zero2.json   # under `deepspeed`
 
 Random text ids and image codes of the config's shapes stand in for data (no tokenizer, dVAE or data set),
 trained by the same Trainer and back ends as tools/train_dalle.py, logging every step. Rank 0 writes one
@@ -23,11 +23,13 @@ if __package__ in (None, ""):  # run as a script from a source checkout
 import torch
 from torch.utils.data import Dataset
 
-from dalle.cli import resolve_device, start, training_parser
+from dalle.cli import resolve_device
 from dalle.data.sources import DataConfig
-from dalle.engine import TrainConfig, Trainer, matrix_decay_groups
-from dalle.model import DALLE, DALLEConfig, training_flops_per_token
-from dalle.task import DALLEInputs, DALLEObjective, DALLETask
+from dalle.train.cli import start, training_parser
+from dalle.train.config import TrainConfig
+from dalle.train.engine import Trainer, matrix_decay_groups
+from dalle.train.tasks.transformer import DALLEInputs, DALLEObjective, DALLETask
+from dalle.transformer.model import DALLE, DALLEConfig, training_flops_per_token
 
 # data and inputs are read so that any transformer config is accepted; the tokens are synthetic.
 SECTIONS = {"model": DALLEConfig, "objective": DALLEObjective, "train": TrainConfig, "data": DataConfig,
@@ -56,8 +58,6 @@ class SyntheticTask(DALLETask):
 
     def __init__(self, model: DALLE, objective: DALLEObjective) -> None:
         self.model, self.objective, self.dvae = model, objective, None
-        model.gradient_checkpointing = objective.gradient_checkpointing
-        model.set_attention_backend(objective.attn_backend)
         self.tokens_per_sample = model.config.seq_len
         self.data = RandomTokens(model.config)
 

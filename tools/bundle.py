@@ -1,12 +1,12 @@
-"""Pack a trained transformer, its dVAE and a CLIP reranker into one self-contained model directory.
+"""Pack a trained transformer, its dVAE and a reranker into one self-contained model directory.
 
-    python tools/bundle.py --dalle runs/dalle-shapes --clip runs/clip-shapes --out dalle/default_model
+    python tools/bundle.py --dalle runs/dalle-shapes --reranker runs/reranker-shapes --out dalle/default_model
 
 The result is what generate.py --model reads, with no pointer outside itself:
 
     OUT/config.json, model.safetensors, tokenizer.json     the transformer and its tokenizer
     OUT/dvae/config.json, model.safetensors                 the dVAE it was trained with
-    OUT/clip/config.json, model.safetensors, tokenizer.json the reranker (optional)
+    OUT/reranker/config.json, model.safetensors, tokenizer.json the reranker (optional)
     OUT/bundle.json                                         where each part came from
 
 Weights are stored in --dtype (fp16 by default: half the bytes, and the models are computed in fp32 or
@@ -31,25 +31,35 @@ from dalle.pipeline import find_dvae, load_pipeline
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def bundle(dalle_dir: str | Path, out: str | Path, *, clip_dir: str | Path | None = None,
+def _portable(path: Path) -> str:
+    """Where a part came from, relative to the working directory (the checkout that ran the build), so the
+    record says the same on every machine; a part from outside it is named by its last three components."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(Path(*path.parts[-3:]))
+
+
+def bundle(dalle_dir: str | Path, out: str | Path, *, reranker_dir: str | Path | None = None,
            dvae_dir: str | Path | None = None, dtype: torch.dtype = torch.float16) -> Path:
     """Write the bundle; the parts are checked to fit together (as generate.py loads them) first."""
-    pipe = load_pipeline(dalle_dir, dvae_dir=dvae_dir, clip_dir=clip_dir)
+    pipe = load_pipeline(dalle_dir, dvae_dir=dvae_dir, reranker_dir=reranker_dir)
     dalle_dir = resolve_model_dir(dalle_dir)
-    sources = {"dalle": str(dalle_dir), "dvae": str(resolve_model_dir(find_dvae(dalle_dir, dvae_dir)))}
+    sources = {"dalle": _portable(dalle_dir), "dvae": _portable(resolve_model_dir(find_dvae(dalle_dir, dvae_dir)))}
 
     def fill(tmp: Path) -> None:
         model_dir_contents(pipe.model, tmp, dtype=dtype)
         pipe.tokenizer.save(tmp / "tokenizer.json")
         (tmp / "dvae").mkdir()
         model_dir_contents(pipe.dvae, tmp / "dvae", dtype=dtype)
-        if pipe.scorer is not None:
-            (tmp / "clip").mkdir()
-            model_dir_contents(pipe.scorer, tmp / "clip", dtype=dtype)
-            pipe.scorer_tokenizer.save(tmp / "clip" / "tokenizer.json")
-            sources["clip"] = str(resolve_model_dir(clip_dir)) if clip_dir else sources["dalle"] + "/clip"
+        if pipe.reranker is not None:
+            (tmp / "reranker").mkdir()
+            model_dir_contents(pipe.reranker, tmp / "reranker", dtype=dtype)
+            pipe.reranker_tokenizer.save(tmp / "reranker" / "tokenizer.json")
+            sources["reranker"] = _portable(resolve_model_dir(reranker_dir) if reranker_dir else dalle_dir / "reranker")
         write_json(tmp / "bundle.json", {"sources": sources, "dtype": str(dtype).removeprefix("torch."),
-                                         "ids": {"dalle": pipe.model_id, "clip": pipe.scorer_id}})
+                                         "ids": {"dalle": pipe.model_id, "reranker": pipe.reranker_id}})
 
     return atomic_dir(Path(out), fill)
 
@@ -59,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dalle", required=True, help="transformer run or model directory (tools/train_dalle.py)")
     p.add_argument("--dvae", default=None, help="dVAE directory (default: the one the transformer names)")
-    p.add_argument("--clip", default=None, help="CLIP reranker run or model directory (tools/train_clip.py)")
+    p.add_argument("--reranker", default=None, help="reranker run or model directory (tools/train_reranker.py)")
     p.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
     p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES), help="dtype the weights are stored in")
     args = p.parse_args(argv)
     try:
-        out = bundle(args.dalle, args.out, clip_dir=args.clip, dvae_dir=args.dvae, dtype=DTYPES[args.dtype])
+        out = bundle(args.dalle, args.out, reranker_dir=args.reranker, dvae_dir=args.dvae, dtype=DTYPES[args.dtype])
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot bundle: {e}") from None
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

@@ -29,9 +29,9 @@ if __package__ in (None, ""):  # run as a script from a source checkout
 
 import torch
 
-from dalle.config import apply_overrides, from_dict, load_yaml
-from dalle.engine import TrainConfig
-from dalle.model import DALLE, DALLEConfig, training_flops_per_token
+from dalle.config import from_dict
+from dalle.train.config import TrainConfig, apply_overrides, load_yaml
+from dalle.transformer.model import DALLE, DALLEConfig, training_flops_per_token
 
 GIB = 2**30
 

@@ -29,7 +29,7 @@ from torchvision.utils import make_grid, save_image
 from dalle.checkpoint import load_pretrained
 from dalle.cli import resolve_device
 from dalle.data.sources import DataConfig, build_dataset
-from dvae.task import reconstruction_metrics
+from dalle.train.tasks.dvae import reconstruction_metrics
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Zero-shot FID and IS by the paper's protocol (sec. 3.2): one image per held-out caption, compared with
 the real images of those captions, also after blurring both sets (Fig. 9a).
 
-    python tools/eval_fid.py --source shapes --split zeroshot --n 2000 --features clip --out runs/fid-shapes
+    python tools/eval_fid.py --source shapes --split zeroshot --n 2000 --features reranker --out runs/fid-shapes
     python tools/eval_fid.py --model runs/my-dalle --source coco --captions annotations/captions_val2014.json \
         --path val2014 --n 30000 --features inception --candidates 32 --device cuda --out runs/fid-coco
 
@@ -11,10 +11,10 @@ the first N images by id). Real images are centre-cropped and resized to the mod
 
 Generated images are written to OUT/images/ as they are made, so a restarted run continues where it
 stopped. Real-image statistics are cached in --stats-cache, keyed by the data, the features and the blur.
-Writes OUT/fid.json and OUT/fid.md: FID for each blur radius, IS, CLIP score, N, settings and model id.
+Writes OUT/fid.json and OUT/fid.md: FID for each blur radius, IS, Reranker score, N, settings and model id.
 
 --features inception uses pytorch-fid's Inception-v3 (weights from torch's hub cache or
---inception-weights, never downloaded); --features clip uses the project's reranker instead: quick, no
+--inception-weights, never downloaded); --features reranker uses the project's reranker instead: quick, no
 download, and not comparable with published FIDs.
 """
 
@@ -40,15 +40,16 @@ from dalle.cli import add_sampling_flags, resolve_device
 from dalle.data.transforms import EvalTransform, to_rgb
 from dalle.evaluation.fid import (
     INCEPTION_WEIGHTS,
-    CLIPExtractor,
     InceptionExtractor,
+    RerankerExtractor,
     blur,
     frechet_distance,
     inception_score,
     statistics,
 )
-from dalle.pipeline import DEFAULT_MODEL, generate, load_pipeline, score
-from dalle.rerank import best
+from dalle.generation import sample_images
+from dalle.pipeline import DEFAULT_MODEL, load_pipeline, score
+from dalle.reranker.score import best
 
 
 def load_pairs(args: argparse.Namespace, image_size: int) -> list[tuple[str, object]]:
@@ -105,8 +106,8 @@ def generate_missing(pipe, captions: list[str], image_dir: Path, args: argparse.
         idx = todo[start : start + per_batch]
         prompts = [captions[i] for i in idx for _ in range(k)]
         seeds = [args.seed + i * k + c for i in idx for c in range(k)]  # unique per (caption, candidate)
-        images = generate(pipe, prompts, seeds, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          cond_scale=args.cond_scale).view(len(idx), k, 3, *pipe_size(pipe))
+        images = sample_images(pipe, prompts, seeds, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, cond_scale=args.cond_scale).view(len(idx), k, 3, *pipe_size(pipe))
         for row, i in enumerate(idx):
             pick = int(best(score(pipe, captions[i], images[row]), 1)[0]) if k > 1 else 0
             write_png(images[row, pick].clamp(0, 1).mul(255).round().to(torch.uint8), image_dir / f"{i:06d}.png")
@@ -163,15 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="transformer model or run directory")
-    p.add_argument("--clip", default=None, help="reranker directory (default: the model's clip/ folder)")
+    p.add_argument("--reranker", default=None, help="reranker directory (default: the model's reranker/ folder)")
     p.add_argument("--source", default="shapes", choices=["shapes", "folder", "webdataset", "coco"],
                    help="where the held-out captions and their real images come from")
     p.add_argument("--path", default="", help="folder, shard pattern, or (coco) the image folder")
     p.add_argument("--captions", default="", help="coco: the captions JSON (e.g. captions_val2014.json)")
     p.add_argument("--split", default="zeroshot", choices=["train", "val", "zeroshot"], help="shapes split")
     p.add_argument("--n", type=int, default=2000, help="captions (the paper: 30,000)")
-    p.add_argument("--features", default="inception", choices=["inception", "clip"],
-                   help="inception (comparable with published FIDs) or clip (the project's reranker)")
+    p.add_argument("--features", default="inception", choices=["inception", "reranker"],
+                   help="inception (comparable with published FIDs) or reranker (the project's reranker: quick, "
+                        "no download)")
     p.add_argument("--inception-weights", default="",
                    help=f"path of {INCEPTION_WEIGHTS} (default: torch's hub cache, checkpoints/ folder)")
     p.add_argument("--blur", type=float, nargs="+", default=[0, 1, 2, 4, 8],
@@ -196,19 +198,20 @@ def main(argv: list[str] | None = None) -> int:
         args.blur = [0.0, *args.blur]  # the IS and the headline FID are unblurred
     device = resolve_device(args.device)
     try:
-        pipe = load_pipeline(args.model, clip_dir=args.clip, device=device)
+        pipe = load_pipeline(args.model, reranker_dir=args.reranker, device=device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot load the model: {e}") from None
-    if args.candidates > 1 and pipe.scorer is None:
-        raise SystemExit(f"--candidates {args.candidates} needs a reranker: {args.model} has none; pass --clip DIR")
+    if args.candidates > 1 and pipe.reranker is None:
+        raise SystemExit(f"--candidates {args.candidates} needs a reranker: {args.model} has none; pass --reranker DIR")
     pairs = load_pairs(args, pipe.dvae.config.image_size)
     if len(pairs) < 2:
         raise SystemExit(f"found {len(pairs)} readable (caption, image) pairs in the {args.source} source; need 2+")
     captions = [c for c, _ in pairs]
-    if args.features == "clip":
-        if pipe.scorer is None:
-            raise SystemExit("--features clip needs a reranker: the model has no clip/ folder; pass --clip DIR")
-        extractor, feat_id = CLIPExtractor(pipe.scorer, pipe.scorer_tokenizer, captions), pipe.scorer_id
+    if args.features == "reranker":
+        if pipe.reranker is None:
+            raise SystemExit("--features reranker needs a reranker: the model has no reranker/ folder; pass "
+                             "--reranker DIR")
+        extractor, feat_id = RerankerExtractor(pipe.reranker, pipe.reranker_tokenizer, captions), pipe.reranker_id
     else:
         try:
             extractor, feat_id = InceptionExtractor(args.inception_weights or None, device), "pytorch-fid inception"
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     fid = {r: frechet_distance(*statistics(feats[r]), *real[r]) for r in args.blur}
     is_mean, is_std = inception_score(probs)
     clip_score = None
-    if pipe.scorer is not None:
+    if pipe.reranker is not None:
         clip_score = float(np.mean([float(score(pipe, c, torch.from_numpy(np.asarray(Image.open(
             image_dir / f"{i:06d}.png").convert("RGB")).copy()).permute(2, 0, 1)[None].float() / 255)[0])
             for i, c in enumerate(captions)]))
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
               "fid": {f"{r:g}": v for r, v in fid.items()}, "is": [is_mean, is_std], "clip_score": clip_score,
               "settings": {k: v for k, v in vars(args).items() if k not in ("no_progress", "out")}}
     (out / "fid.json").write_text(json.dumps(result, indent=2) + "\n")
-    note = "" if args.features == "inception" else " (CLIP features: not comparable with published FIDs)"
+    note = "" if args.features == "inception" else " (Reranker features: not comparable with published FIDs)"
     lines = [f"Model {pipe.model_id}, {len(pairs)} captions of {args.source}"
              f"{' ' + args.split if args.source == 'shapes' else ''}, {args.features} features{note}", "",
              "| blur radius | " + " | ".join(f"{r:g}" for r in args.blur) + " |",

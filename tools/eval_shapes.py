@@ -7,7 +7,7 @@
 For every (split, cond_scale), samples max(--candidates) images per prompt once; "best of k" keeps the
 reranker's favourite among the first k of them (k = 1: the first sample, no reranking), so the rows of one
 table differ only in reranking. Writes OUT/shapes-eval.json and OUT/shapes-eval.md (accuracy per
-attribute, relation, object count, all-correct, CLIP score), plus a grid per setting.
+attribute, relation, object count, all-correct, Reranker score), plus a grid per setting.
 
 --check-detector runs the detector on the ground-truth renders instead (after JPEG compression with
 --jpeg, or paired with shuffled prompts with --shuffle) to show how far its verdicts can be trusted.
@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from dalle.cli import add_sampling_flags, resolve_device
 from dalle.evaluation.compositional import Prompt, score_images, shapes_prompts, summarise, to_uint8
-from dalle.pipeline import DEFAULT_MODEL, Pipeline, generate, load_pipeline, score
+from dalle.generation import sample_images
+from dalle.pipeline import DEFAULT_MODEL, Pipeline, load_pipeline, score
 
 COLUMNS = ("colour", "shape", "size", "position", "relation", "count", "all_correct")
 
@@ -74,23 +75,23 @@ def sample_candidates(pipe: Pipeline, prompts: list[Prompt], k: int, cond_scale:
     out = []
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start : start + args.batch_size]
-        images = generate(pipe, [prompts[i].caption for i, _ in chunk], [s for _, s in chunk],
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cond_scale=cond_scale,
-                          on_token=lambda _t: bar.update(len(chunk)))  # noqa: B023 (called within this iteration)
+        images = sample_images(pipe, [prompts[i].caption for i, _ in chunk], [s for _, s in chunk],
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cond_scale=cond_scale,
+                               progress=bar.update)
         out.append(images.clamp(0, 1).mul(255).add(0.5).floor().to(torch.uint8))
     bar.close()
     images = torch.cat(out).view(len(prompts), k, *out[0].shape[1:])
-    if pipe.scorer is None:
+    if pipe.reranker is None:
         return images, None
     scores = torch.stack([score(pipe, p.caption, images[i].float() / 255) for i, p in enumerate(prompts)])
     return images, scores
 
 
 def evaluate_model(args: argparse.Namespace, out: Path) -> tuple[list[dict], str]:
-    pipe = load_pipeline(args.model, clip_dir=args.clip, device=resolve_device(args.device))
+    pipe = load_pipeline(args.model, reranker_dir=args.reranker, device=resolve_device(args.device))
     k_max = max(args.candidates)
-    if k_max > 1 and pipe.scorer is None:
-        raise SystemExit(f"--candidates {k_max} needs a reranker and {args.model} has none: pass --clip DIR")
+    if k_max > 1 and pipe.reranker is None:
+        raise SystemExit(f"--candidates {k_max} needs a reranker and {args.model} has none: pass --reranker DIR")
     rows = []
     for split in args.split:
         prompts = shapes_prompts(split, args.n, args.seed, pipe.dvae.config.image_size)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="transformer model or run directory")
-    p.add_argument("--clip", default=None, help="reranker directory (default: the model's clip/ folder)")
+    p.add_argument("--reranker", default=None, help="reranker directory (default: the model's reranker/ folder)")
     p.add_argument("--split", nargs="+", default=["train", "zeroshot"], choices=["train", "val", "zeroshot"],
                    help="shapes splits whose captions are the prompts")
     p.add_argument("--n", type=int, default=200, help="prompts per split (the first n samples)")

@@ -19,7 +19,8 @@ if __package__ in (None, ""):  # run as a script from a source checkout
 
 import torch
 
-from dalle.checkpoint import export, resolve_model_dir
+from dalle.checkpoint import resolve_model_dir
+from dalle.train.checkpoints import export
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

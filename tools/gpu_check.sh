@@ -44,8 +44,9 @@ PYEOF
 # fp16 from a scale of 2^24 (certain to overflow), window 5 so the scale is raised again within the run.
 "$PY" - "$OUT/zero2_fp16_check.json" <<'PYEOF'
 import json, sys
-ds = json.load(open("configs/deepspeed/zero2_fp16.json"))
-ds["fp16"].update(initial_scale_power=24, loss_scale_window=5, hysteresis=1)
+ds = json.load(open("configs/deepspeed/zero2.json"))
+ds["fp16"] = {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 24, "loss_scale_window": 5,
+              "hysteresis": 1, "min_loss_scale": 1}
 json.dump(ds, open(sys.argv[1], "w"), indent=2)
 PYEOF
 
@@ -56,7 +57,7 @@ train() {  # precision, DeepSpeed JSON
         --config configs/dalle/bench-300m.yaml --out "$OUT/run-$1" --json "$OUT/$1.json" --no-progress \
         --deepspeed "$2" --set "train.precision=$1" --set "train.steps=$STEPS"
 }
-train bf16 configs/deepspeed/zero2_bf16.json
+train bf16 configs/deepspeed/zero2.json
 train fp16 "$OUT/zero2_fp16_check.json"
 
 echo "== attention and generation"

@@ -18,12 +18,13 @@ if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dalle.checkpoint import load_pretrained, resolve_model_dir
-from dalle.cli import resolve_device, run_training, start, training_parser
+from dalle.cli import resolve_device
 from dalle.data.sources import DataConfig, build_dataset
-from dalle.engine import TrainConfig
-from dalle.model import DALLE, DALLEConfig
-from dalle.task import DALLEInputs, DALLEObjective, DALLETask
 from dalle.tokenizer import TextTokenizer
+from dalle.train.cli import run_training, start, training_parser
+from dalle.train.config import TrainConfig
+from dalle.train.tasks.transformer import DALLEInputs, DALLEObjective, DALLETask
+from dalle.transformer.model import DALLE, DALLEConfig
 
 SECTIONS = {"model": DALLEConfig, "objective": DALLEObjective, "train": TrainConfig, "data": DataConfig,
             "inputs": DALLEInputs}

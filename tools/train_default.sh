@@ -33,10 +33,10 @@ python tools/train_dalle.py --config configs/dalle/shapes.yaml --out "$WORK/dall
     --set data.path="$WORK/tok-train" --set data.val_path="$WORK/tok-val" \
     --set inputs.tokenizer="$WORK/tokenizer.json" --set inputs.dvae="$WORK/dvae"
 
-stage "CLIP reranker (configs/clip/shapes.yaml)"
-python tools/train_clip.py --config configs/clip/shapes.yaml --out "$WORK/clip" --threads "$THREADS" \
+stage "CLIP reranker (configs/reranker/shapes.yaml)"
+python tools/train_reranker.py --config configs/reranker/shapes.yaml --out "$WORK/reranker" --threads "$THREADS" \
     --set inputs.tokenizer="$WORK/tokenizer.json"
 
 stage "bundle into $OUT"
-python tools/bundle.py --dalle "$WORK/dalle" --clip "$WORK/clip" --out "$OUT"
+python tools/bundle.py --dalle "$WORK/dalle" --reranker "$WORK/reranker" --out "$OUT"
 printf '\ndone in %d min %d s\n' $((SECONDS / 60)) $((SECONDS % 60))

@@ -15,11 +15,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dalle.cli import run_training, start, training_parser
 from dalle.data.sources import DataConfig, build_dataset
-from dalle.engine import TrainConfig
+from dalle.train.cli import run_training, start, training_parser
+from dalle.train.config import TrainConfig
+from dalle.train.tasks.dvae import DVAEObjective, DVAETask
 from dvae.model import DiscreteVAE, DVAEConfig
-from dvae.task import DVAEObjective, DVAETask
 
 SECTIONS = {"model": DVAEConfig, "objective": DVAEObjective, "train": TrainConfig, "data": DataConfig}
 

@@ -6,7 +6,7 @@ Feature extractors turn uint8 images (N, 3, H, W) into (features (N, D), class p
   weights read from torch's hub cache or a given file; this module never downloads them. Images are
   resized to 299x299 with PIL's bicubic filter from uint8, as clean-fid does, then scaled to [-1, 1].
   Features: the 2048-d pool; probabilities: softmax of its 1008-way classifier (for the IS).
-- `CLIPExtractor`: the project's reranker. Features: its image embeddings; probabilities: a zero-shot
+- `RerankerExtractor`: the project's reranker. Features: its image embeddings; probabilities: a zero-shot
   classifier over a set of captions (the unique captions of the evaluation set). Quick and needs no
   download, but its numbers are not comparable with published FIDs or ISs.
 
@@ -82,7 +82,7 @@ def inception_weights_path(weights: str | Path | None = None) -> Path:
         raise FileNotFoundError(
             f"the FID Inception weights are not at {path}. This project never downloads at run time: fetch "
             f"{INCEPTION_URL} on a machine with internet and copy it to {path}, or pass its path with "
-            "--inception-weights. For a quick comparison without it, use --features clip.")
+            "--inception-weights. For a quick comparison without it, use --features reranker.")
     return path
 
 
@@ -116,29 +116,29 @@ class InceptionExtractor:
         return self._pool.float().cpu(), F.softmax(logits.float(), dim=1).cpu()
 
 
-class CLIPExtractor:
+class RerankerExtractor:
     """The project's reranker as a feature extractor; `labels` are the captions of its zero-shot classifier."""
 
-    name = "clip"
+    name = "reranker"
 
-    def __init__(self, scorer, tokenizer, labels: list[str]) -> None:
-        self.scorer, self.labels = scorer.eval(), sorted(set(labels))
-        param = next(scorer.parameters())
+    def __init__(self, reranker, tokenizer, labels: list[str]) -> None:
+        self.reranker, self.labels = reranker.eval(), sorted(set(labels))
+        param = next(reranker.parameters())
         with torch.no_grad():
             texts = []
             for i in range(0, len(self.labels), 256):
-                ids, _ = tokenizer.encode_batch(self.labels[i : i + 256], scorer.config.text_seq_len,
+                ids, _ = tokenizer.encode_batch(self.labels[i : i + 256], reranker.config.text_seq_len,
                                                 truncate_warn=False)
-                texts.append(scorer.encode_text(ids.to(param.device)).float())
+                texts.append(reranker.encode_text(ids.to(param.device)).float())
         self.text = torch.cat(texts)  # (C, E), unit vectors
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        param = next(self.scorer.parameters())
+        param = next(self.reranker.parameters())
         x = images.to(param.device).float() / 255
-        size = self.scorer.config.image_size
+        size = self.reranker.config.image_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        emb = self.scorer.encode_image(x.to(param.dtype)).float()
-        probs = F.softmax(self.scorer.scale().float() * emb @ self.text.T, dim=1)
+        emb = self.reranker.encode_image(x.to(param.dtype)).float()
+        probs = F.softmax(self.reranker.scale().float() * emb @ self.text.T, dim=1)
         return emb.cpu(), probs.cpu()

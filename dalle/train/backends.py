@@ -1,6 +1,6 @@
 """Where the training engine meets the hardware: one process, DDP under torchrun, or DeepSpeed ZeRO.
 
-The engine (`dalle.engine`) owns the loop, the schedule, logging and the checkpoint layout. A back end
+The engine (`dalle.train.engine`) owns the loop, the schedule, logging and the checkpoint layout. A back end
 owns only what differs between runtimes: starting the process group, wrapping the model, backward with
 gradient accumulation, the optimizer step with clipping and overflow detection, and where the weights
 and optimizer state of a checkpoint go.
@@ -30,7 +30,7 @@ import os
 import socket
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,12 +42,10 @@ import torch.distributed as dist
 import torch.distributed.nn.functional  # noqa: F401
 from torch import Tensor, nn
 
-from dalle import checkpoint as ckpt
+from dalle.train import checkpoints as ckpt
+from dalle.train.config import TrainConfig
 
-if TYPE_CHECKING:
-    from dalle.engine import TrainConfig
-
-log = logging.getLogger("dalle.distributed")
+log = logging.getLogger("dalle.train.backends")
 
 # Rank 0 evaluates and writes while the others wait at a barrier; NCCL's default 10 minutes is too
 # short for a sample grid of a large model.
@@ -248,14 +246,33 @@ def deepspeed_config(path: str | Path, cfg: TrainConfig, world: int) -> dict[str
             raise ValueError(f"{path}: {key} is {given}, but {origin} gives {value}; set it to \"auto\" "
                              "(filled in from the train config) or change the train config")
         ds[key] = value
-    half = {k: bool(ds.get(k, {}).get("enabled")) for k in ("fp16", "bf16")}
-    half["bf16"] |= bool(ds.get("bfloat16", {}).get("enabled"))
-    precision = "fp16" if half["fp16"] else "bf16" if half["bf16"] else "fp32"
-    if precision != cfg.precision:
-        raise ValueError(f"{path} trains in {precision} but train.precision is {cfg.precision}: pass --set "
-                         f"train.precision={precision}, or use the {cfg.precision} variant of this DeepSpeed config")
+    _fill_precision(ds, cfg.precision, path)
     ds.setdefault("steps_per_print", 2**31 - 1)  # the engine logs; DeepSpeed's own progress lines are noise
     return ds
+
+
+# DeepSpeed's dynamic loss scaling for fp16 when the JSON does not set it: start at 2^16, halve on an
+# overflow (after 2 in a row), double after 1000 clean steps.
+FP16_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                "min_loss_scale": 1}
+
+
+def _fill_precision(ds: dict[str, Any], precision: str, path: str | Path) -> None:
+    """Set the JSON's bf16 and fp16 sections from train.precision. A section whose "enabled" is "auto" or
+    absent is filled in; one that says true or false must agree with train.precision."""
+    for key, aliases in (("bf16", ("bf16", "bfloat16")), ("fp16", ("fp16",))):
+        want = precision == key
+        for name in aliases:
+            given = ds.get(name, {}).get("enabled", "auto")
+            if given != "auto" and bool(given) != want:
+                raise ValueError(f"{path}: {name}.enabled is {str(given).lower()}, but train.precision is "
+                                 f"{precision}; set it to \"auto\" (filled in from train.precision) or remove it")
+        section = dict(ds.pop("bfloat16", {})) if key == "bf16" else {}
+        section.update(ds.get(key, {}))
+        section["enabled"] = want
+        if key == "fp16" and want:
+            section = {**FP16_SCALING, **section}
+        ds[key] = section
 
 
 def meta_copy(model: nn.Module) -> nn.Module:

@@ -20,12 +20,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 
 from dalle.data.sources import eval_batches
-from dalle.engine import matrix_decay_groups
-from dalle.model import DALLE
 from dalle.tokenizer import TextTokenizer
+from dalle.train.engine import matrix_decay_groups
+from dalle.transformer.fit import check_fit
+from dalle.transformer.model import DALLE
 
 if TYPE_CHECKING:
-    from dalle.engine import EvalSink
+    from dalle.train.engine import EvalSink
     from dvae.model import DiscreteVAE
 
 
@@ -35,8 +36,6 @@ class DALLEObjective:
     image_loss_weight: float = 7 / 8
     caption_drop: float = 0.1  # share of captions replaced by the empty prompt (for cond_scale > 1)
     bpe_dropout: bool = True  # the tokenizer's BPE dropout (10% in the paper) on training captions
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    attn_backend: str = "auto"  # "sdpa" (dense masks), "flex" (block-sparse; CUDA) or "auto"
     val_samples: int = 512  # held-out samples for the validation losses
     sample_prompts: tuple[str, ...] = ()  # captions sampled at each eval into a grid
     sample_top_k: int = 0
@@ -116,19 +115,11 @@ class DALLETask:
     def __init__(self, model: DALLE, objective: DALLEObjective, tokenizer: TextTokenizer, train: Dataset,
                  val: Dataset, dvae: DiscreteVAE | None = None, dvae_path: str = "") -> None:
         cfg = model.config
-        if tokenizer.vocab_size != cfg.text_vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but model.text_vocab_size is "
-                             f"{cfg.text_vocab_size}; set model.text_vocab_size to {tokenizer.vocab_size}")
-        if dvae is not None and (dvae.config.vocab_size != cfg.image_vocab_size
-                                 or dvae.config.grid_size != cfg.image_grid):
-            raise ValueError(f"the dVAE makes a {dvae.config.grid_size}x{dvae.config.grid_size} grid of "
-                             f"{dvae.config.vocab_size} codes; the model expects {cfg.image_grid}x{cfg.image_grid}"
-                             f" of {cfg.image_vocab_size}")
+        check_fit(cfg, text_vocab_size=tokenizer.vocab_size, dvae_grid_size=dvae and dvae.config.grid_size,
+                  dvae_vocab_size=dvae and dvae.config.vocab_size, where="model")
         self.model, self.objective, self.tokenizer, self.dvae = model, objective, tokenizer, dvae
         self.dvae_path = dvae_path
         self.tokens_per_sample = cfg.seq_len  # text + image slots: what tokens/s in the logs counts
-        model.gradient_checkpointing = objective.gradient_checkpointing
-        model.set_attention_backend(objective.attn_backend)
         self.train = captioned(train, tokenizer, cfg.text_seq_len, objective, True)
         self.val = captioned(val, tokenizer, cfg.text_seq_len, objective, False)
 
@@ -174,14 +165,14 @@ class DALLETask:
     def _sample_grid(self, model: nn.Module, step: int, sink: EvalSink) -> None:
         from torchvision.utils import make_grid
 
-        from dalle.sampling import sample
+        from dalle.transformer.sampling import sample
 
         o, device = self.objective, next(model.parameters()).device
         text, _ = self.tokenizer.encode_batch(list(o.sample_prompts), model.config.text_seq_len,
                                               truncate_warn=False)
         g = torch.Generator(device=device).manual_seed(o.sample_seed)
         codes = sample(model, text.to(device), top_k=o.sample_top_k, cond_scale=o.sample_cond_scale, generator=g)
-        grid = model.config.image_grid
+        grid = model.config.image_grid_size
         images = self.dvae.to(device).decode(codes.view(-1, grid, grid))
         sink.image("samples", step, make_grid(images.float().cpu(), nrow=len(images), padding=1))
 

@@ -1,4 +1,4 @@
-"""The reranker (paper sec. 2.5): CLIP model, InfoNCE loss, rerank/best, training tool and checkpoints."""
+"""The reranker (paper sec. 2.5): Reranker model, InfoNCE loss, rerank/best, training tool and checkpoints."""
 
 import json
 import math
@@ -9,20 +9,22 @@ import torch
 import torch.nn.functional as F
 
 from dalle import checkpoint
-from dalle.clip import CLIP, CLIPConfig, clip_loss
-from dalle.clip_task import CLIPObjective, CLIPTask
-from dalle.config import from_dict, load_yaml
+from dalle.config import from_dict
 from dalle.data.shapes import ShapesDataset
-from dalle.rerank import best, rerank
+from dalle.reranker.model import Reranker, RerankerConfig, contrastive_loss
+from dalle.reranker.score import best, rerank
 from dalle.tokenizer import TextTokenizer
-from dalle_tools import train_bpe, train_clip
+from dalle.train.checkpoints import latest_checkpoint
+from dalle.train.config import load_yaml
+from dalle.train.tasks.reranker import RerankerObjective, RerankerTask
+from dalle_tools import train_bpe, train_reranker
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "clip"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "reranker"
 
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip") / "tokenizer.json"
+    path = tmp_path_factory.mktemp("reranker") / "tokenizer.json"
     assert train_bpe.main(["--shapes", "1000", "--vocab", "512", "--out", str(path)]) == 0
     return path
 
@@ -32,9 +34,9 @@ def tok(tokenizer_path):
     return TextTokenizer.from_file(tokenizer_path)
 
 
-def tiny(tok, **kw) -> CLIP:
-    cfg = from_dict(CLIPConfig, load_yaml(CONFIGS / "tiny.yaml")["model"])
-    return CLIP(CLIPConfig(**{**cfg.to_dict(), "text_vocab_size": tok.vocab_size, **kw}))
+def tiny(tok, **kw) -> Reranker:
+    cfg = from_dict(RerankerConfig, load_yaml(CONFIGS / "tiny.yaml")["model"])
+    return Reranker(RerankerConfig(**{**cfg.to_dict(), "text_vocab_size": tok.vocab_size, **kw}))
 
 
 def pairs(tok, n, size=32, text_len=16):
@@ -62,7 +64,7 @@ def test_encodings_are_unit_vectors_and_logits_scaled_cosines(tok):
         model.encode_image(images[:, :, :16])
 
 
-def test_clip_loss_is_symmetric_info_nce():
+def test_contrastive_loss_is_symmetric_info_nce():
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0], [1.0, -2.0, 0.5]])
 
     def ce(rows):  # mean over i of -log softmax(rows[i])[i], by hand
@@ -70,10 +72,10 @@ def test_clip_loss_is_symmetric_info_nce():
 
     rows = logits.tolist()
     expected = (ce(rows) + ce([list(c) for c in zip(*rows)])) / 2
-    assert clip_loss(logits).item() == pytest.approx(expected, rel=1e-6)
-    assert clip_loss(logits.T).item() == pytest.approx(expected, rel=1e-6)
+    assert contrastive_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+    assert contrastive_loss(logits.T).item() == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="square"):
-        clip_loss(logits[:2])
+        contrastive_loss(logits[:2])
 
 
 def test_pads_are_ignored_and_the_empty_prompt_works(tok):
@@ -96,7 +98,7 @@ def test_loss_falls_on_a_tiny_batch(tok):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(50):
-        loss = clip_loss(model(ids, images)[0])
+        loss = contrastive_loss(model(ids, images)[0])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -104,8 +106,8 @@ def test_loss_falls_on_a_tiny_batch(tok):
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
-def _predictable_scorer(tok) -> CLIP:
-    """A scorer whose image score is a known increasing function of the image's mean brightness."""
+def _predictable_reranker(tok) -> Reranker:
+    """A reranker whose image score is a known increasing function of the image's mean brightness."""
     model = tiny(tok).eval()
     model.encode_text = lambda ids: torch.tensor([[1.0, 0.0]]).expand(len(ids), 2)
     model.encode_image = lambda x: F.normalize(torch.stack([x.mean((1, 2, 3)), 1 - x.mean((1, 2, 3))], -1), dim=-1)
@@ -113,21 +115,21 @@ def _predictable_scorer(tok) -> CLIP:
 
 
 def test_rerank_scores_in_input_order_and_best_picks_the_highest(tok):
-    scorer = _predictable_scorer(tok)
+    reranker = _predictable_reranker(tok)
     levels = torch.tensor([0.3, 0.9, 0.1, 0.7, 0.5])
     images = levels.view(-1, 1, 1, 1).expand(-1, 3, 32, 32)
     expected = levels / (levels**2 + (1 - levels) ** 2).sqrt()  # cosine with the text's [1, 0]
-    scores = rerank(scorer, tok, "a red circle", images, batch_size=2)
+    scores = rerank(reranker, tok, "a red circle", images, batch_size=2)
     torch.testing.assert_close(scores, expected)
     assert best(scores, 3).tolist() == [1, 3, 4]
     assert best(scores, 5).tolist() == [1, 3, 4, 0, 2]
-    # Other sizes are resized to the scorer's; logit_scaled multiplies by the temperature.
+    # Other sizes are resized to the reranker's; logit_scaled multiplies by the temperature.
     big = levels.view(-1, 1, 1, 1).expand(-1, 3, 64, 64)
-    torch.testing.assert_close(rerank(scorer, tok, "x", big, logit_scaled=True), expected / 0.07)
+    torch.testing.assert_close(rerank(reranker, tok, "x", big, logit_scaled=True), expected / 0.07)
     with pytest.raises(ValueError, match="k must be"):
         best(scores, 6)
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
-        rerank(scorer, tok, "x", images[0])
+        rerank(reranker, tok, "x", images[0])
 
 
 def test_rerank_with_a_real_model_agrees_with_its_encodings(tok):
@@ -144,9 +146,9 @@ def test_save_load_gives_identical_encodings(tok, tmp_path):
     model = tiny(tok).eval()
     with torch.no_grad():
         model.logit_scale.fill_(3.0)
-    checkpoint.save_pretrained(model, tmp_path / "clip")
-    loaded = checkpoint.load_pretrained(tmp_path / "clip", expect="clip")
-    assert isinstance(loaded, CLIP) and loaded.config == model.config
+    checkpoint.save_pretrained(model, tmp_path / "reranker")
+    loaded = checkpoint.load_pretrained(tmp_path / "reranker", expect="reranker")
+    assert isinstance(loaded, Reranker) and loaded.config == model.config
     ids, images = pairs(tok, 3)
     with torch.no_grad():
         assert torch.equal(model.encode_text(ids), loaded.encode_text(ids))
@@ -155,49 +157,49 @@ def test_save_load_gives_identical_encodings(tok, tmp_path):
 
 
 def test_streamed_captions_are_tokenised_per_step(tok):
-    task = CLIPTask(tiny(tok), CLIPObjective(), tok, ShapesDataset("train", 8, image_size=32),
+    task = RerankerTask(tiny(tok), RerankerObjective(), tok, ShapesDataset("train", 8, image_size=32),
                     ShapesDataset("val", 8, image_size=32))
     batch = {"caption": ["a red circle", "a small blue square above a green star"]}
     plain, _ = tok.encode_batch(batch["caption"], 16, truncate_warn=False)
     assert torch.equal(task._text(batch, 3, train=False), plain)
     assert torch.equal(task._text(batch, 3, train=True), task._text(batch, 3, train=True))  # seeded by step
     with pytest.raises(ValueError, match="text_vocab_size"):
-        CLIPTask(tiny(tok, text_vocab_size=tok.vocab_size + 1), CLIPObjective(), tok, [], [])
+        RerankerTask(tiny(tok, text_vocab_size=tok.vocab_size + 1), RerankerObjective(), tok, [], [])
 
 
-def test_train_clip_tool(tokenizer_path, tmp_path):
+def test_train_reranker_tool(tokenizer_path, tmp_path):
     run = tmp_path / "run"
     args = ["--config", str(CONFIGS / "tiny.yaml"), "--out", str(run), "--no-progress", "--device", "cpu",
             "--set", f"inputs.tokenizer={tokenizer_path}"]
-    assert train_clip.main(args) == 0
-    latest = checkpoint.latest_checkpoint(run)
+    assert train_reranker.main(args) == 0
+    latest = latest_checkpoint(run)
     assert (latest / "tokenizer.json").is_file()
-    assert json.loads((latest / "config.json").read_text())["model_type"] == "clip"
+    assert json.loads((latest / "config.json").read_text())["model_type"] == "reranker"
     model = checkpoint.load_pretrained(run)
-    assert isinstance(model, CLIP) and model.config.text_vocab_size == TextTokenizer.from_file(
+    assert isinstance(model, Reranker) and model.config.text_vocab_size == TextTokenizer.from_file(
         tokenizer_path).vocab_size
     evals = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"eval"' in x]
     assert {"i2t_top1", "t2i_top1", "clip_score", "val_loss"} <= set(evals[-1])
     assert 0 <= evals[-1]["i2t_top1"] <= 1 and -1 <= evals[-1]["clip_score"] <= 1
     with pytest.raises(SystemExit, match="tokenizer"):
-        train_clip.main(["--config", str(CONFIGS / "tiny.yaml"), "--out", str(tmp_path / "run2")])
+        train_reranker.main(["--config", str(CONFIGS / "tiny.yaml"), "--out", str(tmp_path / "run2")])
     with pytest.raises(SystemExit, match="raw images"):
-        train_clip.main(args + ["--set", "data.source=tokens", "--set", "data.path=x"])
+        train_reranker.main(args + ["--set", "data.source=tokens", "--set", "data.path=x"])
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_clip_configs(path):
-    from dalle.clip_task import CLIPInputs
+def test_reranker_configs(path):
     from dalle.data.sources import DataConfig
-    from dalle.engine import TrainConfig
+    from dalle.train.config import TrainConfig
+    from dalle.train.tasks.reranker import RerankerInputs
 
     data = load_yaml(path)
-    assert set(data) <= set(train_clip.SECTIONS)
-    for cls, key in ((CLIPObjective, "objective"), (TrainConfig, "train"), (DataConfig, "data"),
-                     (CLIPInputs, "inputs")):
+    assert set(data) <= set(train_reranker.SECTIONS)
+    for cls, key in ((RerankerObjective, "objective"), (TrainConfig, "train"), (DataConfig, "data"),
+                     (RerankerInputs, "inputs")):
         from_dict(cls, data.get(key))
-    cfg = from_dict(CLIPConfig, data["model"])
-    model = CLIP(CLIPConfig(**{**cfg.to_dict(), "text_vocab_size": cfg.text_vocab_size or 100}))
+    cfg = from_dict(RerankerConfig, data["model"])
+    model = Reranker(RerankerConfig(**{**cfg.to_dict(), "text_vocab_size": cfg.text_vocab_size or 100}))
     ids = torch.full((2, cfg.text_seq_len), 100)
     per_image, _ = model(ids, torch.rand(2, 3, cfg.image_size, cfg.image_size))
     assert per_image.shape == (2, 2)

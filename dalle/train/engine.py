@@ -3,7 +3,7 @@
 A stage supplies a `Task` (its model, data and loss); the engine owns everything else: the optimizer
 and learning-rate schedule, gradient accumulation, mixed precision, gradient clipping, the EMA, skipping
 non-finite steps, evaluation, logging, and checkpoints that resume exactly. What differs between one
-process, DDP and DeepSpeed ZeRO lives in a back end (`dalle.distributed`).
+process, DDP and DeepSpeed ZeRO lives in a back end (`dalle.train.backends`).
 
 Exact resume rests on one rule: every random choice of step k is a function of (seed, k). The global
 torch RNG is re-seeded at each step (and rank), the data order is a seeded permutation per epoch that
@@ -19,7 +19,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,46 +26,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from dalle import checkpoint as ckpt
 from dalle.data.order import ResumableSampler, Seeded, endless, mix_seed
-from dalle.distributed import make_backend
+from dalle.train import checkpoints as ckpt
+from dalle.train.backends import make_backend
+from dalle.train.config import TrainConfig
 
-log = logging.getLogger("dalle.engine")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 32  # samples per micro-batch on each rank (process)
-    grad_accum: int = 1  # micro-batches per optimizer step; effective batch = batch_size x grad_accum x ranks
-    lr: float = 1e-3
-    min_lr: float = 0.0  # the cosine schedule decays to this
-    warmup_steps: int = 0
-    lr_schedule: str = "cosine"  # "cosine" or "constant" (both after the linear warm-up)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0  # applied to the parameter groups the task marks for decay
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    ema_decay: float = 0.0  # 0 disables the EMA; evaluation and exports use the EMA when enabled
-    precision: str = "fp32"  # "fp32", "bf16" (autocast) or "fp16" (autocast + loss scaling, GPU)
-    seed: int = 0
-    num_workers: int = 0
-    log_every: int = 50
-    eval_every: int = 500
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError(f"steps, batch_size and grad_accum must be positive, got {self.steps}, "
-                             f"{self.batch_size}, {self.grad_accum}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+log = logging.getLogger("dalle.train.engine")
 
 
 class Task(Protocol):
@@ -89,6 +54,20 @@ def matrix_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.ndim >= 2]},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def apply_runtime(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Set the train config's runtime knobs on the model; a knob the model has no use for is an error
+    only when it asks for something (gradient checkpointing of a model that cannot)."""
+    if hasattr(model, "set_attention_backend"):
+        model.set_attention_backend(cfg.attn_backend)
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+    elif cfg.gradient_checkpointing:
+        raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it false")
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -157,7 +136,7 @@ class Trainer:
             raise ValueError("precision fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on the CPU")
         self.backend = make_backend(self.device, deepspeed)
         self.is_main = self.backend.is_main
-        self.model = task.model.to(self.device)
+        self.model = apply_runtime(task.model, cfg).to(self.device)
         self.backend.broadcast_weights(self.model)
         # Copied before the back end wraps the model: DeepSpeed casts it to bf16/fp16 and hooks it.
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None

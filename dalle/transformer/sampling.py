@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dalle.model import DALLE, KVCache
+from dalle.transformer.decoding import KVCache, decode_step, prefill
+from dalle.transformer.model import DALLE
 
 
 def empty_text(model: DALLE, batch: int, device: torch.device | str) -> Tensor:
@@ -102,9 +103,9 @@ def sample(
             return model(stream_text, codes)[1][:, k]
         if k == start:
             prefix = out[:, :start]
-            return model.prefill(stream_text, prefix.repeat(2, 1) if guided else prefix, cache)
+            return prefill(model, stream_text, prefix.repeat(2, 1) if guided else prefix, cache)
         token = out[:, k - 1]
-        return model.decode_step(token.repeat(2) if guided else token, cache)
+        return decode_step(model, token.repeat(2) if guided else token, cache)
 
     for k in range(start, cfg.image_seq_len):
         logits = next_logits(k).float()

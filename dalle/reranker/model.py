@@ -1,4 +1,4 @@
-"""The CLIP-style scorer that reranks DALL-E's samples (paper sec. 2.5; Radford et al. 2021).
+"""The CLIP-style reranker that reranks DALL-E's samples (paper sec. 2.5; Radford et al. 2021).
 
 Two towers map a caption and an image into one embedding space; their cosine similarity is the score.
 
@@ -18,7 +18,7 @@ over readout variants), against 38% for a ViT pooling the mean of its tokens and
 <cls> slot.
 
 Both encodings are projected to `embed_dim` and L2-normalised; logits are cosines times a learned
-temperature exp(logit_scale), initialised to 1/0.07 and capped at 100, as CLIP.
+temperature exp(logit_scale), initialised to 1/0.07 and capped at 100, as Reranker.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
-class CLIPConfig:
+class RerankerConfig:
     text_vocab_size: int = 16384  # BPE ids (0 in a config file: the tokenizer's); higher ids are pads
     text_seq_len: int = 256  # the transformer's text length, so its padded prompts encode as they are
     image_size: int = 256  # the dVAE's output size, so samples are scored as they are decoded
@@ -75,7 +75,7 @@ class CLIPConfig:
 class TextBlock(nn.Module):
     """Pre-LN transformer block of the text tower; `keep` (B, 1, 1, L) marks the keys each query may attend to."""
 
-    def __init__(self, cfg: CLIPConfig) -> None:
+    def __init__(self, cfg: RerankerConfig) -> None:
         super().__init__()
         d = cfg.width
         self.heads = cfg.heads
@@ -91,7 +91,7 @@ class TextBlock(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-def _stem(cfg: CLIPConfig) -> nn.Module:
+def _stem(cfg: RerankerConfig) -> nn.Module:
     if cfg.stem == "patch":
         return nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
     n = int(math.log2(cfg.patch_size))
@@ -115,8 +115,8 @@ class ConvBlock(nn.Module):
         return x + self.act(self.norm(self.conv(x)))
 
 
-class CLIP(nn.Module):
-    def __init__(self, cfg: CLIPConfig) -> None:
+class Reranker(nn.Module):
+    def __init__(self, cfg: RerankerConfig) -> None:
         super().__init__()
         if cfg.text_vocab_size < 1:
             raise ValueError("text_vocab_size must be set (the training tool takes it from the tokenizer)")
@@ -185,7 +185,7 @@ class CLIP(nn.Module):
         return F.normalize(out, dim=-1)
 
     def scale(self) -> Tensor:
-        """The temperature exp(logit_scale), capped at 100 so the logits cannot blow up (as CLIP)."""
+        """The temperature exp(logit_scale), capped at 100 so the logits cannot blow up (as Reranker)."""
         return self.logit_scale.clamp(max=math.log(100)).exp()
 
     def forward(self, ids: Tensor, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -194,9 +194,10 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.T
 
 
-def clip_loss(logits_per_image: Tensor) -> Tensor:
+def contrastive_loss(logits_per_image: Tensor) -> Tensor:
     """Symmetric InfoNCE: pair i is the right answer for row i and for column i of the (B, B) logits."""
     if logits_per_image.ndim != 2 or logits_per_image.shape[0] != logits_per_image.shape[1]:
-        raise ValueError(f"clip_loss needs square (B, B) logits of matching pairs, got {tuple(logits_per_image.shape)}")
+        raise ValueError("contrastive_loss needs square (B, B) logits of matching pairs, got "
+                         f"{tuple(logits_per_image.shape)}")
     labels = torch.arange(len(logits_per_image), device=logits_per_image.device)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2

@@ -1,10 +1,10 @@
 """Train the CLIP-style reranker (paper sec. 2.5) with the shared engine.
 
-    python tools/train_clip.py --config configs/clip/shapes.yaml --out runs/clip-shapes
+    python tools/train_reranker.py --config configs/reranker/shapes.yaml --out runs/reranker-shapes
 
-Config sections: model (CLIPConfig), objective (CLIPObjective: BPE dropout, held-out retrieval figures),
+Config sections: model (RerankerConfig), objective (RerankerObjective: BPE dropout, held-out retrieval figures),
 train (TrainConfig: AdamW, schedule, precision), data (DataConfig: raw images and captions from shapes,
-a folder or webdataset shards) and inputs (CLIPInputs: the tokenizer, best the transformer's own).
+a folder or webdataset shards) and inputs (RerankerInputs: the tokenizer, best the transformer's own).
 Re-running the same command after a crash continues from the last checkpoint.
 """
 
@@ -17,20 +17,20 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dalle.cli import run_training, start, training_parser
-from dalle.clip import CLIP, CLIPConfig
-from dalle.clip_task import CLIPInputs, CLIPObjective, CLIPTask
 from dalle.data.sources import DataConfig, build_dataset
-from dalle.engine import TrainConfig
+from dalle.reranker.model import Reranker, RerankerConfig
 from dalle.tokenizer import TextTokenizer
+from dalle.train.cli import run_training, start, training_parser
+from dalle.train.config import TrainConfig
+from dalle.train.tasks.reranker import RerankerInputs, RerankerObjective, RerankerTask
 
-SECTIONS = {"model": CLIPConfig, "objective": CLIPObjective, "train": TrainConfig, "data": DataConfig,
-            "inputs": CLIPInputs}
+SECTIONS = {"model": RerankerConfig, "objective": RerankerObjective, "train": TrainConfig, "data": DataConfig,
+            "inputs": RerankerInputs}
 
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = start(training_parser(__doc__.split("\n\n")[0]), SECTIONS, argv)
-    inputs: CLIPInputs = cfg["inputs"]
+    inputs: RerankerInputs = cfg["inputs"]
     if not inputs.tokenizer:
         raise SystemExit("inputs.tokenizer is not set: train one with tools/train_bpe.py and point to it")
     if cfg["data"].source == "tokens":
@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = TextTokenizer.from_file(inputs.tokenizer)
     if cfg["model"].text_vocab_size == 0:  # "take it from the tokenizer"
         cfg["model"] = dataclasses.replace(cfg["model"], text_vocab_size=tokenizer.vocab_size)
-    m: CLIPConfig = cfg["model"]
+    m: RerankerConfig = cfg["model"]
     train = build_dataset(cfg["data"], "train", m.image_size, "dalle")  # the transformer's crops (Listing 2)
     val = build_dataset(cfg["data"], "val", m.image_size, "eval")
-    task = CLIPTask(CLIP(m), cfg["objective"], tokenizer, train, val)
-    return run_training(task, cfg, args, f"CLIP: {m.layers} layers x 2 towers of width {m.width}, "
+    task = RerankerTask(Reranker(m), cfg["objective"], tokenizer, train, val)
+    return run_training(task, cfg, args, f"Reranker: {m.layers} layers x 2 towers of width {m.width}, "
                                          f"{m.image_size}x{m.image_size} images in a {m.grid}x{m.grid} grid")
 
 

@@ -13,15 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dalle import checkpoint as ckpt
 from dalle.data.order import ResumableSampler
 from dalle.data.tokens import TokenShards
-from dalle.distributed import deepspeed_config
-from dalle.engine import TrainConfig, Trainer
-from dalle.model import DALLE, DALLEConfig
 from dalle.pipeline import load_pipeline
-from dalle.task import DALLEObjective, DALLETask
 from dalle.tokenizer import TextTokenizer
+from dalle.train import checkpoints as ckpt
+from dalle.train.backends import deepspeed_config
+from dalle.train.config import TrainConfig
+from dalle.train.engine import Trainer
+from dalle.train.tasks.transformer import DALLEObjective, DALLETask
+from dalle.transformer.model import DALLE, DALLEConfig
 from dalle_tools import estimate, export, make_shapes, pretokenize, train_bpe
 from dvae.model import DiscreteVAE, DVAEConfig
 
@@ -78,13 +79,15 @@ def test_webdataset_shards_split_over_ranks_and_workers(tmp_path, monkeypatch):
 
 def test_deepspeed_config_is_filled_from_the_train_config(tmp_path):
     cfg = TrainConfig(batch_size=4, grad_accum=3, grad_clip=2.0, precision="bf16")
+    assert sorted(p.name for p in DS_CONFIGS.glob("*.json")) == ["zero1.json", "zero2.json", "zero3.json"]
     for path in sorted(DS_CONFIGS.glob("*.json")):
-        precision = path.stem.split("_")[1]
-        ds = deepspeed_config(path, TrainConfig(precision=precision, batch_size=4, grad_accum=3), world=2)
-        assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
-        assert ds["zero_optimization"]["stage"] == int(path.stem[4])
-    base = json.loads((DS_CONFIGS / "zero2_bf16.json").read_text())
-
+        for precision in ("fp32", "bf16", "fp16"):  # one JSON per ZeRO stage serves every precision
+            ds = deepspeed_config(path, TrainConfig(precision=precision, batch_size=4, grad_accum=3), world=2)
+            assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
+            assert ds["zero_optimization"]["stage"] == int(path.stem[4])
+            assert ds["bf16"]["enabled"] is (precision == "bf16") and ds["fp16"]["enabled"] is (precision == "fp16")
+            assert (ds["fp16"].get("initial_scale_power") == 16) is (precision == "fp16")
+    base = json.loads((DS_CONFIGS / "zero2.json").read_text())
     def check(extra, match, train=cfg):
         p = tmp_path / "ds.json"
         p.write_text(json.dumps({**base, **extra}))
@@ -95,13 +98,15 @@ def test_deepspeed_config_is_filled_from_the_train_config(tmp_path):
     check({"scheduler": {"type": "WarmupLR"}}, "scheduler")
     check({"train_micro_batch_size_per_gpu": 8}, r"train_micro_batch_size_per_gpu is 8, but train.batch_size gives 4")
     check({"gradient_clipping": 1.0}, "train.grad_clip gives 2.0")
-    check({}, "trains in bf16 but train.precision is fp32", train=TrainConfig())
+    check({"bf16": {"enabled": True}}, "bf16.enabled is true, but train.precision is fp32", train=TrainConfig())
+    check({"fp16": {"enabled": False}}, "fp16.enabled is false, but train.precision is fp16",
+          train=TrainConfig(precision="fp16"))
 
 
 def _tiny_task(assets, *, seed=0):
     tok = TextTokenizer.from_file(assets / "tokenizer.json")
     torch.manual_seed(seed)
-    model = DALLE(DALLEConfig(text_vocab_size=tok.vocab_size, text_seq_len=12, image_vocab_size=64, image_grid=4,
+    model = DALLE(DALLEConfig(text_vocab_size=tok.vocab_size, text_seq_len=12, image_vocab_size=64, image_grid_size=4,
                               n_embd=32, n_layer=2, n_head=4, conv_kernel=3))
     return DALLETask(model, DALLEObjective(caption_drop=0.3, val_samples=8), tok, TokenShards(assets / "tok-train"),
                      TokenShards(assets / "tok-val"))
@@ -146,7 +151,7 @@ def test_deepspeed_run_releases_its_process_groups(tmp_path):
     # A group still referenced when the interpreter shuts down takes its gloo threads with it and the
     # process aborts after a good run ("terminate called without an active exception", exit -6).
     args = ["--config", "configs/dvae/tiny.yaml", "--out", str(tmp_path), "--no-progress", "--set", "train.steps=2",
-            "--deepspeed", str(DS_CONFIGS / "zero1_bf16.json"), "--set", "train.precision=bf16"]
+            "--deepspeed", str(DS_CONFIGS / "zero1.json"), "--set", "train.precision=bf16"]
     code = ("import gc, runpy, sys, weakref\nimport torch.distributed as dist\nrefs = []\n"
             "new_group, init = dist.new_group, dist.init_process_group\n"
             "def recording_new_group(*a, **k):\n    g = new_group(*a, **k)\n    refs.append(weakref.ref(g))\n"
@@ -260,13 +265,13 @@ def test_torchrun_ddp_trains_and_resumes_exactly(assets, runs_root, tmp_path):
 
 def _deepspeed_run(assets: Path, root: Path, stage: int, precision: str) -> Path:
     if (stage, precision) not in _RUNS:
-        config = json.loads((DS_CONFIGS / f"zero{stage}_{precision}.json").read_text())
+        config = json.loads((DS_CONFIGS / f"zero{stage}.json").read_text())
         if stage == 3:  # below this size ZeRO-3 keeps parameters whole; 0 splits even the tiny model's
             config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         path = root / f"zero{stage}_{precision}.json"
         path.write_text(json.dumps(config))
         run = root / f"zero{stage}-{precision}"
-        extra = ["--set", "objective.gradient_checkpointing=true"] if stage == 3 and precision == "bf16" else []
+        extra = ["--set", "train.gradient_checkpointing=true"] if stage == 3 and precision == "bf16" else []
         stdout = _launch("deepspeed", assets, run, "--deepspeed", str(path), "--set", f"train.precision={precision}",
                          *extra)
         _check_run(run, stdout, zero3=stage == 3)
@@ -293,7 +298,7 @@ def test_deepspeed_zero_trains_and_exports(assets, runs_root, tmp_path, stage, p
 def test_deepspeed_resumes_exactly(assets, runs_root, tmp_path, stage, precision):
     full = _deepspeed_run(assets, runs_root, stage, precision)
     config = runs_root / f"zero{stage}_{precision}.json"
-    extra = ["--set", "objective.gradient_checkpointing=true"] if stage == 3 and precision == "bf16" else []
+    extra = ["--set", "train.gradient_checkpointing=true"] if stage == 3 and precision == "bf16" else []
     resumed = tmp_path / "resumed"
     _launch("deepspeed", assets, resumed, "--deepspeed", str(config), "--set", f"train.precision={precision}",
             "--resume", str(full / "checkpoints" / "step-0000004"), *extra)

@@ -29,7 +29,7 @@ from dvae.losses import (
 from dvae.model import DiscreteVAE
 
 if TYPE_CHECKING:
-    from dalle.engine import EvalSink
+    from dalle.train.engine import EvalSink
 
 
 @dataclass(frozen=True)
@@ -47,18 +47,20 @@ class DVAEObjective:
     edge_weight: float = 0.0  # weight of the gradient-difference term (0 in the paper; see losses)
     eval_images: int = 1024  # held-out images for PSNR and codebook statistics
     grid_images: int = 16  # originals over reconstructions in the saved grid
-    channels_last: bool = True  # about 2x faster convolutions on CPUs with bf16 autocast
 
     def __post_init__(self) -> None:
         if self.temp_end <= 0 or self.temp_start <= 0:
             raise ValueError(f"temperatures must be positive, got {self.temp_start} -> {self.temp_end}")
 
 
+def _channels_last(model: nn.Module) -> bool:
+    w = next(p for p in model.parameters() if p.ndim == 4)
+    return not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+
+
 class DVAETask:
     def __init__(self, model: DiscreteVAE, objective: DVAEObjective, train: Dataset, val: Dataset) -> None:
         self.model, self.objective, self.train, self.val = model, objective, train, val
-        if objective.channels_last:
-            self.model.to(memory_format=torch.channels_last)
 
     def train_dataset(self) -> Dataset:
         return self.train
@@ -71,12 +73,10 @@ class DVAETask:
         return (schedules.temperature(step, o.temp_start, o.temp_end, o.temp_steps),
                 schedules.kl_weight(step, o.kl_start, o.kl_end, o.kl_steps))
 
-    def _images(self, batch: dict[str, Any]) -> Tensor:
-        images = batch["image"]
-        return images.contiguous(memory_format=torch.channels_last) if self.objective.channels_last else images
-
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, float]]:
-        images = self._images(batch)
+        images = batch["image"]
+        if _channels_last(model):  # train.channels_last: the inputs take the weights' layout
+            images = images.contiguous(memory_format=torch.channels_last)
         tau, beta = self.schedules(step)
         logits, stats = model(images, tau, noise=self.objective.gumbel_noise,
                               hard=self.objective.straight_through)

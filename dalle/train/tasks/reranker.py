@@ -1,10 +1,10 @@
-"""The reranker's contrastive training objective for the shared engine (paper sec. 2.5; CLIP).
+"""The reranker's contrastive training objective for the shared engine (paper sec. 2.5; Reranker).
 
 Loss: symmetric InfoNCE over a batch of (image, caption) pairs, each pair's partner the positive and every
 other item of the batch a negative. Captions are tokenised per sample with BPE dropout, as the transformer's,
 but never dropped to the empty prompt: in a contrastive batch every empty caption would be a tie.
 Evaluation on held-out pairs, in batches of `val_batch_size`: zero-shot retrieval top-1 accuracy in both
-directions, the mean cosine of matching pairs (the "CLIP score") and the held-out loss.
+directions, the mean cosine of matching pairs (the "Reranker score") and the held-out loss.
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from dalle.clip import CLIP, clip_loss
 from dalle.data.sources import eval_batches
-from dalle.engine import matrix_decay_groups, mix_seed
-from dalle.task import DALLEObjective, captioned
+from dalle.reranker.model import Reranker, contrastive_loss
 from dalle.tokenizer import TextTokenizer
+from dalle.train.engine import matrix_decay_groups, mix_seed
+from dalle.train.tasks.transformer import DALLEObjective, captioned
 
 if TYPE_CHECKING:
-    from dalle.engine import EvalSink
+    from dalle.train.engine import EvalSink
 
 
 @dataclass(frozen=True)
-class CLIPObjective:
+class RerankerObjective:
     bpe_dropout: bool = True  # the tokenizer's BPE dropout on training captions
     val_samples: int = 1024  # held-out pairs for the retrieval metrics
     val_batch_size: int = 128  # retrieval picks among this many pairs: the larger, the harder
@@ -41,14 +41,14 @@ class CLIPObjective:
 
 
 @dataclass(frozen=True)
-class CLIPInputs:
+class RerankerInputs:
     """Files the reranker's training reads besides its data."""
 
     tokenizer: str = ""  # tokenizer.json from tools/train_bpe.py (the transformer's, so prompts agree)
 
 
-class CLIPTask:
-    def __init__(self, model: CLIP, objective: CLIPObjective, tokenizer: TextTokenizer, train: Dataset,
+class RerankerTask:
+    def __init__(self, model: Reranker, objective: RerankerObjective, tokenizer: TextTokenizer, train: Dataset,
                  val: Dataset) -> None:
         cfg = model.config
         if tokenizer.vocab_size != cfg.text_vocab_size:
@@ -85,7 +85,7 @@ class CLIPTask:
         ids, images = self._inputs(model, batch, step, train=True)
         logits = model(ids, images)[0].float()  # (B, B)
         hits = logits.argmax(1) == torch.arange(len(logits), device=logits.device)
-        return clip_loss(logits), {"batch_i2t_top1": hits.float().mean().item(),
+        return contrastive_loss(logits), {"batch_i2t_top1": hits.float().mean().item(),
                                    "temperature": model.scale().item()}
 
     @torch.no_grad()
@@ -111,7 +111,7 @@ class CLIPTask:
             sums["i2t_top1_exact"] += (i2t == rows).sum().item()
             sums["t2i_top1_exact"] += (t2i == rows).sum().item()
             sums["clip_score"] += cosines.diagonal().sum().item()
-            sums["val_loss"] += clip_loss(logits).item() * b
+            sums["val_loss"] += contrastive_loss(logits).item() * b
             n += b
         return {k: v / max(n, 1) for k, v in sums.items()}
 

@@ -1,0 +1,113 @@
+"""Training checkpoints: model directories with the state to resume, kept atomically and pruned.
+
+    run/checkpoints/step-N/config.json, model.safetensors   a model directory (the EMA weights, if any)
+    run/checkpoints/step-N/train/                           live weights, optimizer state, step, counters
+    run/checkpoints/latest                                  the newest complete checkpoint's name
+
+A checkpoint is written into a temporary directory and renamed into place, then `latest` is replaced
+atomically, so a crash mid-save leaves the previous checkpoint intact and `latest` pointing at it. The
+optimizer state loads through `torch.load(weights_only=True)`. A DeepSpeed checkpoint has, instead of
+model.safetensors, a `deepspeed/` folder with every rank's ZeRO shard; `export` consolidates it into a
+model directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from dalle.checkpoint import (
+    CONFIG_NAME,
+    DEEPSPEED_DIR,
+    EXPORT_HINT,
+    WEIGHTS_NAME,
+    atomic_dir,
+    build_model,
+    is_zero_checkpoint,
+    load_pretrained,
+    load_state,
+    load_weights,
+    model_dir_contents,
+    read_config,
+    resolve_model_dir,
+    save_pretrained,
+    save_weights,
+    unique_state,
+    write_json,
+    write_model_config,
+)
+
+# The engine reaches the model-directory helpers it builds on through this module too.
+__all__ = ["CONFIG_NAME", "DEEPSPEED_DIR", "EXPORT_HINT", "WEIGHTS_NAME", "atomic_dir", "build_model", "export",
+           "is_zero_checkpoint", "latest_checkpoint", "load_optimizer", "load_pretrained", "load_state",
+           "load_weights", "model_dir_contents", "prune", "read_config", "resolve_model_dir", "save_optimizer",
+           "save_pretrained", "save_weights", "set_latest", "unique_state", "write_json", "write_model_config"]
+
+
+def export(checkpoint: str | Path, out: str | Path, *, live: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Turn a training checkpoint (a run directory's latest, or step-N) into a model directory at `out`.
+
+    Exports the EMA weights when the run kept an EMA (what a plain checkpoint's model.safetensors holds),
+    else, or with `live`, the trained weights. For a DeepSpeed checkpoint of any ZeRO stage the trained
+    weights are the fp32 master weights gathered from every rank's shard, on the CPU, without a launcher.
+    Files beside the weights (tokenizer.json, dvae.json) are copied along."""
+    src = resolve_model_dir(checkpoint)
+    model = build_model(src)
+    train = src / "train"
+    if not is_zero_checkpoint(src):
+        chosen = train / "live.safetensors" if live and (train / "live.safetensors").is_file() else src / WEIGHTS_NAME
+        load_weights(model, chosen)
+    elif not live and (train / "ema.safetensors").is_file():
+        load_weights(model, train / "ema.safetensors")
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(src), tag=DEEPSPEED_DIR)
+        load_state(model, dict(state), f"the ZeRO shards in {src / DEEPSPEED_DIR}")
+    extras = [p for p in src.iterdir()  # tokenizer.json, dvae.json; not DeepSpeed's recovery script
+              if p.is_file() and p.name not in (CONFIG_NAME, WEIGHTS_NAME) and p.suffix != ".py"]
+
+    def fill(tmp: Path) -> None:
+        model_dir_contents(model, tmp, dtype=dtype)
+        for p in extras:
+            shutil.copy2(p, tmp / p.name)
+    return atomic_dir(Path(out), fill)
+
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `run_dir/checkpoints/latest` points to, or None when there is none."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    target = pointer.parent / pointer.read_text().strip()
+    if not (target / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{pointer} points to {target}, which is not a complete checkpoint")
+    return target
+
+
+def set_latest(checkpoints: Path, name: str) -> None:
+    tmp = checkpoints / "latest.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, checkpoints / "latest")
+
+
+def prune(checkpoints: Path, keep: int) -> None:
+    """Remove all but the newest `keep` step directories, and stale temporaries of dead saves."""
+    steps = sorted(p for p in checkpoints.glob("step-*") if p.is_dir())
+    for p in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in checkpoints.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    torch.save(optimizer.state_dict(), path)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+    optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

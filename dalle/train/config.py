@@ -1,0 +1,82 @@
+"""The training side of configs: YAML files with one section per dataclass, `--set` overrides, and
+`TrainConfig`, the settings of a run that are not the model's architecture.
+
+A config file has one section per dataclass (`model:`, `objective:`, `train:`, `data:`, ...); keys are
+the dataclass field names (see `dalle.config`). Model configs hold architecture only; how a run trains,
+and the runtime knobs that change speed and memory but not the result (attention back end, gradient
+checkpointing, channels-last), live here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML: 1e-3, true, [0.9, 0.96])."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
+        data.setdefault(section, {})[name] = yaml.safe_load(value)
+    return data
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # samples per micro-batch on each rank (process)
+    grad_accum: int = 1  # micro-batches per optimizer step; effective batch = batch_size x grad_accum x ranks
+    lr: float = 1e-3
+    min_lr: float = 0.0  # the cosine schedule decays to this
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"  # "cosine" or "constant" (both after the linear warm-up)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # applied to the parameter groups the task marks for decay
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ema_decay: float = 0.0  # 0 disables the EMA; evaluation and exports use the EMA when enabled
+    precision: str = "fp32"  # "fp32", "bf16" (autocast) or "fp16" (autocast + loss scaling, GPU)
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 50
+    eval_every: int = 500
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    # Runtime knobs: speed and memory, not the result (each model takes those that apply to it).
+    attn_backend: str = "auto"  # transformer: "sdpa" (dense masks), "flex" (block-sparse; CUDA) or "auto"
+    gradient_checkpointing: bool = False  # transformer: recompute activations in backward (less memory)
+    channels_last: bool = False  # convolutional models (the dVAE): faster convolutions on CPUs under bf16
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(f"steps, batch_size and grad_accum must be positive, got {self.steps}, "
+                             f"{self.batch_size}, {self.grad_accum}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        if self.attn_backend not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attn_backend must be 'auto', 'sdpa' or 'flex', got {self.attn_backend!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+

@@ -1,0 +1,5 @@
+"""Stage 2: the decoder-only transformer over one stream of text and image tokens (paper sec. 2.2).
+
+model.py the architecture; attention.py the sparse masks; decoding.py the key/value-cached steps;
+sampling.py `sample()`; fit.py the check that a transformer, a dVAE and a tokenizer belong together.
+"""
