@@ -180,8 +180,8 @@ def test_eval_fid_pipeline_resumes_and_agrees_with_pytorch_fid(tiny_parts, tmp_p
 def test_eval_shapes_tool(tiny_parts, tmp_path):
     out = tmp_path / "shapes"
     assert eval_shapes.main(["--model", str(tiny_parts / "model"), "--reranker", str(tiny_parts / "reranker"),
-                             "--split", "train", "zeroshot", "--n", "3", "--candidates", "1", "2", "--cond-scale", "1", "2",
-                             "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
+                             "--split", "train", "zeroshot", "--n", "3", "--candidates", "1", "2", "--cond-scale",
+                             "1", "2", "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
     rows = json.loads((out / "shapes-eval.json").read_text())["rows"]
     assert [(r["split"], r["cond_scale"], r["candidates"]) for r in rows] == [
         (s, c, k) for s in ("train", "zeroshot") for c in (1.0, 2.0) for k in (1, 2)]
