@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_config
 
 from dalle.data.order import ResumableSampler
 from dalle.data.tokens import TokenShards
@@ -24,7 +25,7 @@ from dalle.train.engine import Trainer
 from dalle.train.tasks.transformer import DALLEObjective, DALLETask
 from dalle.transformer.model import DALLE, DALLEConfig
 from dalle_tools import estimate, export, make_shapes, pretokenize, train_bpe
-from dvae.model import DiscreteVAE, DVAEConfig
+from dvae.model import DiscreteVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 DS_CONFIGS = ROOT / "configs" / "deepspeed"
@@ -34,7 +35,7 @@ DS_CONFIGS = ROOT / "configs" / "deepspeed"
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     torch.manual_seed(0)
-    dvae = DiscreteVAE(DVAEConfig(image_size=32, downsample=8, vocab_size=64, n_hid=8, n_blk_per_group=1, n_init=16))
+    dvae = DiscreteVAE(tiny_config("dvae", downsample=8))  # the tiny transformer's 4x4 grid
     ckpt.save_pretrained(dvae, root / "dvae")
     for split, n in (("train", 64), ("val", 16)):
         assert pretokenize.main(["--dvae", str(root / "dvae"), "--split", split, "--n", str(n), "--out",
@@ -106,8 +107,7 @@ def test_deepspeed_config_is_filled_from_the_train_config(tmp_path):
 def _tiny_task(assets, *, seed=0):
     tok = TextTokenizer.from_file(assets / "tokenizer.json")
     torch.manual_seed(seed)
-    model = DALLE(DALLEConfig(text_vocab_size=tok.vocab_size, text_seq_len=12, image_vocab_size=64, image_grid_size=4,
-                              n_embd=32, n_layer=2, n_head=4, conv_kernel=3))
+    model = DALLE(tiny_config("dalle", text_vocab_size=tok.vocab_size, n_layer=2))
     return DALLETask(model, DALLEObjective(caption_drop=0.3, val_samples=8), tok, TokenShards(assets / "tok-train"),
                      TokenShards(assets / "tok-val"))
 
@@ -318,3 +318,32 @@ def test_bench_train_and_the_gpu_check_script(tmp_path):
     assert result["steps"] == 4 and result["applied_steps"] == 4 and result["overflow_steps"] == 0
     assert result["tokens_per_s"] > 0 and result["seq_len"] == 28 and result["model_flops_per_token"] > 0
     subprocess.run(["bash", "-n", "tools/gpu_check.sh"], cwd=ROOT, check=True)  # GPU-only: syntax here
+    _check_gpu_report(result, tmp_path / "gpu")
+
+
+def _check_gpu_report(bf16: dict, out: Path) -> None:
+    """gpu_check.sh's report on its files: this CPU run's summary as the bf16 run, and an fp16 run whose
+    loss scale falls from 2^24 on overflows and rises again, then one whose scale never recovers."""
+    from dalle_tools import gpu_report
+
+    out.mkdir()
+    fp16 = {**bf16, "overflow_steps": 3, "applied_steps": 27, "loss_scales": [2.0**24, 2.0**23, 2.0**22, 2.0**21,
+                                                                                2.0**21, 2.0**22]}
+    files = {"peak.json": {"card": "Test Card", "tflops": 1.0}, "bf16.json": bf16, "fp16.json": fp16,
+             "gpu-bench.json": {"ours": {"gpu:attention": {"median_s": 0.1}}}}
+    for name, data in files.items():
+        (out / name).write_text(json.dumps(data))
+    (out / "gpu-bench.md").write_text("| case | median |\n|---|---|\n| gpu:attention | 0.1 s |\n")
+    log = out / "performance.md"
+    assert gpu_report.main([str(out), "--steps", "4", "--append", str(log)]) == 0
+    text = log.read_text()
+    assert "## GPU check" in text and "Test Card" in text and "| bf16 | " in text and "| fp16 | " in text
+    assert "skipped and recovered: yes" in text and "2^24 2^23 2^22 2^21 2^21 2^22" in text
+    mfu = bf16["tokens_per_s"] * bf16["model_flops_per_token"] / 1e12
+    assert f"{mfu:.1%}" in text  # MFU against the measured peak
+    (out / "fp16.json").write_text(json.dumps({**fp16, "loss_scales": [2.0**24, 2.0**23, 2.0**22]}))
+    assert gpu_report.main([str(out)]) == 1  # never raised again: no recovery
+    (out / "fp16.json").write_text(json.dumps(fp16))
+    (out / "gpu-bench.json").write_text(json.dumps({"ours": {"gpu:generate": {"error": "OOM"}}}))
+    assert gpu_report.main([str(out)]) == 1
+    assert text == log.read_text()  # only --append writes

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_config
 
 from dalle.config import from_dict
 from dalle.train.config import load_yaml
@@ -13,8 +14,7 @@ from dalle.transformer.decoding import KVCache, decode_step, prefill
 from dalle.transformer.model import DALLE, DALLEConfig
 from dalle.transformer.sampling import empty_text, filter_logits, sample
 
-CFG = DALLEConfig(text_vocab_size=50, text_seq_len=6, image_vocab_size=32, image_grid_size=4, n_embd=32, n_layer=4,
-                  n_head=4, conv_kernel=3)
+CFG = tiny_config("dalle", text_vocab_size=50, text_seq_len=6, image_vocab_size=32)
 
 
 def model_for(schedule="paper", **kw):

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_config
 
 from dalle.config import from_dict
 from dalle.train.config import load_yaml
@@ -9,7 +10,7 @@ from dvae import schedules
 from dvae.losses import codebook_usage, gradient_difference_loss, kl_to_uniform, logit_laplace_nll, psnr
 from dvae.model import DiscreteVAE, DVAEConfig, map_pixels, unmap_pixels
 
-TINY = DVAEConfig(image_size=32, downsample=4, vocab_size=64, n_hid=8, n_blk_per_group=1, n_init=16)
+TINY = tiny_config("dvae")
 
 
 def test_encode_decode_shapes_and_range():

@@ -4,15 +4,16 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_config
 
 from dalle.data.shapes import ShapesDataset
 from dalle.train import checkpoints as ckpt
 from dalle.train.config import TrainConfig
 from dalle.train.engine import NonFiniteLossError, ResumableSampler, Trainer
 from dalle.train.tasks.dvae import DVAEObjective, DVAETask
-from dvae.model import DiscreteVAE, DVAEConfig
+from dvae.model import DiscreteVAE
 
-TINY = DVAEConfig(image_size=32, downsample=4, vocab_size=64, n_hid=8, n_blk_per_group=1, n_init=16)
+TINY = tiny_config("dvae")
 
 
 def make_task(seed=0):
@@ -124,8 +125,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, caplog):
 def test_mismatched_weights_name_the_tensor(tmp_path):
     model = DiscreteVAE(TINY)
     ckpt.save_pretrained(model, tmp_path / "m")
-    other = DiscreteVAE(DVAEConfig(image_size=32, downsample=4, vocab_size=32, n_hid=8, n_blk_per_group=1,
-                                   n_init=16))
+    other = DiscreteVAE(tiny_config("dvae", vocab_size=32))
     with pytest.raises(ValueError, match=r"encoder\.blocks\.\d+\.weight: file \(64"):
         ckpt.load_weights(other, tmp_path / "m" / "model.safetensors")
     loaded = ckpt.load_pretrained(tmp_path / "m")
@@ -139,8 +139,7 @@ def test_mismatched_weights_name_the_tensor(tmp_path):
 
 def test_resume_refuses_a_different_model(tmp_path):
     Trainer(make_task(), train_cfg(steps=4), tmp_path, progress=False).fit()
-    other = DVAETask(DiscreteVAE(DVAEConfig(image_size=32, downsample=4, vocab_size=32, n_hid=8,
-                                            n_blk_per_group=1, n_init=16)), DVAEObjective(), [], [])
+    other = DVAETask(DiscreteVAE(tiny_config("dvae", vocab_size=32)), DVAEObjective(), [], [])
     with pytest.raises(ValueError, match="vocab_size"):
         Trainer(other, train_cfg(steps=4), tmp_path, progress=False)
     with pytest.raises(FileExistsError, match="--resume auto"):

@@ -80,3 +80,42 @@ def test_shipped_default_model(tmp_path):
                           "--no-progress"]) == 0
     meta = json.loads((tmp_path / "a-red-circle-0.json").read_text())
     assert meta["model"].startswith("default_model@") and meta["score"] is not None
+
+
+def test_generate_is_one_library_call_best_first(tiny_parts):
+    from dalle.generation import generate, generate_many
+
+    pipe = load_pipeline(tiny_parts / "model", reranker_dir=tiny_parts / "reranker")
+    kept = generate(pipe, PROMPT, keep=2, candidates=5, seed=3, batch_size=2)  # three batches: 2 + 2 + 1
+    scores = score(pipe, PROMPT, generate_images(pipe, [PROMPT] * 5, list(range(3, 8))))
+    expected = torch.argsort(scores, descending=True)[:2].tolist()
+    assert [g.candidate for g in kept] == expected and [g.seed for g in kept] == [3 + c for c in expected]
+    assert kept[0].score >= kept[1].score and kept[0].score == pytest.approx(float(scores.max()), abs=1e-5)
+    whole = generate(pipe, PROMPT, keep=2, candidates=5, seed=3, batch_size=16)  # one batch: the same images
+    assert all(torch.equal(a.image, b.image) for a, b in zip(kept, whole))
+    # Repeated prompts are sampled and returned separately, in order.
+    twice = generate_many(pipe, [PROMPT, "a blue square", PROMPT], keep=1, candidates=2, batch_size=3)
+    assert len(twice) == 3 and torch.equal(twice[0][0].image, twice[2][0].image)
+    with pytest.raises(ValueError, match="fewer than"):
+        generate(pipe, PROMPT, keep=3, candidates=2)
+    bare = load_pipeline(tiny_parts / "model")
+    assert len(generate(bare, PROMPT, keep=2)) == 2  # no reranker: the first candidates, unscored
+    with pytest.raises(ValueError, match="needs a reranker"):
+        generate(bare, PROMPT, keep=1, candidates=4)
+
+
+def test_a_model_written_before_the_renames_still_loads(tiny_parts, tmp_path):
+    """config.json keys and folder names of earlier versions: image_grid, model_type "clip", clip/."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_parts / "model", old)
+    shutil.copytree(tiny_parts / "reranker", old / "clip")
+    for path, renames in ((old / "config.json", {"image_grid_size": "image_grid"}), (old / "clip" / "config.json", {})):
+        data = json.loads(path.read_text())
+        data["config"] = {renames.get(k, k): v for k, v in data["config"].items()}
+        if "clip" in str(path.parent.name):
+            data["model_type"] = "clip"
+        path.write_text(json.dumps(data))
+    assert "image_grid" in json.loads((old / "config.json").read_text())["config"]
+    pipe, ref = load_pipeline(old), load_pipeline(tiny_parts / "model", reranker_dir=tiny_parts / "reranker")
+    assert pipe.reranker is not None
+    assert torch.equal(generate_images(pipe, [PROMPT], [1]), generate_images(ref, [PROMPT], [1]))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_config
 
 from dalle import checkpoint
 from dalle.config import from_dict
@@ -35,8 +36,7 @@ def tok(tokenizer_path):
 
 
 def tiny(tok, **kw) -> Reranker:
-    cfg = from_dict(RerankerConfig, load_yaml(CONFIGS / "tiny.yaml")["model"])
-    return Reranker(RerankerConfig(**{**cfg.to_dict(), "text_vocab_size": tok.vocab_size, **kw}))
+    return Reranker(tiny_config("reranker", **{"text_vocab_size": tok.vocab_size, **kw}))
 
 
 def pairs(tok, n, size=32, text_len=16):

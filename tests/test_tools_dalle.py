@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_config
 
 from dalle.checkpoint import load_pretrained, save_pretrained
 from dalle.data.tokens import TokenShards
@@ -12,17 +13,16 @@ from dalle.train.checkpoints import latest_checkpoint
 from dalle.train.config import TrainConfig
 from dalle.train.engine import Trainer
 from dalle.train.tasks.transformer import DALLEObjective, DALLETask
-from dalle.transformer.model import DALLE, DALLEConfig
+from dalle.transformer.model import DALLE
 from dalle_tools import pretokenize, train_bpe, train_dalle
-from dvae.model import DiscreteVAE, DVAEConfig
+from dvae.model import DiscreteVAE
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage2")
     torch.manual_seed(0)
-    dvae = DiscreteVAE(DVAEConfig(image_size=32, downsample=8, vocab_size=64, n_hid=8, n_blk_per_group=1,
-                                  n_init=16))
+    dvae = DiscreteVAE(tiny_config("dvae", downsample=8))  # the tiny transformer's 4x4 grid
     save_pretrained(dvae, root / "dvae")
     for split, n in (("train", 48), ("val", 16)):
         assert pretokenize.main(["--dvae", str(root / "dvae"), "--source", "shapes", "--split", split, "--n", str(n),
@@ -45,13 +45,20 @@ def test_pretokenized_shards_hold_the_dvae_codes(assets):
         pretokenize.main(["--dvae", str(assets / "dvae"), "--n", "4", "--out", str(assets / "tok-train")])
 
 
-def test_train_dalle_tool(assets):
+@pytest.fixture(scope="module")
+def trained_run(assets):
+    """A tiny run of tools/train_dalle.py with a sample grid at each evaluation: its run directory."""
     run = assets / "run"
     args = ["--config", "configs/dalle/tiny.yaml", "--out", str(run), "--no-progress", "--device", "cpu",
             "--set", f"data.path={assets / 'tok-train'}", "--set", f"data.val_path={assets / 'tok-val'}",
             "--set", f"inputs.tokenizer={assets / 'tokenizer.json'}", "--set", f"inputs.dvae={assets / 'dvae'}",
             "--set", "objective.sample_prompts=[a red circle, a blue square above a green star]"]
     assert train_dalle.main(args) == 0
+    return run
+
+
+def test_train_dalle_tool(assets, trained_run):
+    run = trained_run
     ckpt = latest_checkpoint(run)
     assert (ckpt / "tokenizer.json").is_file()
     model = load_pretrained(run)
@@ -68,8 +75,7 @@ def test_train_dalle_tool(assets):
 def _task(assets, seed=0):
     tok = TextTokenizer.from_file(assets / "tokenizer.json")
     torch.manual_seed(seed)
-    model = DALLE(DALLEConfig(text_vocab_size=tok.vocab_size, text_seq_len=12, image_vocab_size=64, image_grid_size=4,
-                              n_embd=32, n_layer=2, n_head=4, conv_kernel=3, dropout=0.1))
+    model = DALLE(tiny_config("dalle", text_vocab_size=tok.vocab_size, n_layer=2, dropout=0.1))
     return DALLETask(model, DALLEObjective(caption_drop=0.3, val_samples=8), tok, TokenShards(assets / "tok-train"),
                      TokenShards(assets / "tok-val"))
 
@@ -94,12 +100,10 @@ def test_weight_decay_on_matrices_only(assets):
     assert len(decay["params"]) + len(rest["params"]) == len(list(task.model.parameters()))
 
 
-def test_generate_cli_writes_images_and_sidecars(assets, tmp_path):
+def test_generate_cli_writes_images_and_sidecars(trained_run, tmp_path):
     import generate
 
-    run = assets / "run"
-    if not (run / "checkpoints").exists():
-        test_train_dalle_tool(assets)
+    run = trained_run
     out = tmp_path / "out"
     args = ["a red circle", "a blue square above a green star", "--model", str(run), "--num-images", "3",
             "--batch-size", "4", "--seed", "5", "--top-k", "16", "--out", str(out), "--grid", "--no-progress"]
@@ -187,8 +191,7 @@ def test_cached_sampling_works_under_cpu_autocast(assets, dtype):
     from dalle.transformer.sampling import sample
 
     tok = TextTokenizer.from_file(assets / "tokenizer.json")
-    model = DALLE(DALLEConfig(text_vocab_size=tok.vocab_size, text_seq_len=12, image_vocab_size=64, image_grid_size=4,
-                              n_embd=32, n_layer=4, n_head=4, conv_kernel=3)).eval()
+    model = DALLE(tiny_config("dalle", text_vocab_size=tok.vocab_size)).eval()
     text, _ = tok.encode_batch(["a red circle", "a blue square"], 12)
     with torch.autocast("cpu", dtype=dtype):
         cached = sample(model, text, top_k=8, cond_scale=3.0, generator=torch.Generator().manual_seed(1))

@@ -8,7 +8,7 @@
 #   4. FlexAttention block-sparse vs dense SDPA for the row, column and conv masks at 1280 tokens
 #      (forward + backward, bf16), and cached generation of 16 images at 256 + 1024 tokens with the
 #      bench-300m model in bf16 (tools/bench.py, cases gpu:attention and gpu:generate).
-# Figures (tokens/s, MFU, peak memory, the scaler's record) are appended to benchmarks/RESULTS.md with
+# Figures (tokens/s, MFU, peak memory, the scaler's record) are appended to docs/performance.md with
 # the date and the card's name. Exit status 1 when a run fails or fp16 does not skip and recover.
 #
 #   tools/gpu_check.sh                # env: PYTHON, STEPS (30), OUT_DIR (a temporary directory)
@@ -65,42 +65,4 @@ timeout 240 "$PY" tools/bench.py --cases gpu:attention,gpu:generate --max-wait 0
     --markdown "$OUT/gpu-bench.md"
 
 echo "== report"
-"$PY" - "$OUT" "$STEPS" <<'PYEOF'
-import datetime, json, math, sys
-from pathlib import Path
-out, steps = Path(sys.argv[1]), int(sys.argv[2])
-peak = json.loads((out / "peak.json").read_text())
-runs = {p: json.loads((out / f"{p}.json").read_text()) for p in ("bf16", "fp16")}
-fp16 = runs["fp16"]
-scales = fp16["loss_scales"]
-low = scales.index(min(scales)) if scales else 0
-skipped_then_applied = fp16["overflow_steps"] > 0 and fp16["applied_steps"] > 0
-raised_again = any(s > scales[low] for s in scales[low + 1:])
-finite = all(math.isfinite(r["last_loss"] or math.nan) for r in runs.values())
-ok = skipped_then_applied and raised_again and finite
-lines = [f"## GPU check, {datetime.date.today()}, {peak['card']}", "",
-         f"`tools/gpu_check.sh`: configs/dalle/bench-300m.yaml ({runs['bf16']['seq_len']} tokens per sample, "
-         f"batch {runs['bf16']['effective_batch']}), synthetic tokens, {steps} steps, DeepSpeed ZeRO-2 on one GPU; "
-         f"median over the steps after the 10th. MFU = tokens/s x {runs['bf16']['model_flops_per_token']:.3g} "
-         f"model FLOPs per token / the measured bf16 matmul peak of {peak['tflops']:.0f} TFLOP/s.", "",
-         "| precision | tokens/s | samples/s | MFU | peak memory | steps applied | overflow steps | loss first -> last |",
-         "|---|---|---|---|---|---|---|---|"]
-for name, r in runs.items():
-    mfu = r["tokens_per_s"] * r["model_flops_per_token"] / (peak["tflops"] * 1e12)
-    lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['samples_per_s']:.1f} | {mfu:.1%} | "
-                 f"{r.get('peak_memory_gib', 0):.1f} GiB | {r['applied_steps']} | {r['overflow_steps']} | "
-                 f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
-lines += ["", f"fp16 loss scale per step: {' '.join(f'2^{math.log2(s):.0f}' for s in scales)}",
-          f"fp16 overflow steps skipped and recovered: {'yes' if ok else 'NO'} "
-          f"(skips then applied steps: {skipped_then_applied}; scale raised again after its low: {raised_again})", ""]
-gpu = json.loads((out / "gpu-bench.json").read_text())["ours"]
-lines += ["`tools/bench.py --cases gpu:attention,gpu:generate` (medians):", "",
-          (out / "gpu-bench.md").read_text(), ""]
-ok = ok and all("error" not in r for r in gpu.values())
-text = "\n".join(lines)
-print(text)
-results = Path("benchmarks/RESULTS.md")
-head = "" if results.exists() else "# Benchmarks\n\nAppended by the scripts that measure them; newest last.\n\n"
-results.write_text((results.read_text() if results.exists() else head) + text + "\n")
-sys.exit(0 if ok else 1)
-PYEOF
+"$PY" tools/gpu_report.py "$OUT" --steps "$STEPS" --append docs/performance.md

@@ -5,7 +5,7 @@
 #     bash tools/train_default.sh            # THREADS=2 and WORK=runs/default by default
 #
 # Every stage is skipped when its output is complete and resumes from its last checkpoint when it is
-# not, so running the script again after a crash continues where it stopped. README "The default model"
+# not, so running the script again after a crash continues where it stopped. docs/default-model.md
 # has the time each stage took on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."

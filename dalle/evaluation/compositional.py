@@ -1,7 +1,7 @@
 """Compositional accuracy on shapes prompts: does each image show what its caption says?
 
 `score_images` runs the detector on images made for shapes samples and `summarise` turns the verdicts
-into the figures the README table reports: accuracy per attribute (over the objects whose caption
+into the figures docs/evaluation.md reports: accuracy per attribute (over the objects whose caption
 mentions it), the object count, the relation of two-object scenes, and the share of images where all
 of it is right, overall and per object count. For the `zeroshot` split the held-out kind of each scene
 ("pair" or "triple") is broken out too, so failures can be attributed.

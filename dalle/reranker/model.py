@@ -12,13 +12,11 @@ Image tower: a small conv net over pixels in [0, 1], normalised inside the model
 to a (image_size / patch_size)^2 grid, either with one strided convolution ("patch", as a ViT) or with a
 stack of stride-2 3x3 convolutions ("conv"; Xiao et al. 2021); `layers` residual 3x3 conv blocks follow,
 and a linear map of the whole grid reads the embedding out, so where things are (which the captions
-state: "on the left", "above") is kept. This was chosen over a ViT because it learned fastest on a CPU:
-in the same 18-second budget on 32x32 shapes, retrieval top-1 among 64 pairs reached about 50% (48-58%
-over readout variants), against 38% for a ViT pooling the mean of its tokens and 10% for one pooling a
-<cls> slot.
+state: "on the left", "above") is kept. It was chosen over a ViT because it learned faster on a CPU in
+the same time budget (the comparison is in docs/training.md).
 
 Both encodings are projected to `embed_dim` and L2-normalised; logits are cosines times a learned
-temperature exp(logit_scale), initialised to 1/0.07 and capped at 100, as Reranker.
+temperature exp(logit_scale), initialised to 1/0.07 and capped at 100, as in CLIP.
 """
 
 from __future__ import annotations

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-
-if TYPE_CHECKING:
-    from dalle.transformer.decoding import KVCache
 
 from dalle.transformer.attention import attend, dense_mask, layer_kinds
 
@@ -69,6 +66,15 @@ class DALLEConfig:
         return asdict(self)
 
 
+class Cache(Protocol):
+    """Where a cached pass keeps every layer's keys and values, (B, H, L, D) each, with `length` slots
+    filled: `dalle.transformer.decoding.KVCache`."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+    length: int
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DALLEConfig, kind: str) -> None:
         super().__init__()
@@ -77,7 +83,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x: Tensor, cache: KVCache | None, layer: int) -> Tensor:  # (B, l, d) -> (B, l, d)
+    def forward(self, x: Tensor, cache: Cache | None, layer: int) -> Tensor:  # (B, l, d) -> (B, l, d)
         b, l, d = x.shape
         h = self.cfg.n_head
         q, k, v = self.qkv(x).view(b, l, 3, h, d // h).permute(2, 0, 3, 1, 4)  # 3 x (B, H, l, D)
@@ -101,7 +107,7 @@ class Block(nn.Module):
                                  nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cache: Cache | None = None, layer: int = 0) -> Tensor:
         x = x + self.drop(self.attn(self.ln1(x), cache, layer))
         return x + self.drop(self.mlp(self.ln2(x)))
 
@@ -173,7 +179,7 @@ class DALLE(nn.Module):
         return x + self.image_pos(start, x.shape[1])
 
     # -- forward ---------------------------------------------------------------------------
-    def backbone(self, x: Tensor, cache: KVCache | None = None) -> Tensor:  # (B, l, d) -> (B, l, d)
+    def backbone(self, x: Tensor, cache: Cache | None = None) -> Tensor:  # (B, l, d) -> (B, l, d)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and cache is None:
