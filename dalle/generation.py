@@ -49,6 +49,27 @@ def sample_images(pipe: Pipeline, prompts: Sequence[str], seeds: Sequence[int], 
     return pipe.dvae.decode(codes.view(-1, cfg.image_grid_size, cfg.image_grid_size)).float().cpu()
 
 
+# Above this many rows a decoding step is bound by arithmetic rather than by reading the weights, so a
+# larger batch only holds more memory.
+MAX_AUTO_BATCH = 64
+
+
+def bytes_per_candidate(pipe: Pipeline, guided: bool) -> int:
+    """Memory one candidate holds while it is sampled and decoded: its rows of the key/value cache (two rows
+    under guidance), the logits of a step, and its decoded image."""
+    cfg, itemsize = pipe.model.config, next(pipe.model.parameters()).element_size()
+    rows = 2 if guided else 1
+    cache = 2 * cfg.n_layer * cfg.seq_len * cfg.n_embd * itemsize * rows
+    logits = 4 * cfg.image_vocab_size * rows * 4  # fp32 logits, filtered copies and probabilities
+    image = 4 * 3 * pipe.dvae.config.image_size**2
+    return cache + logits + image
+
+
+def auto_batch_size(pipe: Pipeline, budget_bytes: int, *, guided: bool = False) -> int:
+    """The most candidates that fit `budget_bytes` at once, at least 1 and at most MAX_AUTO_BATCH."""
+    return max(1, min(MAX_AUTO_BATCH, budget_bytes // bytes_per_candidate(pipe, guided)))
+
+
 def default_candidates(pipe: Pipeline, keep: int) -> int:
     """4 candidates per kept image when the model has a reranker to choose among them, else `keep`."""
     return 4 * keep if pipe.reranker is not None else keep

@@ -55,6 +55,9 @@ def test_bundle_is_self_contained(tiny_parts, tmp_path):
     shutil.move(tmp_path / "b", moved)  # no pointer back to the training runs is needed
     assert {"config.json", "model.safetensors", "tokenizer.json", "dvae", "reranker", "bundle.json"} <= {
         p.name for p in moved.iterdir()}
+    record = json.loads((moved / "bundle.json").read_text())
+    assert set(record["sources"]) == {"dalle", "dvae", "reranker"} and set(record["ids"]) == {"dalle", "reranker"}
+    assert not any(p.startswith("/") for p in record["sources"].values())  # no machine's absolute path
     weights = load_file(str(moved / "model.safetensors"))
     assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
     pipe, ref = load_pipeline(moved), load_pipeline(tiny_parts / "model", reranker_dir=tiny_parts / "reranker")
@@ -74,6 +77,7 @@ def test_shipped_default_model(tmp_path):
     assert (DEFAULT_MODEL / "config.json").is_file(), f"{DEFAULT_MODEL} is missing: run tools/train_default.sh"
     size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
     assert size < 40 * 2**20
+    assert not any(p.startswith("/") for p in json.loads((DEFAULT_MODEL / "bundle.json").read_text())["sources"].values())
     pipe = load_pipeline(DEFAULT_MODEL)  # strict: every tensor present, with the shape its config implies
     assert pipe.reranker is not None and pipe.dvae.config.grid_size == pipe.model.config.image_grid_size
     assert generate.main([PROMPT, "--num-images", "1", "--candidates", "2", "--out", str(tmp_path),
@@ -119,3 +123,15 @@ def test_a_model_written_before_the_renames_still_loads(tiny_parts, tmp_path):
     pipe, ref = load_pipeline(old), load_pipeline(tiny_parts / "model", reranker_dir=tiny_parts / "reranker")
     assert pipe.reranker is not None
     assert torch.equal(generate_images(pipe, [PROMPT], [1]), generate_images(ref, [PROMPT], [1]))
+
+
+def test_auto_batch_size_fits_the_memory_budget(tiny_parts):
+    from dalle.generation import MAX_AUTO_BATCH, auto_batch_size, bytes_per_candidate
+
+    pipe = load_pipeline(tiny_parts / "model")
+    cfg = pipe.model.config
+    one = bytes_per_candidate(pipe, guided=False)
+    assert one >= 2 * cfg.n_layer * cfg.seq_len * cfg.n_embd * 4  # at least its fp32 key/value cache rows
+    assert bytes_per_candidate(pipe, guided=True) > one  # guidance doubles the rows
+    assert auto_batch_size(pipe, 5 * one) == 5 and auto_batch_size(pipe, 5 * one, guided=True) < 5
+    assert auto_batch_size(pipe, 0) == 1 and auto_batch_size(pipe, 10**15) == MAX_AUTO_BATCH
