@@ -1,0 +1,7 @@
+"""Learning from human feedback (Stiennon et al. 2020, applied to text-to-image): people compare two
+samples for one prompt, a reward model learns to predict their choice, and the transformer is tuned
+against it with a KL penalty that keeps it near the supervised model.
+
+store.py the comparisons (SQLite); raters.py simulated raters for experiments and tests; losses.py the
+Bradley-Terry, DPO and KL-penalised reward terms. Above the model packages, beside dalle.train.
+"""

@@ -1,0 +1,62 @@
+"""The training signals of learning from preferences, as plain functions over log-probabilities and rewards.
+
+bradley_terry_loss   the reward model's loss on comparisons (Stiennon et al. 2020, eq. 1): -log sigmoid(r_w - r_l),
+                     a tie counting as half a win for each side
+dpo_loss             Direct Preference Optimisation (Rafailov et al. 2023) on pairs of the policy's own samples
+kl_shaped_rewards    the per-token reward of RL fine-tuning: -beta * log(pi / pi_SFT) at every token, and the
+                     reward model's score added at the last (the image's 64th or 1024th token)
+best_of_n_kl         the KL of best-of-N sampling from the policy it samples: log N - (N - 1) / N
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def bradley_terry_loss(r_first: Tensor, r_second: Tensor, first_wins: Tensor) -> Tensor:
+    """Mean negative log-likelihood of the judgements under P(first preferred) = sigmoid(r_first - r_second).
+    first_wins: 1 where the first won, 0 where the second did, 0.5 for a tie (half a win each)."""
+    margin = r_first - r_second
+    return -(first_wins * F.logsigmoid(margin) + (1 - first_wins) * F.logsigmoid(-margin)).mean()
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+             beta: float) -> Tensor:
+    """-log sigmoid(beta * ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)))), averaged. Each
+    argument is a sequence log-probability (B,), summed over the image's tokens."""
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def kl_shaped_rewards(reward: Tensor, logp_policy: Tensor, logp_ref: Tensor, beta: float) -> Tensor:
+    """Per-token rewards R (B, N) = -beta * (log pi - log pi_SFT) at each sampled token, plus the reward
+    model's score reward (B,) at the last token. logp_*: (B, N) log-probabilities of the sampled tokens."""
+    if logp_policy.shape != logp_ref.shape or logp_policy.shape[0] != reward.shape[0]:
+        raise ValueError(f"shapes differ: reward {tuple(reward.shape)}, log-probs {tuple(logp_policy.shape)} "
+                         f"and {tuple(logp_ref.shape)}")
+    shaped = -beta * (logp_policy - logp_ref)
+    shaped[:, -1] += reward
+    return shaped
+
+
+def sequence_kl(logp_policy: Tensor, logp_ref: Tensor) -> Tensor:
+    """Monte-Carlo KL(pi || pi_ref) per sample (B,) from sampled tokens' log-probabilities (B, N)."""
+    return (logp_policy - logp_ref).sum(dim=-1)
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-N || base) = log N - (N - 1) / N nats (Stiennon et al. 2020, appendix G.3)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log p of each token under its logits: (B, N, V), (B, N) -> (B, N), in fp32."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None]).squeeze(-1)

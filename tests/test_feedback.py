@@ -1,0 +1,185 @@
+"""The feedback package's foundations: the comparisons store, the simulated rater, and the losses."""
+
+import json
+import math
+import multiprocessing as mp
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from dalle.data.shapes import render
+from dalle.evaluation.compositional import shapes_prompts
+from dalle.feedback.losses import (
+    best_of_n_kl,
+    bradley_terry_loss,
+    dpo_loss,
+    kl_shaped_rewards,
+    sequence_kl,
+    token_logprobs,
+)
+from dalle.feedback.raters import SimulatedRater
+from dalle.feedback.store import Store, export_jsonl, import_jsonl
+
+
+def _filled(path, n_pairs=3):
+    store = Store(path)
+    pid = store.prompt("a red circle", "train")
+    samples = [store.add_sample(pid, "m@1", seed, {"cond_scale": 3.0}, [seed, 1, 2], f"png{seed}".encode())
+               for seed in range(2 * n_pairs)]
+    pairs = [store.add_pair(samples[2 * i], samples[2 * i + 1], gold="a" if i == 0 else None) for i in range(n_pairs)]
+    return store, samples, pairs
+
+
+def test_store_records_undoes_and_reads_judgements_winner_first(tmp_path):
+    store, samples, pairs = _filled(tmp_path / "c.db")
+    store.record(pairs[0], left_id=samples[1], choice="right", rater="ann")  # b shown left, a chosen
+    store.record(pairs[1], left_id=samples[2], choice="tie", rater="ann")
+    store.record(pairs[2], left_id=samples[4], choice="skip", rater="ann")
+    j = store.judgements()
+    assert [(x.winner_id, x.loser_id, x.tie) for x in j] == [(samples[0], samples[1], False),
+                                                            (samples[2], samples[3], True)]
+    assert store.next_pair("ann") is None and store.next_pair("bob") == pairs[0]
+    assert store.undo("ann") == pairs[2] and store.next_pair("ann") == pairs[2]
+    assert store.undo("nobody") is None
+    with pytest.raises(ValueError, match="choice"):
+        store.record(pairs[0], samples[0], "both", "ann")
+    with pytest.raises(ValueError, match="does not hold"):
+        store.record(pairs[0], samples[5], "left", "ann")
+    other = store.add_sample(store.prompt("a blue square"), "m@1", 0, {}, [0], b"x")
+    with pytest.raises(ValueError, match="share one prompt"):
+        store.add_pair(samples[0], other)
+
+
+def test_rater_stats_count_gold_and_agreement(tmp_path):
+    store, samples, pairs = _filled(tmp_path / "c.db")
+    store.record(pairs[0], samples[0], "left", "ann")  # a: the gold answer
+    store.record(pairs[0], samples[0], "right", "bob")  # b: wrong, and disagrees with ann
+    store.record(pairs[1], samples[2], "left", "ann")
+    store.record(pairs[1], samples[3], "right", "bob")  # a again, as shown the other way round: agrees
+    stats = store.rater_stats()
+    assert stats["ann"]["gold_accuracy"] == 1.0 and stats["bob"]["gold_accuracy"] == 0.0
+    assert stats["ann"]["agreement"] == 0.5 and stats["ann"]["shared_judgements"] == 2
+    assert stats["bob"]["comparisons"] == 2
+
+
+def _write_forever(path, ready):
+    store = Store(path)
+    pid = store.prompt("p")
+    ready.set()
+    i = 0
+    while True:  # killed from outside, mid-transaction at some point
+        with store.transaction() as db:
+            for _ in range(50):
+                db.execute("INSERT INTO samples (prompt_id, model_id, seed, settings, codes, png, created) "
+                           "VALUES (?, 'm', ?, '{}', x'00', zeroblob(20000), 0)", (pid, i))
+                i += 1
+
+
+def test_store_survives_a_kill_mid_write(tmp_path):
+    path = tmp_path / "c.db"
+    ready = mp.get_context("fork").Event()
+    proc = mp.get_context("fork").Process(target=_write_forever, args=(path, ready))
+    proc.start()
+    assert ready.wait(30)
+    import time
+
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    store = Store(path)  # opens, recovers from the WAL, and holds only whole transactions
+    n = store.counts()["samples"]
+    assert n > 0 and n % 50 == 0
+    assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_jsonl_round_trip(tmp_path):
+    store, samples, pairs = _filled(tmp_path / "a.db")
+    store.record(pairs[0], samples[1], "left", "ann")
+    store.record(pairs[1], samples[2], "tie", "bob")
+    assert export_jsonl(store, tmp_path / "c.jsonl") == 2
+    other = Store(tmp_path / "b.db")
+    assert import_jsonl(other, tmp_path / "c.jsonl", render=lambda codes: json.dumps(codes).encode()) == 2
+    assert [(j.tie, j.rater) for j in other.judgements()] == [(False, "ann"), (True, "bob")]
+    first = other.judgements()[0]
+    assert other.codes(first.winner_id) == [1, 1, 2]  # sample 1 (seed 1) was chosen on the left
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: not a comparison"):
+        import_jsonl(other, tmp_path / "bad.jsonl", render=lambda c: b"")
+    assert other.counts()["comparisons"] == 2  # nothing of the bad file kept
+
+
+def test_simulated_rater_prefers_the_correct_image_and_flips_at_its_noise_rate(monkeypatch):
+    from dalle.feedback import raters
+
+    prompts = shapes_prompts("train", 24)
+    right = [np.asarray(render(p.sample.scene)) for p in prompts]
+    wrong = [right[(i + 1) % len(right)] for i in range(len(right))]  # another scene's image
+    clean = SimulatedRater()
+    choices = [clean.choose(p, a, b) for p, a, b in zip(prompts, right, wrong)]
+    assert choices.count("left") >= 21  # the detector reads renders right; another scene rarely fits
+    assert clean.choose(prompts[0], wrong[0], right[0]) == "right"
+    assert clean.choose(prompts[0], right[0], right[0]) == "tie"
+    seen = {}
+
+    def once(p, im):  # the same images again: detect each once
+        key = (p.caption, im.tobytes())
+        if key not in seen:
+            seen[key] = raters.detect_correctness(p, im)
+        return seen[key]
+    monkeypatch.setattr(raters, "correctness", once)
+    noisy = SimulatedRater(noise=0.25, seed=1)
+    flips = [noisy.choose(p, a, b) != c for p, a, b, c in zip(prompts * 10, right * 10, wrong * 10, choices * 10)
+             if c != "tie"]
+    assert 0.15 < sum(flips) / len(flips) < 0.35
+    with pytest.raises(ValueError, match="noise"):
+        SimulatedRater(noise=0.7)
+
+
+def test_bradley_terry_loss_and_ties():
+    r1, r2 = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
+    loss = bradley_terry_loss(r1, r2, torch.tensor([1.0, 1.0]))
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-2)) + math.log(2)) / 2)
+    # A tie is half a win each: its loss is least when the rewards are equal, and symmetric.
+    tie = torch.tensor([0.5])
+    assert bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0]), tie) < bradley_terry_loss(
+        torch.tensor([1.0]), torch.tensor([0.0]), tie)
+    assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), tie).item() == pytest.approx(
+        bradley_terry_loss(torch.tensor([0.0]), torch.tensor([1.0]), tie).item())
+    # Trained on its judgements, a reward learns the preferred side.
+    r = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([r], lr=1.0)
+    for _ in range(50):
+        opt.zero_grad()
+        bradley_terry_loss(r[:1], r[1:], torch.tensor([1.0])).backward()
+        opt.step()
+    assert r[0] > r[1]
+
+
+def test_dpo_loss_on_a_toy_case():
+    ref = torch.tensor([-5.0]), torch.tensor([-5.0])
+    assert dpo_loss(torch.tensor([-5.0]), torch.tensor([-5.0]), *ref, beta=0.1).item() == pytest.approx(math.log(2))
+    better = dpo_loss(torch.tensor([-4.0]), torch.tensor([-6.0]), *ref, beta=0.1)
+    worse = dpo_loss(torch.tensor([-6.0]), torch.tensor([-4.0]), *ref, beta=0.1)
+    assert better.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.2)))) and worse > better
+    # Its gradient raises the chosen sample's log-probability and lowers the rejected one's.
+    chosen, rejected = torch.tensor([-5.0], requires_grad=True), torch.tensor([-5.0], requires_grad=True)
+    dpo_loss(chosen, rejected, *ref, beta=0.5).backward()
+    assert chosen.grad.item() < 0 < rejected.grad.item()
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(chosen, rejected, *ref, beta=0.0)
+
+
+def test_kl_penalty_and_best_of_n_kl():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.5, -2.0, -1.0]])
+    shaped = kl_shaped_rewards(torch.tensor([3.0]), logp, ref, beta=0.1)
+    torch.testing.assert_close(shaped, torch.tensor([[-0.05, 0.0, 3.0 - 0.05]]))
+    assert sequence_kl(logp, ref).item() == pytest.approx(1.0)
+    assert sequence_kl(ref, ref).item() == 0.0
+    assert best_of_n_kl(1) == 0.0 and best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    assert token_logprobs(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
