@@ -20,8 +20,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["dvae", "dalle", "dalle.data", "dalle.evaluation", "dalle.feedback", "dalle.reranker", "dalle.train", "dalle.train.tasks",
-              "dalle.transformer", "dalle_tools"],
+    packages=["dvae", "dalle", "dalle.data", "dalle.evaluation", "dalle.feedback", "dalle.reranker", "dalle.train",
+              "dalle.train.tasks", "dalle.transformer", "dalle_tools"],
     package_dir={"dalle_tools": "tools"},
     # The default model generate.py uses with no --model (tools/train_default.sh rebuilds it).
     package_data={"dalle": ["default_model/*.json", "default_model/*.safetensors",

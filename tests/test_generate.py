@@ -77,7 +77,8 @@ def test_shipped_default_model(tmp_path):
     assert (DEFAULT_MODEL / "config.json").is_file(), f"{DEFAULT_MODEL} is missing: run tools/train_default.sh"
     size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
     assert size < 40 * 2**20
-    assert not any(p.startswith("/") for p in json.loads((DEFAULT_MODEL / "bundle.json").read_text())["sources"].values())
+    sources = json.loads((DEFAULT_MODEL / "bundle.json").read_text())["sources"].values()
+    assert not any(p.startswith("/") for p in sources)  # no machine's absolute path
     pipe = load_pipeline(DEFAULT_MODEL)  # strict: every tensor present, with the shape its config implies
     assert pipe.reranker is not None and pipe.dvae.config.grid_size == pipe.model.config.image_grid_size
     assert generate.main([PROMPT, "--num-images", "1", "--candidates", "2", "--out", str(tmp_path),
