@@ -15,7 +15,7 @@ ROOT = Path(__file__).parent
 setup(
     name="dalle-repro",
     version="0.1.0",
-    description="DALL-E (Ramesh et al. 2021) in PyTorch: dVAE, sparse transformer, Reranker reranking",
+    description="DALL-E (Ramesh et al. 2021) in PyTorch: dVAE, sparse transformer, reranking, learning from feedback",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
@@ -44,7 +44,10 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
         "eval": ["pytorch-fid==0.3.0"],  # the Inception-v3 of published FIDs (tools/eval_fid.py)
-        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "deepspeed==0.19.8", "pytorch-fid==0.3.0"],
+        "feedback": ["flask>=3.0,<4"],  # the comparison web app (tools/feedback.py serve)
+        # selenium drives Debian's chromium in the web app's tests (apt-get install chromium chromium-driver)
+        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "deepspeed==0.19.8", "pytorch-fid==0.3.0",
+                 "flask>=3.0,<4", "selenium>=4.20,<4.52"],
     },
     entry_points={
         "console_scripts": [
@@ -62,6 +65,7 @@ setup(
             "dalle-eval-fid=dalle_tools.eval_fid:main",
             "dalle-export=dalle_tools.export:main",
             "dalle-bench-train=dalle_tools.bench_train:main",
+            "dalle-feedback=dalle_tools.feedback:main",
         ]
     },
 )

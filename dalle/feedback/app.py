@@ -22,7 +22,7 @@ from dalle.feedback.pairs import png_bytes
 from dalle.feedback.store import CHOICES, Store
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{{ title }}</title><style>
-body{font-family:sans-serif;margin:2em;max-width:60em} img{width:256px;height:256px;image-rendering:pixelated;
+body{font-family:sans-serif;margin:2em;max-width:60em} img{width:192px;height:192px;image-rendering:pixelated;
 border:1px solid #ccc} .pair{display:flex;gap:2em} button{font-size:1.1em;margin:.3em} nav a{margin-right:1em}
 table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:.3em .6em}</style></head><body>
 <nav><a href="{{ url_for('compare') }}">compare</a><a href="{{ url_for('generate_page') }}">generate</a>
