@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the default model that ships in dalle/default_model/ from nothing but this repository:
-# shapes tokenizer -> dVAE -> pre-tokenised codes -> transformer -> CLIP reranker -> bundle.
+# shapes tokenizer -> dVAE -> pre-tokenised codes -> transformer -> reranker -> bundle.
 #
 #     bash tools/train_default.sh            # THREADS=2 and WORK=runs/default by default
 #
@@ -33,7 +33,7 @@ python tools/train_dalle.py --config configs/dalle/shapes.yaml --out "$WORK/dall
     --set data.path="$WORK/tok-train" --set data.val_path="$WORK/tok-val" \
     --set inputs.tokenizer="$WORK/tokenizer.json" --set inputs.dvae="$WORK/dvae"
 
-stage "CLIP reranker (configs/reranker/shapes.yaml)"
+stage "reranker (configs/reranker/shapes.yaml)"
 python tools/train_reranker.py --config configs/reranker/shapes.yaml --out "$WORK/reranker" --threads "$THREADS" \
     --set inputs.tokenizer="$WORK/tokenizer.json"
 
