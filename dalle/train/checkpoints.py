@@ -29,6 +29,7 @@ from dalle.checkpoint import (
     is_zero_checkpoint,
     load_pretrained,
     load_state,
+    load_tensor_file,
     load_weights,
     model_dir_contents,
     read_config,
@@ -63,10 +64,10 @@ def export(checkpoint: str | Path, out: str | Path, *, live: bool = False, dtype
     elif not live and (train / "ema.safetensors").is_file():
         load_weights(model, train / "ema.safetensors")
     else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from dalle.train.deepspeed_files import fp32_state_dict
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(src), tag=DEEPSPEED_DIR)
-        load_state(model, dict(state), f"the ZeRO shards in {src / DEEPSPEED_DIR}")
+        state = fp32_state_dict(src, DEEPSPEED_DIR)
+        load_state(model, state, f"the ZeRO shards in {src / DEEPSPEED_DIR}")
     extras = [p for p in src.iterdir()  # tokenizer.json, dvae.json; not DeepSpeed's recovery script
               if p.is_file() and p.name not in (CONFIG_NAME, WEIGHTS_NAME) and p.suffix != ".py"]
 
@@ -109,5 +110,4 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-    optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(load_tensor_file(path))  # tensors and plain containers only
