@@ -13,6 +13,7 @@ model directory.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -111,3 +112,44 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     optimizer.load_state_dict(load_tensor_file(path))  # tensors and plain containers only
+
+
+# A torch.save that runs out of space fails inside its zip writer with a message that never mentions space
+# ("[enforce fail at inline_container.cc:672] . unexpected pos 41024 vs 40916"); it counts as a full disk
+# when less than this is left (or less than the newest checkpoint's size, whichever is more).
+LOW_SPACE = 16 * 2**20
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _size(directory: Path | None) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory is not None else 0
+
+
+def disk_problem(error: BaseException, run_dir: str | Path) -> str | None:
+    """One line for a write that failed because the disk of `run_dir` is full or read-only (None for any
+    other failure): which path, which checkpoint survived, and how to go on."""
+    run_dir = Path(run_dir)
+    path = Path(getattr(error, "filename", None) or run_dir / "checkpoints")
+    code = getattr(error, "errno", None)
+    try:
+        kept = latest_checkpoint(run_dir)
+    except (OSError, ValueError):
+        kept = None
+    if code == errno.EROFS:
+        return (f"cannot write {path}: the file system is read-only. Nothing was lost"
+                + (f"; the last checkpoint is {kept}" if kept else "")
+                + ". Choose a writable --out (or remount it writable) and re-run the command")
+    free = shutil.disk_usage(_existing(path)).free
+    writer_failed = isinstance(error, RuntimeError) and ("inline_container" in str(error) or "write" in str(error))
+    full = code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(error) or (
+        writer_failed and free < max(LOW_SPACE, _size(kept)))
+    if not full:
+        return None
+    resume = (f"the last good checkpoint {kept} is intact: free space and re-run the same command to resume "
+              "from it") if kept else "no checkpoint had been written yet: free space and re-run the same command"
+    return f"the disk is full ({free / 2**20:.1f} MiB free) while writing under {path}; {resume}"
