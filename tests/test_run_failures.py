@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from test_engine import make_task, train_cfg
+from test_engine import NaNTask, make_task, train_cfg
 
 from dalle.train import checkpoints as ckpt
 from dalle.train import engine
@@ -59,6 +59,15 @@ def test_divergence_at_the_first_step_saves_nothing(tmp_path, monkeypatch, capsy
     assert "No good checkpoint was written" in message
     assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
     assert ckpt.latest_checkpoint(tmp_path / "run") is None
+
+
+def test_a_run_that_ends_inside_a_nonfinite_streak_is_an_error(tmp_path):
+    """Its final state is not saved, so ending quietly would present an older checkpoint as the result."""
+    trainer = engine.Trainer(NaNTask(make_task(), {5}), train_cfg(steps=6, save_every=2), tmp_path, progress=False)
+    good = tmp_path / "checkpoints" / "step-0000004"
+    with pytest.raises(engine.NonFiniteLossError, match=f"training ended at step 6, but the last 1 step.*{good}"):
+        trainer.fit()
+    assert ckpt.latest_checkpoint(tmp_path) == good
 
 
 @pytest.mark.parametrize(("key", "value", "allowed"), [
@@ -119,7 +128,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, erro
         train_dvae.main(run_args(out))
     kept = out / "checkpoints" / "step-0000002"
     message = str(e.value)
-    assert message.startswith("training stopped: the disk is full (0.0 MiB free)") and "\n" not in message
+    assert message.startswith("training stopped: the disk is full (48 KiB free)") and "\n" not in message
     assert str(out / "checkpoints") in message and f"last good checkpoint {kept} is intact" in message
     assert "re-run the same command" in message
     assert ckpt.latest_checkpoint(out) == kept and all_finite(kept)
@@ -144,5 +153,15 @@ def test_a_read_only_run_directory_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         train_dvae.main(run_args(tmp_path / "run"))
     assert str(e.value) == (f"training stopped: cannot write {tmp_path / 'run' / 'run.json'}: the file system is "
-                            "read-only. Nothing was lost. Choose a writable --out (or remount it writable) and "
-                            "re-run the command")
+                            "read-only and nothing was written. Pass a writable --out, or remount it writable and "
+                            "re-run the same command")
+
+
+def test_a_disk_turning_read_only_mid_run_names_the_kept_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    fail_second_save(monkeypatch, OSError(errno.EROFS, "Read-only file system", str(out / "checkpoints")))
+    with pytest.raises(SystemExit) as e:
+        train_dvae.main(run_args(out))
+    kept = out / "checkpoints" / "step-0000002"
+    assert f"read-only; the last checkpoint {kept} is intact" in str(e.value) and "\n" not in str(e.value)
+    assert f"--resume {kept}" in str(e.value) and ckpt.latest_checkpoint(out) == kept

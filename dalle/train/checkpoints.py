@@ -141,9 +141,11 @@ def disk_problem(error: BaseException, run_dir: str | Path) -> str | None:
     except (OSError, ValueError):
         kept = None
     if code == errno.EROFS:
-        return (f"cannot write {path}: the file system is read-only. Nothing was lost"
-                + (f"; the last checkpoint is {kept}" if kept else "")
-                + ". Choose a writable --out (or remount it writable) and re-run the command")
+        if kept is None:
+            return (f"cannot write {path}: the file system is read-only and nothing was written. Pass a writable "
+                    "--out, or remount it writable and re-run the same command")
+        return (f"cannot write {path}: the file system is read-only; the last checkpoint {kept} is intact. Remount "
+                f"it writable and re-run the same command, or continue elsewhere with --out NEW --resume {kept}")
     free = shutil.disk_usage(_existing(path)).free
     writer_failed = isinstance(error, RuntimeError) and ("inline_container" in str(error) or "write" in str(error))
     full = code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(error) or (
@@ -152,4 +154,5 @@ def disk_problem(error: BaseException, run_dir: str | Path) -> str | None:
         return None
     resume = (f"the last good checkpoint {kept} is intact: free space and re-run the same command to resume "
               "from it") if kept else "no checkpoint had been written yet: free space and re-run the same command"
-    return f"the disk is full ({free / 2**20:.1f} MiB free) while writing under {path}; {resume}"
+    left = f"{free / 2**20:.1f} MiB" if free >= 2**20 else f"{free // 1024} KiB"
+    return f"the disk is full ({left} free) while writing under {path}; {resume}"
