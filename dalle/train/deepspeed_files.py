@@ -4,8 +4,8 @@ DeepSpeed 0.19.8 reads its own files with `torch.load(weights_only=False)` in tw
 through: the engine's checkpoint engine (resuming a `--deepspeed` run) and `zero_to_fp32` (tools/export.py).
 A crafted `mp_rank_00_model_states.pt` would run its payload there. Here both read with weights_only=True,
 allowing the three DeepSpeed classes its ZeRO shards hold besides tensors (found by saving real ZeRO-1/2
-checkpoints in fp32 and bf16 and asking `torch.serialization.get_unsafe_globals_in_checkpoint`), and
-anything else is refused in one line that names the file.
+checkpoints in fp32 and bf16 and asking `torch.serialization.get_unsafe_globals_in_checkpoint`; ZeRO-3's
+export and resume tests pass with the same list), and anything else is refused in one line naming the file.
 """
 
 from __future__ import annotations

@@ -397,7 +397,7 @@ class Trainer:
             return self.evaluate()
         except Exception:
             if self.backend.world == 1 and self._unsaveable() is None:
-                path = self.save()
+                path = self._unconfirmed = self.save()
                 log.error("evaluation at step %d failed; the training up to it is saved in %s", self.step, path)
             raise
 
@@ -467,7 +467,7 @@ class Trainer:
                 if self.is_main:
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
             if self.step % cfg.save_every == 0 or self.step == end:
-                self._save_if_good(final=self.step == end)
+                self._save_if_good(final=self.step == cfg.steps)
         bar.close()
         self._check_ranks_agree()
         if self.counters["skipped_samples"]:
