@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -81,9 +84,32 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except SafetensorError as e:  # a pickle or a truncated file posing as safetensors
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); replace it with the file that "
+                         "save_pretrained or tools/export.py wrote") from None
     load_state(model, state, str(path), strict=strict)
+
+
+def load_tensor_file(path: str | Path, *, allow: Sequence[Any] = (), map_location: Any = "cpu",
+                     mmap: bool | None = None) -> Any:
+    """`torch.load` of a file that must hold only tensors and plain containers (plus the `allow`ed
+    classes): weights_only, so a pickled object that would run code on load is refused, in one line
+    that names the file, instead of executed."""
+    try:
+        with torch.serialization.safe_globals(list(allow)), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle: refused below
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        # torch's message is a page long and suggests allow-listing the offender; name the offender only.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"Unsupported operand \d+", str(e))
+        why = f"it refers to {found[1]}" if found and found.lastindex else found[0] if found else "not weights only"
+        raise ValueError(f"{path} is not a plain tensor file ({why}); refusing to unpickle it, as that could run "
+                         "code. Use a checkpoint that you or this project wrote") from None
+    except (RuntimeError, EOFError) as e:  # not a torch file at all, or a truncated one
+        raise ValueError(f"{path} is not a readable PyTorch tensor file ({str(e).splitlines()[0]})") from None
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, *, strict: bool = True) -> None:

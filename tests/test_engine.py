@@ -111,15 +111,16 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, caplog):
     logged = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r for r in logged if r["event"] == "train"][-1]["nonfinite_steps"] == 2
 
-    stuck = Trainer(NaNTask(make_task(), range(3, 100)), train_cfg(steps=12, max_nonfinite=3),
+    stuck = Trainer(NaNTask(make_task(), range(3, 100)), train_cfg(steps=12, max_nonfinite=3, save_every=2),
                     tmp_path / "b", progress=False)
-    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
+    # Steps 3-5 failed; the save due at step 4 fell inside that streak and was not written, so step 2
+    # (the weights of steps 0-1, whose loss was finite) is the last good checkpoint, and the error says so.
+    last_good = tmp_path / "b" / "checkpoints" / "step-0000002"
+    with pytest.raises(NonFiniteLossError, match=f"3 non-finite steps in a row.*last good checkpoint is {last_good}"):
         stuck.fit()
-    # Steps 3-5 failed; the run stopped during step 5, so step 4 (weights of steps 0-2) is the last save
-    # and nothing non-finite was ever written.
-    latest = ckpt.latest_checkpoint(tmp_path / "b")
-    assert latest.name == "step-0000004"
-    assert all(torch.isfinite(v).all() for v in ckpt.load_pretrained(latest).state_dict().values())
+    assert ckpt.latest_checkpoint(tmp_path / "b") == last_good
+    assert not (tmp_path / "b" / "checkpoints" / "step-0000004").exists()
+    assert all(torch.isfinite(v).all() for v in ckpt.load_pretrained(last_good).state_dict().values())
 
 
 def test_mismatched_weights_name_the_tensor(tmp_path):

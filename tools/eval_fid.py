@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             extractor, feat_id = InceptionExtractor(args.inception_weights or None, device), "pytorch-fid inception"
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise SystemExit(str(e)) from None
     out = Path(args.out)
     image_dir = out / "images"

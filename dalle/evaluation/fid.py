@@ -18,7 +18,6 @@ sqrtm (10-40 s for 2048-d on 2 cores); the tests check it against pytorch-fid's
 from __future__ import annotations
 
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -86,23 +85,42 @@ def inception_weights_path(weights: str | Path | None = None) -> Path:
     return path
 
 
+def fid_inception(weights: str | Path | None = None) -> torch.nn.Module:
+    """pytorch-fid's FID Inception-v3, built here rather than by `fid_inception_v3()`, whose weights go
+    through torch.hub's unpickling loader (and a download). The weights file is a plain state dict of
+    tensors, read with weights_only=True and checked key by key."""
+    from pytorch_fid import inception as fid
+
+    from dalle.checkpoint import load_tensor_file
+
+    path = inception_weights_path(weights)
+    state = load_tensor_file(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a state dict of the FID Inception-v3 (got a {type(state).__name__})")
+    net = fid._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    for name, block in (("Mixed_5b", fid.FIDInceptionA(192, pool_features=32)),
+                        ("Mixed_5c", fid.FIDInceptionA(256, pool_features=64)),
+                        ("Mixed_5d", fid.FIDInceptionA(288, pool_features=64)),
+                        ("Mixed_6b", fid.FIDInceptionC(768, channels_7x7=128)),
+                        ("Mixed_6c", fid.FIDInceptionC(768, channels_7x7=160)),
+                        ("Mixed_6d", fid.FIDInceptionC(768, channels_7x7=160)),
+                        ("Mixed_6e", fid.FIDInceptionC(768, channels_7x7=192)),
+                        ("Mixed_7b", fid.FIDInceptionE_1(1280)), ("Mixed_7c", fid.FIDInceptionE_2(2048))):
+        setattr(net, name, block)  # the blocks in which the FID network differs from torchvision's
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        raise ValueError(f"{path} does not match the FID Inception-v3 ({detail}); pass "
+                         f"pytorch-fid's {INCEPTION_WEIGHTS}") from None
+    return net
+
+
 class InceptionExtractor:
     name = "inception"
 
     def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu") -> None:
-        from pytorch_fid.inception import fid_inception_v3
-
-        path = inception_weights_path(weights)
-        # pytorch-fid loads through torch.hub's cache: point a private cache at the file, so nothing downloads.
-        with tempfile.TemporaryDirectory() as hub:
-            (Path(hub) / "checkpoints").mkdir()
-            (Path(hub) / "checkpoints" / INCEPTION_WEIGHTS).symlink_to(path.resolve())
-            old = torch.hub.get_dir()
-            torch.hub.set_dir(hub)
-            try:
-                self.net = fid_inception_v3().eval().to(device)
-            finally:
-                torch.hub.set_dir(old)
+        self.net = fid_inception(weights).eval().to(device)
         self.device = device
         self._pool: Tensor | None = None
         self.net.avgpool.register_forward_hook(lambda _m, _i, out: setattr(self, "_pool", out.flatten(1)))

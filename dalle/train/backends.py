@@ -375,7 +375,11 @@ class DeepSpeedBackend(Backend):
         self.engine.save_checkpoint(target[0], tag=DEEPSPEED_TAG, save_latest=False)
 
     def load_state(self, checkpoint: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
+        from dalle.train.deepspeed_files import install, weights_only_everywhere
+
+        install(self.engine)  # DeepSpeed's own reader unpickles whatever a shard holds
+        with weights_only_everywhere():
+            path, _ = self.engine.load_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load {checkpoint / DEEPSPEED_TAG}")
 

@@ -13,6 +13,7 @@ model directory.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -29,6 +30,7 @@ from dalle.checkpoint import (
     is_zero_checkpoint,
     load_pretrained,
     load_state,
+    load_tensor_file,
     load_weights,
     model_dir_contents,
     read_config,
@@ -63,10 +65,10 @@ def export(checkpoint: str | Path, out: str | Path, *, live: bool = False, dtype
     elif not live and (train / "ema.safetensors").is_file():
         load_weights(model, train / "ema.safetensors")
     else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from dalle.train.deepspeed_files import fp32_state_dict
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(src), tag=DEEPSPEED_DIR)
-        load_state(model, dict(state), f"the ZeRO shards in {src / DEEPSPEED_DIR}")
+        state = fp32_state_dict(src, DEEPSPEED_DIR)
+        load_state(model, state, f"the ZeRO shards in {src / DEEPSPEED_DIR}")
     extras = [p for p in src.iterdir()  # tokenizer.json, dvae.json; not DeepSpeed's recovery script
               if p.is_file() and p.name not in (CONFIG_NAME, WEIGHTS_NAME) and p.suffix != ".py"]
 
@@ -109,5 +111,48 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-    optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(load_tensor_file(path))  # tensors and plain containers only
+
+
+# A torch.save that runs out of space fails inside its zip writer with a message that never mentions space
+# ("[enforce fail at inline_container.cc:672] . unexpected pos 41024 vs 40916"); it counts as a full disk
+# when less than this is left (or less than the newest checkpoint's size, whichever is more).
+LOW_SPACE = 16 * 2**20
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _size(directory: Path | None) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory is not None else 0
+
+
+def disk_problem(error: BaseException, run_dir: str | Path) -> str | None:
+    """One line for a write that failed because the disk of `run_dir` is full or read-only (None for any
+    other failure): which path, which checkpoint survived, and how to go on."""
+    run_dir = Path(run_dir)
+    path = Path(getattr(error, "filename", None) or run_dir / "checkpoints")
+    code = getattr(error, "errno", None)
+    try:
+        kept = latest_checkpoint(run_dir)
+    except (OSError, ValueError):
+        kept = None
+    if code == errno.EROFS:
+        if kept is None:
+            return (f"cannot write {path}: the file system is read-only and nothing was written. Pass a writable "
+                    "--out, or remount it writable and re-run the same command")
+        return (f"cannot write {path}: the file system is read-only; the last checkpoint {kept} is intact. Remount "
+                f"it writable and re-run the same command, or continue elsewhere with --out NEW --resume {kept}")
+    free = shutil.disk_usage(_existing(path)).free
+    writer_failed = isinstance(error, RuntimeError) and ("inline_container" in str(error) or "write" in str(error))
+    full = code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(error) or (
+        writer_failed and free < max(LOW_SPACE, _size(kept)))
+    if not full:
+        return None
+    resume = (f"the last good checkpoint {kept} is intact: free space and re-run the same command to resume "
+              "from it") if kept else "no checkpoint had been written yet: free space and re-run the same command"
+    left = f"{free / 2**20:.1f} MiB" if free >= 2**20 else f"{free // 1024} KiB"
+    return f"the disk is full ({left} free) while writing under {path}; {resume}"

@@ -89,7 +89,7 @@ def record(sections: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
 def run_training(task: Any, sections: dict[str, Any], args: argparse.Namespace, describe: str) -> int:
     """The common end of every training tool: build the engine, say what is trained, train, report."""
     from dalle.train.checkpoints import EXPORT_HINT, latest_checkpoint
-    from dalle.train.engine import Trainer
+    from dalle.train.engine import NonFiniteLossError, Trainer
 
     n = sum(p.numel() for p in task.model.parameters())  # before ZeRO-3 splits them across ranks
     try:
@@ -98,10 +98,19 @@ def run_training(task: Any, sections: dict[str, Any], args: argparse.Namespace, 
                           deepspeed=args.deepspeed)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot start training: {e}") from None
+    except Exception as e:
+        _exit_if_disk_problem(e, args.out)
+        raise
     if trainer.is_main:
         logging.getLogger("dalle").info("%s; %.2fM parameters, run dir %s", describe, n / 1e6, args.out)
         print(trainer.describe(), flush=True)
-    metrics = trainer.fit()
+    try:
+        metrics = trainer.fit()
+    except NonFiniteLossError as e:
+        raise SystemExit(f"training stopped: {e}") from None
+    except Exception as e:
+        _exit_if_disk_problem(e, args.out)
+        raise
     if trainer.is_main:
         print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         latest = latest_checkpoint(args.out)
@@ -111,3 +120,15 @@ def run_training(task: Any, sections: dict[str, Any], args: argparse.Namespace, 
             print(f"model directory: {latest}")
     trainer.close()
     return 0
+
+
+def _exit_if_disk_problem(error: Exception, out: str) -> None:
+    """A full or read-only disk ends the tool with one line; the atomic saves kept the last checkpoint whole."""
+    from safetensors import SafetensorError
+
+    from dalle.train.checkpoints import disk_problem
+
+    if isinstance(error, (OSError, RuntimeError, SafetensorError)):
+        problem = disk_problem(error, out)
+        if problem is not None:
+            raise SystemExit(f"training stopped: {problem}") from None

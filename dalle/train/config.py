@@ -9,6 +9,7 @@ checkpointing, channels-last), live here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,16 +68,33 @@ class TrainConfig:
     channels_last: bool = False  # convolutional models (the dVAE): faster convolutions on CPUs under bf16
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError(f"steps, batch_size and grad_accum must be positive, got {self.steps}, "
-                             f"{self.batch_size}, {self.grad_accum}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
-        if self.attn_backend not in ("auto", "sdpa", "flex"):
-            raise ValueError(f"attn_backend must be 'auto', 'sdpa' or 'flex', got {self.attn_backend!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every", "max_nonfinite"):
+            _check(key, getattr(self, key), "an integer >= 1", lambda v: isinstance(v, int) and v >= 1)
+        for key in ("warmup_steps", "num_workers", "seed", "keep_checkpoints"):
+            _check(key, getattr(self, key), "an integer >= 0", lambda v: isinstance(v, int) and v >= 0)
+        # AdamW moves each weight by about lr per step, so an lr above 1 only ever diverges.
+        _check("lr", self.lr, "a number in (0, 1]", lambda v: 0 < v <= 1)
+        _check("min_lr", self.min_lr, f"a number in [0, train.lr = {self.lr}]", lambda v: 0 <= v <= self.lr)
+        _check("betas", self.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]",
+               lambda v: len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v))
+        _check("eps", self.eps, "a number in (0, 1], e.g. 1e-8", lambda v: 0 < v <= 1)
+        _check("weight_decay", self.weight_decay, "a number in [0, 1/train.lr)", lambda v: 0 <= v * self.lr < 1)
+        _check("grad_clip", self.grad_clip, "a number >= 0 (0 disables clipping)", lambda v: v >= 0)
+        _check("ema_decay", self.ema_decay, "a number in [0, 1) (0 disables the EMA)", lambda v: 0 <= v < 1)
+        choices = {"lr_schedule": ("cosine", "constant"), "precision": ("fp32", "bf16", "fp16"),
+                   "attn_backend": ("auto", "sdpa", "flex")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"train.{key} must be one of {', '.join(map(repr, allowed))}, "
+                                 f"got {getattr(self, key)!r}")
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(key: str, value: Any, allowed: str, ok: Any) -> None:
+    """Raise a one-line error naming train.<key> and its allowed range unless `ok(value)`."""
+    numeric = _number(value) or isinstance(value, (tuple, list))
+    if not numeric or not ok(value):
+        raise ValueError(f"train.{key} must be {allowed}, got {value!r}")

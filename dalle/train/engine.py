@@ -145,6 +145,7 @@ class Trainer:
         self.step, self.data_position = 0, 0  # data_position: samples of the shared stream consumed
         self.counters = {"skipped_samples": 0, "nonfinite_steps": 0, "overflow_steps": 0}
         self._nonfinite_run, self._new_skipped = 0, 0  # consecutive skipped steps; unreadable samples not yet summed
+        self._unconfirmed: Path | None = None  # the checkpoint just written, until a step from it has a finite loss
         self.progress = progress and self.is_main
         self.checkpoints = self.run_dir / "checkpoints"
         self._resume(resume)
@@ -226,6 +227,19 @@ class Trainer:
         ckpt.prune(self.checkpoints, self.cfg.keep_checkpoints)
         self.backend.barrier()
         return path
+
+    def _save_if_good(self, *, final: bool) -> None:
+        """`save`, unless the state is not good; a run that ends in such a state is an error."""
+        why = self._unsaveable()
+        if why is None:
+            self._unconfirmed = self.save()
+            return
+        if final:
+            raise NonFiniteLossError(f"training ended at step {self.step}, but {why}, so it was not saved. "
+                                     f"{self._last_good()}. Lower train.lr, check the data, or switch precision "
+                                     "to fp32")
+        log.warning("not saving step %d: %s; the latest checkpoint stays %s", self.step, why,
+                    ckpt.latest_checkpoint(self.run_dir))
 
     def _fill_checkpoint(self, tmp: Path) -> None:
         (tmp / "train").mkdir()
@@ -312,7 +326,7 @@ class Trainer:
             return self._skip(why or f"gradient norm is {grad_norm}"), samples
         if self.ema is not None:
             self.ema.update(self.model)
-        self._nonfinite_run = 0
+        self._nonfinite_run, self._unconfirmed = 0, None  # the last checkpoint's weights gave a finite loss
         return {**sums, "grad_norm": grad_norm}, samples
 
     def _skip(self, why: str) -> None:
@@ -320,11 +334,47 @@ class Trainer:
         self._nonfinite_run += 1
         log.warning("step %d skipped: %s (%d in a row)", self.step, why, self._nonfinite_run)
         if self._nonfinite_run >= self.cfg.max_nonfinite:
-            raise NonFiniteLossError(
-                f"{self._nonfinite_run} non-finite steps in a row at step {self.step}; stopped without "
-                f"saving. The last good checkpoint is {ckpt.latest_checkpoint(self.run_dir)}. Lower "
-                "train.lr, check the data, or switch precision to fp32")
+            rejected = self._reject_unconfirmed()
+            raise NonFiniteLossError(f"{self._nonfinite_run} non-finite steps in a row at step {self.step}; stopped "
+                                     f"without saving.{rejected} {self._last_good()}. Lower train.lr, check the "
+                                     "data, or switch precision to fp32")
         return None
+
+    def _reject_unconfirmed(self) -> str:
+        """A checkpoint whose weights were finite but gave nothing but non-finite losses afterwards (an update
+        that blew the weights up without overflowing them) is not good: it leaves `latest` and is renamed
+        rejected-step-N (kept for inspection, never resumed from or pruned). Returns a sentence, or ""."""
+        bad = self._unconfirmed
+        if bad is None or not bad.is_dir():
+            return ""
+        if self.is_main:
+            earlier = sorted(p for p in self.checkpoints.glob("step-*") if p.is_dir() and p != bad)
+            bad.rename(bad.with_name("rejected-" + bad.name))
+            if earlier:
+                ckpt.set_latest(self.checkpoints, earlier[-1].name)
+            else:
+                (self.checkpoints / "latest").unlink(missing_ok=True)
+        self.backend.barrier()
+        return f" Checkpoint {bad.name} gave only non-finite losses, so it was renamed rejected-{bad.name}."
+
+    def _last_good(self) -> str:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None:
+            return "No good checkpoint was written before it"
+        return f"The last good checkpoint is {latest}"
+
+    def _unsaveable(self) -> str | None:
+        """Why the current state must not become a checkpoint (None when it may): a checkpoint is "good"
+        only if its weights are finite and the last loss computed from them was. A finite loss can still
+        come with an update that left the weights non-finite, which only the next step's loss shows, so the
+        weights are checked too (each rank its own, then all agree; under ZeRO-3 a rank holds no full
+        parameters and DeepSpeed's overflow check stands in)."""
+        if self._nonfinite_run:
+            return f"the last {self._nonfinite_run} step(s) had a non-finite loss or gradient"
+        local = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if self.ema is not None:
+            local = local and all(bool(torch.isfinite(p).all()) for p in self.ema.model.parameters())
+        return "the weights are not finite" if self.backend.any(not local) else None
 
     def evaluate(self) -> dict[str, float]:
         """Rank 0 evaluates (and writes grids) while the others wait; they get {}."""
@@ -346,8 +396,8 @@ class Trainer:
         try:
             return self.evaluate()
         except Exception:
-            if self.backend.world == 1 and self._nonfinite_run == 0:
-                path = self.save()
+            if self.backend.world == 1 and self._unsaveable() is None:
+                path = self._unconfirmed = self.save()
                 log.error("evaluation at step %d failed; the training up to it is saved in %s", self.step, path)
             raise
 
@@ -417,7 +467,7 @@ class Trainer:
                 if self.is_main:
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
             if self.step % cfg.save_every == 0 or self.step == end:
-                self.save()
+                self._save_if_good(final=self.step == cfg.steps)
         bar.close()
         self._check_ranks_agree()
         if self.counters["skipped_samples"]:
