@@ -54,8 +54,9 @@ class DVAEObjective:
 
 
 def _channels_last(model: nn.Module) -> bool:
-    w = next(p for p in model.parameters() if p.ndim == 4)
-    return not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+    # None under ZeRO-3, whose partitioned parameters are flat: DeepSpeed made them contiguous anyway
+    w = next((p for p in model.parameters() if p.ndim == 4), None)
+    return w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
 
 
 class DVAETask:
