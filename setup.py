@@ -46,22 +46,23 @@ setup(
         "eval": ["pytorch-fid==0.3.0"],  # the Inception-v3 of published FIDs (tools/eval_fid.py)
         "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "deepspeed==0.19.8", "pytorch-fid==0.3.0"],
     },
+    # Each command runs its tool's main() under dalle.cli.run: a user's mistake prints one line, not a traceback.
     entry_points={
         "console_scripts": [
-            "dalle-make-shapes=dalle_tools.make_shapes:main",
-            "dalle-make-shards=dalle_tools.make_shards:main",
-            "dalle-train-dvae=dalle_tools.train_dvae:main",
-            "dalle-eval-dvae=dalle_tools.eval_dvae:main",
-            "dalle-train-bpe=dalle_tools.train_bpe:main",
-            "dalle-pretokenize=dalle_tools.pretokenize:main",
-            "dalle-train=dalle_tools.train_dalle:main",
-            "dalle-estimate=dalle_tools.estimate:main",
-            "dalle-train-reranker=dalle_tools.train_reranker:main",
-            "dalle-bundle=dalle_tools.bundle:main",
-            "dalle-eval-shapes=dalle_tools.eval_shapes:main",
-            "dalle-eval-fid=dalle_tools.eval_fid:main",
-            "dalle-export=dalle_tools.export:main",
-            "dalle-bench-train=dalle_tools.bench_train:main",
+            "dalle-make-shapes=dalle_tools.console:make_shapes",
+            "dalle-make-shards=dalle_tools.console:make_shards",
+            "dalle-train-dvae=dalle_tools.console:train_dvae",
+            "dalle-eval-dvae=dalle_tools.console:eval_dvae",
+            "dalle-train-bpe=dalle_tools.console:train_bpe",
+            "dalle-pretokenize=dalle_tools.console:pretokenize",
+            "dalle-train=dalle_tools.console:train_dalle",
+            "dalle-estimate=dalle_tools.console:estimate",
+            "dalle-train-reranker=dalle_tools.console:train_reranker",
+            "dalle-bundle=dalle_tools.console:bundle",
+            "dalle-eval-shapes=dalle_tools.console:eval_shapes",
+            "dalle-eval-fid=dalle_tools.console:eval_fid",
+            "dalle-export=dalle_tools.console:export",
+            "dalle-bench-train=dalle_tools.console:bench_train",
         ]
     },
 )
