@@ -92,8 +92,8 @@ def _load_rgb(data: str | bytes, max_pixels: int) -> Image.Image:
     src = io.BytesIO(data) if isinstance(data, bytes) else data
     with Image.open(src) as im:  # reads the header only
         if im.width * im.height > max_pixels:
-            raise ImageTooLarge(f"{im.width}x{im.height} is {im.width * im.height / 1e6:.1f} MP, over "
-                                f"data.max_pixels {max_pixels / 1e6:.1f} MP")
+            raise ImageTooLarge(f"{im.width}x{im.height} = {im.width * im.height:,} pixels, over "
+                                f"data.max_pixels {max_pixels:,}")
         im.load()
         img = to_rgb(im)
         img.load()
