@@ -82,11 +82,12 @@ GENERATE_BAD = [
 
 
 @pytest.mark.parametrize("flag,value", GENERATE_BAD)
-def test_generate_rejects_bad_flags_at_parse_time(flag, value, capsys):
+def test_generate_rejects_bad_flags_at_parse_time(flag, value, tiny_parts, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        generate.main(["a red circle", flag, value])
+        _gen(tiny_parts, "a red circle", f"{flag}={value}", "--out", str(tmp_path / "out"))  # = lets "-inf" in
     err = capsys.readouterr().err
-    assert e.value.code == 2 and f"argument {flag}: expected" in err and "Traceback" not in err
+    assert e.value.code == 2 and f"argument {flag}: expected a" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 TOOLS_BAD = [
@@ -109,7 +110,7 @@ def test_tools_reject_bad_numeric_flags(tool, argv, capsys):
     with pytest.raises(SystemExit) as e:
         tool.main(argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and f"argument {argv[0]}" in err and "expected" in err, err
+    assert e.value.code == 2 and f"argument {argv[0]}" in err and "expected a" in err, err
 
 
 def test_generate_checks_prime_rows_against_the_model_grid(tiny_parts, tmp_path):
