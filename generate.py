@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prime_image:
         try:
             image = EvalTransform(pipe.dvae.config.image_size)(to_rgb(Image.open(args.prime_image)), None)
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:  # the latter: over PIL's 179 MP limit
             raise SystemExit(f"cannot read --prime-image {args.prime_image}: {e}") from None
         prime = prime_codes(pipe, image, args.prime_rows)
     settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "cond_scale", "prime_image",

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 import torch
+from PIL import Image
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64-1; numpy's generators take any n >= 0
@@ -82,8 +83,9 @@ def add_debug_flag(p: argparse.ArgumentParser) -> None:
 
 
 # What a user's input can raise (a bad path, file, config value or text encoding; UnicodeDecodeError is a
-# ValueError, FileNotFoundError an OSError), as opposed to a bug, which keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+# ValueError, FileNotFoundError an OSError; PIL refuses images over 179 MP), as opposed to a bug, which
+# keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, Image.DecompressionBombError)
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:

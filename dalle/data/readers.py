@@ -59,10 +59,10 @@ NON_UTF8 = "non_utf8_caption"  # a sample's flag, summed by collate_skip_bad int
 def default_max_pixels(image_size: int) -> int:
     """The largest image (width x height, from its header) decoded for training at `image_size`.
 
-    Decoding costs about 11 bytes a pixel at its peak (a 12000x12000 PNG of 17 KB took 1.6 GiB), per
-    DataLoader worker. 2**25 (33.5 MP, e.g. 8192x4096) admits every camera photo up to 24 MP (6000x4000)
-    at ~0.4 GiB a worker, well under PIL's own 89 MP warning; 64 * image_size**2 (8x the side) only
-    raises it for models trained above 724 pixels.
+    Decoding and converting to RGB costs 8 bytes a pixel of peak memory per DataLoader worker, whatever the
+    file's size (measured: a black 12000x12000 PNG of 410 KiB raised peak RSS by 1.09 GiB). 2**25 (33.5 MP,
+    e.g. 8192x4096: 0.25 GiB) admits every camera photo up to 24 MP (6000x4000) and stays well under PIL's
+    own 89 MP warning; 64 * image_size**2 (8x the side) only raises it for models trained above 724 pixels.
     """
     return max(64 * image_size**2, 2**25)
 

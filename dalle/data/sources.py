@@ -29,9 +29,9 @@ class DataConfig:
     require_captions: bool = True  # False lets a dVAE train on a folder of images without captions
     shuffle_buffer: int = 1000  # webdataset: samples held for shuffling
     # folder/webdataset: images whose header says more pixels (width x height) are skipped, warned about and
-    # counted before they are decoded: decoding costs ~11 bytes a pixel per worker (a 17 KB 12000x12000 PNG
-    # took 1.6 GiB). 0: max(64 * image_size**2, 2**25), i.e. 33.5 MP (any photo up to 24 MP) until
-    # image_size passes 724 (see dalle.data.readers.default_max_pixels).
+    # counted before they are decoded: decoding costs 8 bytes a pixel per worker (a 410 KiB 12000x12000 PNG:
+    # 1.09 GiB). 0: max(64 * image_size**2, 2**25), i.e. 33.5 MP (any photo up to 24 MP) until image_size
+    # passes 724 (see dalle.data.readers.default_max_pixels).
     max_pixels: int = 0
 
     def __post_init__(self) -> None:
