@@ -95,6 +95,9 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     args = sys.argv[1:] if argv is None else argv
     try:
         code = main(argv)
+    except BrokenPipeError:  # the reader went away (`... | head`): nothing more to say, and no one to say it to
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except USER_ERRORS as e:
         if "--debug" in args:
             raise
