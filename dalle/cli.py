@@ -71,7 +71,9 @@ seed_int = int_range(0, SEED_MAX)
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """The sampling flags generate.py and the evaluation tools share."""
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature (> 0)")
+    # Below 1e-6, logits / temperature overflows float32 (at 1e-45 the softmax is NaN); 1e-6 is already greedy.
+    p.add_argument("--temperature", type=float_range(1e-6), default=1.0,
+                   help="softmax temperature, >= 1e-6 (small: nearly greedy; 1: the model's distribution)")
     p.add_argument("--top-k", type=non_negative_int, default=0,
                    help="sample among the k most likely codes (0: all; >= 0)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass, in (0, 1] (1.0: off)")

@@ -75,6 +75,7 @@ def test_every_prompt_in_any_script_keeps_its_images(tiny_parts, tmp_path, capsy
 BIG_SEED = str(2**64 + 3)
 GENERATE_BAD = [
     ("--temperature", "0"), ("--temperature", "-1"), ("--temperature", "nan"), ("--temperature", "inf"),
+    ("--temperature", "1e-45"),
     ("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "nan"), ("--top-k", "-5"), ("--top-k", "2.5"),
     ("--seed", "20000000000000000000"), ("--seed", "-1"), ("--cond-scale", "nan"), ("--cond-scale", "-inf"),
     ("--prime-rows", "-1"), ("--num-images", "0"), ("--batch-size", "0"), ("--candidates", "-2"),
