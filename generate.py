@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -26,7 +25,18 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from dalle.cli import DTYPES, add_sampling_flags, resolve_device
+from dalle.cli import (
+    DTYPES,
+    SEED_MAX,
+    add_debug_flag,
+    add_sampling_flags,
+    finite_float,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+    run,
+    seed_int,
+)
 from dalle.data.transforms import EvalTransform, to_rgb
 from dalle.generation import default_candidates, generate_many
 from dalle.pipeline import DEFAULT_MODEL, load_pipeline, prime_codes
@@ -41,17 +51,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="transformer model directory or training run directory (default: the shipped model)")
     p.add_argument("--dvae", default=None, help="dVAE directory (default: the one the model names)")
     p.add_argument("--reranker", default=None, help="reranker directory (default: the model's reranker/ folder)")
-    p.add_argument("--num-images", type=int, default=4, help="images kept per prompt")
-    p.add_argument("--candidates", type=int, default=0,
+    p.add_argument("--num-images", type=positive_int, default=4, help="images kept per prompt (>= 1)")
+    p.add_argument("--candidates", type=non_negative_int, default=0,
                    help="images sampled per prompt, then reranked, keeping the best --num-images "
                         "(0: 4 x --num-images when the model has a reranker, else --num-images)")
-    p.add_argument("--batch-size", type=int, default=16, help="images sampled together")
-    p.add_argument("--seed", type=int, default=0, help="candidate c of each prompt uses seed SEED + c")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images sampled together (>= 1)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help=f"candidate c of each prompt uses seed SEED + c (0..{SEED_MAX})")
     add_sampling_flags(p)
-    p.add_argument("--cond-scale", type=float, default=1.0,
-                   help="classifier-free guidance scale (1.0: off; 3.0 is a common choice)")
+    p.add_argument("--cond-scale", type=finite_float, default=1.0,
+                   help="classifier-free guidance scale, any finite number (1.0: off; 3.0 is a common choice)")
     p.add_argument("--prime-image", default="", help="image whose top rows of codes are kept (image-to-image)")
-    p.add_argument("--prime-rows", type=int, default=0, help="rows of the code grid taken from --prime-image")
+    p.add_argument("--prime-rows", type=non_negative_int, default=0,
+                   help="rows of the code grid taken from --prime-image (1 .. the model's grid rows - 1)")
     p.add_argument("--out", default="outputs", help="output directory")
     p.add_argument("--overwrite", action="store_true",
                    help="replace files of the same names in --out (default: refuse, and write nothing)")
@@ -60,22 +72,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights and compute dtype")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     if args.prompt_file:
-        try:
-            args.prompts += [line.strip() for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
-        except OSError as e:
-            p.error(f"cannot read --prompts {args.prompt_file}: {e.strerror}")
+        args.prompts += read_prompts(p, args.prompt_file)
     if not args.prompts:
         p.error("give at least one prompt, or --prompts FILE")
-    if args.num_images < 1 or args.batch_size < 1 or args.candidates < 0:
-        p.error("--num-images and --batch-size must be at least 1, --candidates at least 0")
+    if args.seed + max(args.candidates, 4 * args.num_images) - 1 > SEED_MAX:
+        p.error(f"--seed {args.seed}: candidate seeds SEED + c must stay <= {SEED_MAX}; choose a smaller seed")
     if args.candidates and args.candidates < args.num_images:
         p.error(f"--candidates {args.candidates} is fewer than --num-images {args.num_images}: "
                 "sample at least as many candidates as images to keep")
     if bool(args.prime_image) != bool(args.prime_rows):
         p.error("--prime-image and --prime-rows go together")
     return args
+
+
+def read_prompts(p: argparse.ArgumentParser, path: str) -> list[str]:
+    """The non-blank lines of a UTF-8 prompt file (a BOM is dropped); an unreadable file or a line that is
+    not UTF-8 is a parser error naming the file and line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        p.error(f"cannot read --prompts {path}: {e.strerror}")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        p.error(f"--prompts {path}: line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "
+                "UTF-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def slug(prompt: str) -> str:
@@ -129,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot load the model: {e}") from None
     candidates = args.candidates or default_candidates(pipe, args.num_images)
+    grid = pipe.model.config.image_grid_size
+    if args.prime_rows >= grid:
+        raise SystemExit(f"--prime-rows {args.prime_rows}: {args.model} samples a {grid}x{grid} code grid, so "
+                         f"1..{grid - 1} rows can be primed")
     if candidates > args.num_images and pipe.reranker is None:
         raise SystemExit(f"--candidates {candidates} > --num-images {args.num_images} needs a reranker, and "
                          f"{args.model} has none: pass --reranker DIR (a tools/train_reranker.py run)")
@@ -144,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prime_image:
         try:
             image = EvalTransform(pipe.dvae.config.image_size)(to_rgb(Image.open(args.prime_image)), None)
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:  # the latter: over PIL's 179 MP limit
             raise SystemExit(f"cannot read --prime-image {args.prime_image}: {e}") from None
         prime = prime_codes(pipe, image, args.prime_rows)
     settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "cond_scale", "prime_image",
@@ -176,4 +206,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(ROOT))
 
+from dalle import cli  # noqa: E402  (importable once the path above is set)
+
 CONFIG = ROOT / "configs/dalle/bench-small.yaml"
 PEER_SCRIPT = ROOT / "benchmarks/peer/peer_dalle_pytorch.py"
 GEN_BATCH, TOP_K_FRACTION, COND_SCALE = 4, 0.1, 3.0  # the peer's filter_thres=0.9 keeps the top 10%
@@ -451,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--cases", default=",".join(CPU_CASES),
                    help="comma-separated cases of ours to run: " + ", ".join(CASES))
-    p.add_argument("--threads", type=int, default=2, help="torch threads in every case (the peer's figures use 2)")
-    p.add_argument("--max-wait", type=float, default=30.0,
+    p.add_argument("--threads", type=cli.positive_int, default=2,
+                   help="torch threads in every case, >= 1 (the peer's figures use 2)")
+    p.add_argument("--max-wait", type=cli.non_negative_float, default=30.0,
                    help="seconds to wait for other processes to go quiet before each timed run (0: never)")
     p.add_argument("--compare-peer", action="store_true",
                    help="also run the peer's cases, each right before the case of ours it is compared with")
@@ -462,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="benchmarks/results.json", help="write every figure here (after each case)")
     p.add_argument("--markdown", default="", help="also write the tables to this file")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
     if args.case:
         print("@@BENCH@@" + json.dumps(run_case(args.case, args.threads)), flush=True)
@@ -496,4 +500,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout
 import torch
 from torch.utils.data import Dataset
 
+from dalle import cli
 from dalle.cli import resolve_device
 from dalle.data.sources import DataConfig
 from dalle.train.cli import start, training_parser
@@ -87,7 +88,8 @@ def summary(run: Path, warmup: int) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = training_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the figures here too (rank 0)")
-    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timing (compilation)")
+    parser.add_argument("--warmup", type=cli.non_negative_int, default=10,
+                        help="steps left out of the timing (compilation), >= 0")
     args, cfg = start(parser, SECTIONS, argv)
     device = resolve_device(args.device)
     task = SyntheticTask(DALLE(cfg["model"]), cfg["objective"])
@@ -112,4 +114,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

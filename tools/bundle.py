@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout
 
 import torch
 
+from dalle import cli
 from dalle.checkpoint import atomic_dir, model_dir_contents, resolve_model_dir, write_json
 from dalle.pipeline import find_dvae, load_pipeline
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reranker", default=None, help="reranker run or model directory (tools/train_reranker.py)")
     p.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
     p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES), help="dtype the weights are stored in")
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
     try:
         out = bundle(args.dalle, args.out, reranker_dir=args.reranker, dvae_dir=args.dvae, dtype=DTYPES[args.dtype])
@@ -83,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

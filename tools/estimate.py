@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout
 
 import torch
 
+from dalle import cli
 from dalle.config import from_dict
 from dalle.train.config import TrainConfig, apply_overrides, load_yaml
 from dalle.transformer.model import DALLE, DALLEConfig, training_flops_per_token
@@ -78,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="a transformer config (its model and train sections are read)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a value, e.g. --set model.n_layer=32 or --set train.batch_size=4")
-    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (ranks) sharing the ZeRO state")
+    p.add_argument("--gpus", type=cli.positive_int, default=1,
+                   help="data-parallel GPUs (ranks) sharing the ZeRO state (>= 1)")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage")
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
     data = apply_overrides(load_yaml(args.config), args.overrides)
     cfg = from_dict(DALLEConfig, data.get("model"), where=f"{args.config} [model]")
@@ -127,4 +130,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

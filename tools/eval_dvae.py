@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
+from dalle import cli
 from dalle.checkpoint import load_pretrained
 from dalle.cli import resolve_device
 from dalle.data.sources import DataConfig, build_dataset
@@ -83,18 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", default="shapes", choices=["shapes", "folder", "webdataset"],
                    help="where the evaluation images come from")
     p.add_argument("--path", default="", help="folder or shard pattern (folder and webdataset sources)")
-    p.add_argument("--n", type=int, default=1024, help="number of images to evaluate")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--seed", type=int, default=0, help="shapes: seed of the held-out 'val' split")
+    p.add_argument("--n", type=cli.positive_int, default=1024, help="number of images to evaluate (>= 1)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per forward pass (>= 1)")
+    p.add_argument("--seed", type=cli.seed_int, default=0, help="shapes: seed of the held-out 'val' split")
     p.add_argument("--grid", default="", help="write originals over reconstructions to this PNG")
-    p.add_argument("--grid-images", type=int, default=16, help="columns of the grid")
+    p.add_argument("--grid-images", type=cli.positive_int, default=16, help="columns of the grid (>= 1)")
     p.add_argument("--json", default="", help="also write the metrics to this JSON file")
-    p.add_argument("--detector", type=int, default=0, metavar="N",
+    p.add_argument("--detector", type=cli.non_negative_int, default=0, metavar="N",
                    help="shapes only: detector accuracy on the reconstructions of the first N scenes (0: off)")
     p.add_argument("--misread-grid", default="",
                    help="with --detector: write the scenes with a misread colour or shape to this PNG (each "
                         "original above its reconstruction, up to 48)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
     if args.detector and args.source != "shapes":
         p.error("--detector reads shapes scenes: it needs --source shapes")
@@ -131,4 +133,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

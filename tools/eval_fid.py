@@ -36,6 +36,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from dalle import cli
 from dalle.cli import add_sampling_flags, resolve_device
 from dalle.data.transforms import EvalTransform, to_rgb
 from dalle.evaluation.fid import (
@@ -170,26 +171,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", default="", help="folder, shard pattern, or (coco) the image folder")
     p.add_argument("--captions", default="", help="coco: the captions JSON (e.g. captions_val2014.json)")
     p.add_argument("--split", default="zeroshot", choices=["train", "val", "zeroshot"], help="shapes split")
-    p.add_argument("--n", type=int, default=2000, help="captions (the paper: 30,000)")
+    p.add_argument("--n", type=cli.int_range(2), default=2000,
+                   help="captions, >= 2 for a covariance (the paper: 30,000)")
     p.add_argument("--features", default="inception", choices=["inception", "reranker"],
                    help="inception (comparable with published FIDs) or reranker (the project's reranker: quick, "
                         "no download)")
     p.add_argument("--inception-weights", default="",
                    help=f"path of {INCEPTION_WEIGHTS} (default: torch's hub cache, checkpoints/ folder)")
-    p.add_argument("--blur", type=float, nargs="+", default=[0, 1, 2, 4, 8],
+    p.add_argument("--blur", type=cli.non_negative_float, nargs="+", default=[0, 1, 2, 4, 8],
                    help="Gaussian blur radii applied to both sets (paper Fig. 9a); 0 is plain FID")
-    p.add_argument("--candidates", type=int, default=1, help="images sampled per caption; the reranker keeps one")
-    p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--candidates", type=cli.positive_int, default=1,
+                   help="images sampled per caption; the reranker keeps one")
+    p.add_argument("--cond-scale", type=cli.finite_float, default=1.0, help="classifier-free guidance scale")
     add_sampling_flags(p)
-    p.add_argument("--seed", type=int, default=0, help="data seed and base sampling seed")
-    p.add_argument("--batch-size", type=int, default=64, help="images per sampling and feature batch")
+    p.add_argument("--seed", type=cli.seed_int, default=0, help="data seed and base sampling seed")
+    p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per sampling and feature batch")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--stats-cache", default="~/.cache/dalle-repro/fid-stats", help="real-image statistics cache")
     p.add_argument("--out", required=True, help="directory for images/, fid.json and fid.md")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
-    if args.n < 2 or args.candidates < 1:
-        p.error("--n must be at least 2 (a covariance needs two images) and --candidates at least 1")
     if args.source != "shapes" and not args.path:
         p.error(f"--source {args.source} needs --path")
     if args.source == "coco" and not args.captions:
@@ -252,4 +254,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

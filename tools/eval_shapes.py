@@ -31,6 +31,7 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from dalle import cli
 from dalle.cli import add_sampling_flags, resolve_device
 from dalle.evaluation.compositional import Prompt, score_images, shapes_prompts, summarise, to_uint8
 from dalle.generation import sample_images
@@ -130,22 +131,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reranker", default=None, help="reranker directory (default: the model's reranker/ folder)")
     p.add_argument("--split", nargs="+", default=["train", "zeroshot"], choices=["train", "val", "zeroshot"],
                    help="shapes splits whose captions are the prompts")
-    p.add_argument("--n", type=int, default=200, help="prompts per split (the first n samples)")
-    p.add_argument("--candidates", type=int, nargs="+", default=[1, 8, 32],
+    p.add_argument("--n", type=cli.positive_int, default=200, help="prompts per split (the first n samples)")
+    p.add_argument("--candidates", type=cli.positive_int, nargs="+", default=[1, 8, 32],
                    help="report the reranker's best of the first k samples for each k (1: no reranking)")
-    p.add_argument("--cond-scale", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to compare")
+    p.add_argument("--cond-scale", type=cli.finite_float, nargs="+", default=[1.0, 3.0],
+                   help="guidance scales to compare")
     add_sampling_flags(p)
-    p.add_argument("--seed", type=int, default=0, help="data seed of the prompts, and base seed of the samples")
-    p.add_argument("--batch-size", type=int, default=64, help="images sampled together")
+    p.add_argument("--seed", type=cli.seed_int, default=0,
+                   help="data seed of the prompts, and base seed of the samples")
+    p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images sampled together")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--out", default="runs/eval-shapes", help="directory for the JSON, Markdown and grids")
     p.add_argument("--check-detector", action="store_true", help="score ground-truth renders, not a model")
-    p.add_argument("--jpeg", type=int, default=0, help="with --check-detector: JPEG quality applied first")
+    p.add_argument("--jpeg", type=cli.int_range(0, 100), default=0,
+                   help="with --check-detector: JPEG quality 1..100 applied first (0: none)")
     p.add_argument("--shuffle", action="store_true", help="with --check-detector: pair images with other prompts")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
-    if args.n < 1 or min(args.candidates) < 1 or args.batch_size < 1:
-        p.error("--n, --candidates and --batch-size must be positive")
     if (args.jpeg or args.shuffle) and not args.check_detector:
         p.error("--jpeg and --shuffle go with --check-detector")
     out = Path(args.out)
@@ -164,4 +167,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout
 
 import torch
 
+from dalle import cli
 from dalle.checkpoint import resolve_model_dir
 from dalle.train.checkpoints import export
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="export the trained weights even when the run kept an EMA (default: the EMA's, "
                         "as plain checkpoints hold)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="precision of the written weights")
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
     out = Path(args.out)
     if out.exists():
@@ -48,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

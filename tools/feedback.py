@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout
 
 from tqdm.auto import tqdm
 
-from dalle.cli import DTYPES, add_sampling_flags, resolve_device
+from dalle.cli import DTYPES, add_sampling_flags, resolve_device, run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -170,4 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

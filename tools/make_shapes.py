@@ -12,14 +12,13 @@ import io
 import sys
 from pathlib import Path
 
-try:
-    import dalle  # noqa: F401  (normally installed with `pip install -e .`)
-except ImportError:  # running from a checkout without installing: make the repo root importable
+if __package__ in (None, ""):  # run as a script: this checkout's dalle, even when another one is installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image
 from tqdm import tqdm
 
+from dalle import cli
 from dalle.data.shapes import SPLITS, make_sample, sample_key
 
 
@@ -39,19 +38,20 @@ def _parser() -> argparse.ArgumentParser:
         description="Generate deterministic synthetic captioned shape images.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--n", type=int, default=1000, help="number of samples to write (indices 0..n-1)")
+    p.add_argument("--n", type=cli.positive_int, default=1000, help="number of samples to write (indices 0..n-1)")
     p.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
     p.add_argument("--split", choices=SPLITS, default="train", help="which split to generate")
-    p.add_argument("--seed", type=int, default=0, help="data set seed; sample i is a pure function of it")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (>= 16)")
+    p.add_argument("--seed", type=cli.seed_int, default=0, help="data set seed; sample i is a pure function of it")
+    p.add_argument("--image-size", type=cli.int_range(16), default=64, help="image side in pixels (>= 16)")
     p.add_argument("--shards", action="store_true", help="write webdataset tar shards instead of a folder")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (with --shards)")
+    p.add_argument("--shard-size", type=cli.positive_int, default=1000, help="samples per shard (with --shards)")
     p.add_argument(
         "--background",
         type=_rgb,
         default=None,
         help="fixed background R,G,B; None draws a random grey per image",
     )
+    cli.add_debug_flag(p)
     return p
 
 
@@ -64,10 +64,6 @@ def _png_bytes(image: Image.Image) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error(f"--n must be >= 1, got {args.n}")
-    if args.shard_size < 1:
-        parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
     try:  # fail on bad arguments before creating any output
         make_sample(0, args.split, args.seed, args.image_size, background=args.background)
     except (ValueError, TypeError) as e:
@@ -98,4 +94,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

@@ -18,15 +18,14 @@ import os
 import sys
 from pathlib import Path
 
-try:
-    import dalle  # noqa: F401  (normally installed with `pip install -e .`)
-except ImportError:  # running from a checkout without installing: make the repo root importable
+if __package__ in (None, ""):  # run as a script: this checkout's dalle, even when another one is installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from dalle import cli
 from dalle.data.readers import scan_image_text_folder
 
 
@@ -39,7 +38,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--src", required=True, help="folder of name.jpg|jpeg|png|webp + name.txt (+ name.json) pairs"
     )
     p.add_argument("--out", required=True, help="output folder for the shards (created if missing)")
-    p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+    p.add_argument("--shard-size", type=cli.positive_int, default=10000, help="samples per shard (>= 1)")
     p.add_argument("--prefix", default="shard", help="shard file names are OUT/PREFIX-%%06d.tar")
     p.add_argument(
         "--allow-missing-captions",
@@ -52,10 +51,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fully decode each image with PIL and skip the ones that fail (slower); by default bytes are "
         "copied unchecked and the reader skips bad ones",
     )
-    args = p.parse_args(argv)
-    if args.shard_size < 1:
-        p.error("--shard-size must be >= 1")
-    return args
+    cli.add_debug_flag(p)
+    return p.parse_args(argv)
 
 
 def _tar_key(key: str, used: set[str]) -> str:
@@ -125,4 +122,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

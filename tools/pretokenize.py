@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from tqdm.auto import tqdm
 
+from dalle import cli
 from dalle.checkpoint import load_pretrained, resolve_model_dir
 from dalle.cli import resolve_device
 from dalle.data.readers import collate_skip_bad
@@ -48,13 +49,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the captioned images come from")
     p.add_argument("--path", default="", help="folder or shard pattern (folder and webdataset sources)")
     p.add_argument("--split", default="train", choices=["train", "val", "zeroshot"], help="shapes split")
-    p.add_argument("--n", type=int, default=0, help="samples to encode (0: all; shapes needs a number)")
-    p.add_argument("--seed", type=int, default=0, help="shapes seed / caption choice seed")
+    p.add_argument("--n", type=cli.non_negative_int, default=0,
+                   help="samples to encode (0: all; shapes needs a number)")
+    p.add_argument("--seed", type=cli.seed_int, default=0, help="shapes seed / caption choice seed")
     p.add_argument("--out", required=True, help="new token directory")
-    p.add_argument("--batch-size", type=int, default=256, help="images per dVAE forward pass")
-    p.add_argument("--shard-size", type=int, default=100_000, help="samples per shard")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for image decoding")
+    p.add_argument("--batch-size", type=cli.positive_int, default=256, help="images per dVAE forward pass")
+    p.add_argument("--shard-size", type=cli.positive_int, default=100_000, help="samples per shard")
+    p.add_argument("--workers", type=cli.non_negative_int, default=0,
+                   help="DataLoader worker processes for image decoding")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
     if args.source == "shapes" and args.n <= 0:
         p.error("--source shapes needs --n, the number of scenes to generate")
@@ -91,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

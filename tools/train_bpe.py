@@ -15,13 +15,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-try:
-    import dalle  # noqa: F401  (normally installed with `pip install -e .`)
-except ImportError:  # running from a checkout without installing: make the repo root importable
+if __package__ in (None, ""):  # run as a script: this checkout's dalle, even when another one is installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm
 
+from dalle import cli
 from dalle.data.readers import scan_image_text_folder
 from dalle.data.shapes import _rng_for, make_caption, sample_scene
 from dalle.tokenizer import TextTokenizer
@@ -33,13 +32,17 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shapes", type=int, metavar="N", help="use the captions of shapes train samples 0..N-1")
+    src.add_argument("--shapes", type=cli.positive_int, metavar="N",
+                     help="use the captions of shapes train samples 0..N-1")
     src.add_argument("--captions", type=Path, nargs="+", metavar="FILE", help="text files, one caption per line")
     src.add_argument("--folder", type=Path, metavar="DIR", help="image folder: its name.txt files (recursive)")
     p.add_argument("--out", type=Path, required=True, help="tokenizer.json path, or a directory to write it in")
-    p.add_argument("--vocab", type=int, default=16384, help="maximum BPE vocabulary size in tokens (>= 256)")
-    p.add_argument("--min-frequency", type=int, default=2, help="minimum count of a pair for it to be merged")
-    p.add_argument("--seed", type=int, default=0, help="shapes data set seed (with --shapes)")
+    p.add_argument("--vocab", type=cli.int_range(256), default=16384,
+                   help="maximum BPE vocabulary size in tokens (>= 256)")
+    p.add_argument("--min-frequency", type=cli.positive_int, default=2,
+                   help="minimum count of a pair for it to be merged")
+    p.add_argument("--seed", type=cli.seed_int, default=0, help="shapes data set seed (with --shapes)")
+    cli.add_debug_flag(p)
     return p
 
 
@@ -68,13 +71,7 @@ def file_captions(paths: list[Path]) -> Iterator[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.vocab < 256:
-        parser.error(f"--vocab must be >= 256 (the byte alphabet), got {args.vocab}")
-    if args.min_frequency < 1:
-        parser.error(f"--min-frequency must be >= 1, got {args.min_frequency}")
     if args.shapes is not None:
-        if args.shapes < 1:
-            parser.error(f"--shapes must be >= 1, got {args.shapes}")
         texts = shapes_captions(args.shapes, args.seed)
     elif args.captions is not None:
         missing = [str(p) for p in args.captions if not p.is_file()]
@@ -101,4 +98,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

@@ -17,6 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dalle import cli
 from dalle.checkpoint import load_pretrained, resolve_model_dir
 from dalle.cli import resolve_device
 from dalle.data.sources import DataConfig, build_dataset
@@ -54,4 +55,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

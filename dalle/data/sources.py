@@ -28,12 +28,19 @@ class DataConfig:
     seed: int = 0
     require_captions: bool = True  # False lets a dVAE train on a folder of images without captions
     shuffle_buffer: int = 1000  # webdataset: samples held for shuffling
+    # folder/webdataset: images whose header says more pixels (width x height) are skipped, warned about and
+    # counted before they are decoded: decoding costs 8 bytes a pixel per worker (a 410 KiB 12000x12000 PNG:
+    # 1.09 GiB). 0: max(64 * image_size**2, 2**25), i.e. 33.5 MP (any photo up to 24 MP) until image_size
+    # passes 724 (see dalle.data.readers.default_max_pixels).
+    max_pixels: int = 0
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
         if self.source != "shapes" and not self.path:
             raise ValueError(f"data.source {self.source!r} needs data.path (a folder or a shard pattern)")
+        if self.max_pixels < 0:
+            raise ValueError(f"data.max_pixels must be >= 0 (0: sized from the image size), got {self.max_pixels}")
 
 
 def build_dataset(cfg: DataConfig, split: str, image_size: int, transform: str) -> Dataset:
@@ -57,17 +64,20 @@ def build_dataset(cfg: DataConfig, split: str, image_size: int, transform: str) 
             return TokenShards(cfg.path, limit=cfg.val_size)
         return TokenShards(cfg.path if split == "train" else cfg.val_path)
 
-    from dalle.data.readers import ImageTextFolder, webdataset_pairs
+    from dalle.data.readers import ImageTextFolder, default_max_pixels, webdataset_pairs
     from dalle.data.transforms import transform_from_name
 
     path = cfg.path if split == "train" else (cfg.val_path or cfg.path)
     if split == "val" and not cfg.val_path:
         log.warning("data.val_path is not set: evaluating on training data, so figures are not held-out")
     tf = transform_from_name(transform if split == "train" else "eval", image_size)
+    max_pixels = cfg.max_pixels or default_max_pixels(image_size)
     if cfg.source == "folder":
-        return ImageTextFolder(path, tf, require_captions=cfg.require_captions, seed=cfg.seed)
+        # Validating on the training folder scans it again: its skips were warned about (and counted) once.
+        return ImageTextFolder(path, tf, require_captions=cfg.require_captions, seed=cfg.seed,
+                               max_pixels=max_pixels, quiet=split == "val" and not cfg.val_path)
     return webdataset_pairs(path, tf, shuffle=cfg.shuffle_buffer if split == "train" else 0, seed=cfg.seed,
-                            require_captions=cfg.require_captions)
+                            require_captions=cfg.require_captions, max_pixels=max_pixels)
 
 
 def eval_batches(dataset: Dataset, n: int, batch_size: int = 64):
@@ -84,7 +94,7 @@ def eval_batches(dataset: Dataset, n: int, batch_size: int = 64):
         if not size:  # every sample of the batch was unreadable
             continue
         take = min(size, n - seen)
-        yield {k: v[:take] for k, v in batch.items() if k != "skipped"}
+        yield {k: v[:take] for k, v in batch.items() if k not in ("skipped", "non_utf8_captions")}
         seen += take
         if seen >= n:
             return

@@ -47,9 +47,8 @@ from dalle.train.config import TrainConfig
 
 log = logging.getLogger("dalle.train.backends")
 
-# Rank 0 evaluates and writes while the others wait at a barrier; NCCL's default 10 minutes is too
-# short for a sample grid of a large model.
-TIMEOUT = timedelta(minutes=60)
+# How long collectives wait: train.collective_timeout_minutes (see TrainConfig for the default's reason).
+TIMEOUT = timedelta(minutes=TrainConfig.collective_timeout_minutes)
 DEEPSPEED_TAG = ckpt.DEEPSPEED_DIR  # DeepSpeed's "tag": the sub-directory its shards go to
 
 
@@ -82,8 +81,8 @@ class Backend:
     sharded = False  # True when no single rank holds the whole training state (checkpoint = shards)
     stage = 0  # ZeRO stage (0: every rank holds full weights, gradients and optimizer state)
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, timeout: timedelta = TIMEOUT) -> None:
+        self.device, self.timeout = device, timeout
         self.rank, self.world, self.local_rank = launcher_env()
         self.module: nn.Module
         self.optimizer: torch.optim.Optimizer
@@ -95,7 +94,7 @@ class Backend:
 
     def _start_group(self) -> None:
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=TIMEOUT)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=self.timeout)
 
     def broadcast_weights(self, model: nn.Module) -> None:
         """Start every rank from rank 0's weights (tools build models with unseeded initialisation)."""
@@ -152,8 +151,8 @@ class Backend:
 class PlainBackend(Backend):
     """Plain PyTorch: one process, or DDP over WORLD_SIZE processes, with torch's GradScaler for fp16."""
 
-    def __init__(self, device: torch.device) -> None:
-        super().__init__(device)
+    def __init__(self, device: torch.device, timeout: timedelta = TIMEOUT) -> None:
+        super().__init__(device, timeout)
         self._start_group()
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         self.name = f"DDP over {self.world} processes" if self.world > 1 else "single process"
@@ -289,14 +288,14 @@ class DeepSpeedBackend(Backend):
 
     sharded = True
 
-    def __init__(self, device: torch.device, config: str | Path) -> None:
+    def __init__(self, device: torch.device, config: str | Path, timeout: timedelta = TIMEOUT) -> None:
         if "WORLD_SIZE" not in os.environ:  # one process without a launcher: DeepSpeed would look for mpi4py
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        super().__init__(device)
+        super().__init__(device, timeout)
         import deepspeed
 
         if device.type == "cpu":
@@ -304,7 +303,7 @@ class DeepSpeedBackend(Backend):
             # gloo does the same job for CPU runs, which are for tests and debugging.
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines (config dumps) drown ours
-        deepspeed.init_distributed(timeout=TIMEOUT, verbose=False)
+        deepspeed.init_distributed(timeout=self.timeout, verbose=False)
         self.config_path = config
 
     def wrap(self, model: nn.Module, param_groups: list[dict[str, Any]], cfg: TrainConfig) -> None:
@@ -423,5 +422,6 @@ class DeepSpeedBackend(Backend):
         gc.collect()
 
 
-def make_backend(device: torch.device, deepspeed: str | Path | None) -> PlainBackend | DeepSpeedBackend:
-    return DeepSpeedBackend(device, deepspeed) if deepspeed else PlainBackend(device)
+def make_backend(device: torch.device, deepspeed: str | Path | None, timeout: timedelta = TIMEOUT
+                 ) -> PlainBackend | DeepSpeedBackend:
+    return DeepSpeedBackend(device, deepspeed, timeout) if deepspeed else PlainBackend(device, timeout)

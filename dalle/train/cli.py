@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dalle.cli import apply_threads, resolve_device
+from dalle.cli import add_debug_flag, apply_threads, non_negative_int, resolve_device
 from dalle.config import from_dict, to_dict
 from dalle.train.config import apply_overrides, load_yaml
 
@@ -40,15 +40,17 @@ def training_parser(description: str) -> argparse.ArgumentParser:
                    help="train with DeepSpeed using this JSON (configs/deepspeed/: ZeRO stage, precision); batch "
                         "sizes, accumulation, clipping, optimizer and LR schedule still come from the train "
                         "section. Default: $DALLE_DEEPSPEED, else plain PyTorch (DDP under torchrun)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+    p.add_argument("--local_rank", "--local-rank", type=non_negative_int, default=None,
                    help=argparse.SUPPRESS)  # the deepspeed launcher passes it; LOCAL_RANK says the same
     p.add_argument("--resume", default="auto",
                    help="auto: continue from OUT's latest checkpoint if any; never: refuse a run "
                         "directory that has checkpoints; or a checkpoint directory to start from")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0: torch's default, one per core)")
+    p.add_argument("--threads", type=non_negative_int, default=0,
+                   help="CPU threads for torch (0: torch's default, one per core; >= 0)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="how much the run logs")
+    add_debug_flag(p)
     return p
 
 

@@ -62,6 +62,11 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    # How long a rank waits in a collective (all-reduce, barrier) before the run fails: a rank that hangs or
+    # is stopped (SIGSTOP, a dead node) would otherwise hold every other GPU idle. 10 is torch's own NCCL
+    # default; waits here are a step's all-reduce (seconds) and rank 0's evaluation and checkpoint writing
+    # (under a minute at the shipped configs): raise it if a large model's sample grids take longer.
+    collective_timeout_minutes: float = 10.0
     # Runtime knobs: speed and memory, not the result (each model takes those that apply to it).
     attn_backend: str = "auto"  # transformer: "sdpa" (dense masks), "flex" (block-sparse; CUDA) or "auto"
     gradient_checkpointing: bool = False  # transformer: recompute activations in backward (less memory)
@@ -87,6 +92,9 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"train.{key} must be one of {', '.join(map(repr, allowed))}, "
                                  f"got {getattr(self, key)!r}")
+        if not 0 < self.collective_timeout_minutes < float("inf"):
+            raise ValueError(f"train.collective_timeout_minutes must be a positive number of minutes, got "
+                             f"{self.collective_timeout_minutes}")
 
 
 def _number(v: Any) -> bool:

@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -134,7 +135,7 @@ class Trainer:
         self.device = torch.device(device)
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on the CPU")
-        self.backend = make_backend(self.device, deepspeed)
+        self.backend = make_backend(self.device, deepspeed, timedelta(minutes=cfg.collective_timeout_minutes))
         self.is_main = self.backend.is_main
         self.model = apply_runtime(task.model, cfg).to(self.device)
         self.backend.broadcast_weights(self.model)
@@ -143,12 +144,16 @@ class Trainer:
         self.backend.wrap(self.model, task.param_groups(self.model), cfg)
         self.optimizer = self.backend.optimizer
         self.step, self.data_position = 0, 0  # data_position: samples of the shared stream consumed
-        self.counters = {"skipped_samples": 0, "nonfinite_steps": 0, "overflow_steps": 0}
+        # non_utf8_captions: samples drawn whose caption had bytes that are not UTF-8 (used, read as U+FFFD)
+        self.counters = {"skipped_samples": 0, "nonfinite_steps": 0, "overflow_steps": 0, "non_utf8_captions": 0}
         self._nonfinite_run, self._new_skipped = 0, 0  # consecutive skipped steps; unreadable samples not yet summed
         self._unconfirmed: Path | None = None  # the checkpoint just written, until a step from it has a finite loss
+        self._new_non_utf8 = 0
         self.progress = progress and self.is_main
         self.checkpoints = self.run_dir / "checkpoints"
         self._resume(resume)
+        if self.step == 0:  # images a folder scan dropped (no usable caption) count once per run, not per rank
+            self.counters["skipped_samples"] += getattr(task.train_dataset(), "num_skipped_at_scan", 0)
         self.writer = None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -294,6 +299,7 @@ class Trainer:
         while True:
             batch = next(batches)
             self._new_skipped += int(batch.pop("skipped", 0))
+            self._new_non_utf8 += int(batch.pop("non_utf8_captions", 0))
             if any(isinstance(v, Tensor) and v.shape[0] for v in batch.values()):
                 return batch  # else every sample of this batch was unreadable
 
@@ -415,9 +421,10 @@ class Trainer:
 
     def _sum_counters(self) -> None:
         """Add every rank's newly skipped unreadable samples to the (then identical) counters; collective."""
-        new = self.backend.sum(torch.tensor([float(self._new_skipped)], dtype=torch.float64))
-        self.counters["skipped_samples"] += int(new.item())
-        self._new_skipped = 0
+        new = self.backend.sum(torch.tensor([self._new_skipped, self._new_non_utf8], dtype=torch.float64))
+        self.counters["skipped_samples"] += int(new[0].item())
+        self.counters["non_utf8_captions"] += int(new[1].item())
+        self._new_skipped = self._new_non_utf8 = 0
 
     def _log_train(self, window: dict[str, list[float]], samples: int, seconds: float) -> None:
         """Means over the window and the ranks, throughput over all ranks; a collective call."""
@@ -471,7 +478,9 @@ class Trainer:
         bar.close()
         self._check_ranks_agree()
         if self.counters["skipped_samples"]:
-            log.warning("%d unreadable samples were skipped in this run", self.counters["skipped_samples"])
+            log.warning("%d unusable samples were skipped in this run", self.counters["skipped_samples"])
+        if self.counters["non_utf8_captions"]:
+            log.warning("%d captions were not UTF-8 (read with U+FFFD)", self.counters["non_utf8_captions"])
         if self.writer is not None:
             self.writer.flush()
         return eval_metrics
