@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalle.transformer.attention import additive_mask, attend_newest, image_keys, layer_kinds
+from dalle.transformer.attention import additive_mask, attend_newest, dense_mask, image_keys, layer_kinds
 from dalle.transformer.model import DALLE, Attention, Block, DALLEConfig
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -149,3 +149,22 @@ def decode_step(model: DALLE, token: Tensor, cache: KVCache) -> Tensor:
         x = block_step(block, x, cache, i)
     cache.length += 1
     return row_linear(model.image_head, model.ln_f(x), cache)
+
+
+def sampling_flops(cfg: DALLEConfig, sparse: bool = True) -> float:
+    """FLOPs to sample one image with the cache: the prompt pass over T + 1 slots, then N - 1 steps. Each
+    slot costs 2 per weight of its layers' products and, per layer, 4·d per key it reads (q·k and the
+    weighted sum of values): the visible pairs of the mask in the prompt pass; in a step, every cached key
+    for a full layer (or a sparse one with sparse=False, which reads them all under its bias), else the
+    text keys plus the layer's image key set. The image head runs once per sampled token."""
+    d, t, n = cfg.n_embd, cfg.text_seq_len, cfg.image_seq_len
+    per_slot = cfg.n_layer * 2 * (4 + 2 * cfg.mlp_ratio) * d * d
+    geometry = (t, cfg.image_grid_size, cfg.conv_kernel)
+    keys = 0
+    for kind in layer_kinds(cfg.n_layer, cfg.attn_schedule):
+        keys += int(dense_mask(kind, *geometry)[: t + 1, : t + 1].sum())  # the prompt pass
+        if kind == "full" or not sparse:
+            keys += sum(t + s + 1 for s in range(1, n))
+        else:
+            keys += sum(t + len(idx) for idx in image_keys(kind, *geometry)[1:])
+    return per_slot * (t + n) + 4.0 * d * keys + 2.0 * d * cfg.image_vocab_size * n
