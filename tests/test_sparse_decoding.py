@@ -59,6 +59,7 @@ def test_windows_hold_the_text_keys_and_the_largest_key_set():
     cache = KVCache(model_for("row,column,conv,full").config, 2, "cpu", torch.float32)
     t, g = CFG.text_seq_len, CFG.image_grid_size
     assert [None if w is None else w.shape[2] for w in cache.window_k] == [t + g + 1, t + g, t + 3 * 5 - 2, None]
+    assert cache.ring == [g + 1, 0, 0, 0]  # the row layer's window is a ring of its newest g + 1 keys
     assert cache.bias == [None] * 4  # the sparse cache keeps no (L, L) mask rows
 
 
@@ -86,12 +87,21 @@ def test_primed_steps_give_the_dense_steps_logits(schedule, p):
 
 @pytest.mark.parametrize("kind", ["row", "column", "conv"])
 def test_a_wrong_key_set_is_caught(kind, monkeypatch):
-    # The comparison above has teeth: a gather that drops each slot's oldest image key changes the logits.
+    # The comparison above has teeth: a step that misses each slot's oldest image key changes the logits.
     model = model_for(",".join([kind] * CFG.n_layer))
     text, image = tokens(2)
     dense = step_logits(model, text, image, 0, False)
-    wrong = tuple(idx[1:] if len(idx) > 1 else idx for idx in image_keys(kind, CFG.text_seq_len, 5, 5))
-    monkeypatch.setattr("dalle.transformer.decoding.image_keys", lambda *a: wrong)
+    if kind == "row":  # a row layer keeps its newest G + 1 keys as a ring: one slot short drops the oldest
+
+        def short_ring(*args, real=KVCache, **kwargs):
+            cache = real(*args, **kwargs)
+            cache.ring = [r - 1 for r in cache.ring]
+            return cache
+
+        monkeypatch.setitem(globals(), "KVCache", short_ring)
+    else:
+        wrong = tuple(idx[1:] if len(idx) > 1 else idx for idx in image_keys(kind, CFG.text_seq_len, 5, 5))
+        monkeypatch.setattr("dalle.transformer.decoding.image_keys", lambda *a: wrong)
     sparse = step_logits(model, text, image, 0, True)
     assert not all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(sparse, dense))
 

@@ -59,6 +59,9 @@ class KVCache:
                                          torch.zeros(shape[:2] + (cfg.text_seq_len + max(map(len, keys)), shape[3]),
                                                      device=device, dtype=dtype) for keys in self.keys]
                                         for _ in range(2))
+        # A row layer's image keys are the newest G + 1 slots: its window holds them as a ring, so a step
+        # writes one key there instead of gathering G + 1 (the gathers were a third of a step's attention)
+        self.ring = [cfg.image_grid_size + 1 if kind == "row" and sparse else 0 for kind in kinds]
         on_cpu = torch.device(device).type == "cpu"
         self.packed: dict[nn.Linear, Tensor] | None = {} if ONEDNN and on_cpu and dtype == torch.float32 else None
 
@@ -67,14 +70,24 @@ class KVCache:
         windows hold whatever the prompt pass (or a caller filling `k` and `v`) left there."""
         t, self.staged = self.text_len, True
         for cache, windows in ((self.k, self.window_k), (self.v, self.window_v)):
-            for full, window in zip(cache, windows):
+            for full, window, ring in zip(cache, windows, self.ring):
                 if window is not None:
                     window[:, :, :t] = full[:, :, :t]
+                if ring:  # the image slots the prompt pass filled, the newest `ring` of them
+                    slots = torch.arange(max(0, self.length - t - ring), self.length - t, device=window.device)
+                    window[:, :, t + slots % ring] = full[:, :, t + slots]
 
     def attend(self, q: Tensor, layer: int) -> Tensor:  # (B, H, 1, D) -> (B, H, 1, D)
         """The newest slot's query against the keys its layer reads; the slot's key and value are cached."""
         n = self.length + 1
         keys, values = self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+        if ring := self.ring[layer]:
+            slot, end = self.length - self.text_len, self.text_len + min(n - self.text_len, ring)
+            keys, values = self.window_k[layer][:, :, :end], self.window_v[layer][:, :, :end]
+            # the ring's order is not the stream's: attention without positions inside does not care
+            keys[:, :, self.text_len + slot % ring] = self.k[layer][:, :, self.length]
+            values[:, :, self.text_len + slot % ring] = self.v[layer][:, :, self.length]
+            return F.scaled_dot_product_attention(q, keys, values)  # (B, H, 1, D)
         if self.keys[layer] is not None:
             index = self.keys[layer][self.length - self.text_len]
             end = self.text_len + index.shape[0]
