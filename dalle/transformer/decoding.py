@@ -32,8 +32,9 @@ class KVCache:
     A sparse (row, column, conv) layer's query at image slot s reads the T text keys and the few image keys
     of `image_keys(kind)[s]` (at most G + 1 of up to 1,024 at the paper's 32 x 32 grid). With `sparse` (the
     default) each such layer also owns a window, (B, H, T + M, D) for keys and values, M its pattern's
-    largest key set: the text keys are copied in once, at the first step, and each step gathers the slot's image
-    keys behind them, so its attention reads T + M keys at most, unmasked, instead of the whole cache.
+    largest key set: the text keys are copied in once, at the first step, and each step gathers the slot's
+    image keys behind them (a row layer keeps its newest G + 1 there as a ring instead), so its attention
+    reads T + M keys at most, unmasked, instead of the whole cache.
     With sparse=False a step reads the whole cache with the layer's mask row as an additive bias (`bias[i]`,
     layer i's (L, L) `additive_mask`): the reference the tests compare the windows with. A full layer's
     query reads every cached key either way.
