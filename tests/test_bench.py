@@ -28,3 +28,38 @@ def test_peer_cases_run_next_to_the_cases_they_are_compared_with():
     assert order == [("peer", "train:full"), ("ours", "train:full:fp32"), ("ours", "gen:uncached"),
                      ("peer", "gen:full:nocache"), ("peer", "gen:full:manual_cache"), ("ours", "gen:cached"),
                      ("peer", "train:axial")]
+
+
+TINY = dict(text_seq_len=8, image_grid_size=4, n_embd=32, n_layer=4, n_head=2)
+
+
+def test_the_user_cases_run_at_tiny_sizes(monkeypatch):
+    from tools import bench_cases
+
+    monkeypatch.setenv("BENCH_MAX_WAIT", "0")
+    monkeypatch.setattr(bench, "CLEAN_CORES", float("inf"))  # the first timed run counts, however busy the machine
+    monkeypatch.setattr(bench_cases, "fp32_peak", lambda: 100.0)
+    for name in ("gen:candidates", "paper:decode", "paper:train"):
+        assert name in bench.CPU_CASES
+
+    r = bench_cases.case_candidates(0, 1, candidates=4, batch_size=2, model=dict(n_embd=32, n_layer=1, n_head=2))
+    assert r["candidates_per_s"] == 4 / r["median_s"] and 0 < r["sampling_share"] <= 1
+    assert r["sampling_peak_share"] == r["sampling_gflops"] / 100.0 and len(r["runs_s"]) == 1
+    assert "candidates/s" in bench._figure(r) and "of the 100 GFLOP/s fp32 peak" in bench._figure(r)
+
+    r = bench_cases.case_paper_decode(0, 2, model=TINY, images=2)
+    assert set(r["runs_s"]) == {"paper", "paper_bias", "full"} and all(len(v) == 2 for v in r["runs_s"].values())
+    assert r["full_over_paper"] == r["full_s"] / r["paper_s"]
+    assert r["full_gflops"] * r["full_s"] > r["paper_gflops"] * r["paper_s"]  # the masks read fewer keys
+
+    r = bench_cases.case_paper_train(0, 1, model=TINY, batch_size=2)
+    assert set(r["runs_s"]) == {"paper", "full"} and r["paper_over_full"] == r["paper_s"] / r["full_s"]
+
+
+def test_the_user_cases_verdicts():
+    decode = {"paper_s": 2.0, "paper_bias_s": 3.5, "full_s": 3.2, "full_over_paper": 1.6, "clean": True}
+    assert "1.60x (>= 1.5x met); masks as a bias 3.50 s" in bench._figure(decode)
+    assert "NOT met" in bench._figure({**decode, "full_over_paper": 1.2})
+    train = {"paper_s": 1.1, "full_s": 1.0, "paper_over_full": 1.1, "batch_size": 4, "clean": False}
+    assert bench._figure(train) == "paper 1.100 s vs full 1.000 s: +10.0% (slower: NOT met) (contended)"
+    assert "no slower: met" in bench._figure({**train, "paper_over_full": 0.95})

@@ -14,7 +14,9 @@ Each case runs in a fresh Python process, so its peak RSS is its own. Inside it,
 then timed runs until enough of them were "clean": other processes used under 0.15 cores meanwhile (read
 from /proc/stat), as a 2-core machine's figures are worthless otherwise. `--compare-peer` also runs
 benchmarks/peer/peer_dalle_pytorch.py (DALLE-pytorch 1.6.6; benchmarks/peer/setup_venv.sh builds its venv)
-case by case in the same run, and prints the ratios next to the targets.
+case by case in the same run, and prints the ratios next to the targets. The cases gen:candidates,
+paper:decode and paper:train (many candidates for one prompt; the paper's 256 + 32x32 stream with a narrow
+model, its masks against full attention) live in tools/bench_cases.py; the peer has nothing to match them.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ CASES: dict[str, tuple[str, int, int]] = {
     "gen:cached": ("generate 4 images, KV cache", 2, 7),
     "gen:guided": ("generate 4 images, cond_scale 3, KV cache", 2, 7),
     "gen:paper:cached": ("generate 4 images, paper's sparse masks, KV cache", 2, 7),
+    "gen:candidates": ("64 candidates for one prompt through generate (sample, dVAE decode, rerank)", 1, 3),
+    "paper:decode": ("generate 16 images at 256 + 32x32 tokens, d=128: paper's masks vs full attention", 1, 3),
+    "paper:train": ("training step at 256 + 32x32 tokens, d=128, batch 4: paper's masks vs full, fp32", 2, 5),
     "dvae:encode": ("dVAE encode, batch 64", 2, 10),
     "dvae:decode": ("dVAE decode, batch 64", 2, 10),
     "dvae:train": ("dVAE training step, batch 8", 3, 10),
@@ -338,6 +343,12 @@ def run_case(name: str, threads: int) -> dict[str, Any]:
     _, warmup, runs = CASES[name]
     torch = _setup(threads)
     kind, *rest = name.split(":")
+    if name in ("gen:candidates", "paper:decode", "paper:train"):  # tools/bench_cases.py
+        from tools import bench_cases
+
+        fn = {"gen:candidates": bench_cases.case_candidates, "paper:decode": bench_cases.case_paper_decode,
+              "paper:train": bench_cases.case_paper_train}[name]
+        return {**fn(warmup, runs), "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
     if kind == "gpu":
         return case_gpu_attention(warmup, runs) if rest[0] == "attention" else case_gpu_generate(warmup, runs)
     if kind == "peak":
@@ -393,6 +404,10 @@ def _figure(r: dict[str, Any]) -> str:
         return "error: " + r["error"]
     if "gflops" in r:
         return f"{r['gflops']:.0f} GFLOP/s"
+    from tools.bench_cases import figure
+
+    if (text := figure(r)) is not None:
+        return text + ("" if r.get("clean", True) else " (contended)")
     if "row:speedup" in r:
         return ", ".join(f"{k}: flex {r[f'{k}:flex_ms']:.2f} ms vs sdpa {r[f'{k}:sdpa_ms']:.2f} ms "
                          f"({r[f'{k}:speedup']:.1f}x, {r[f'{k}:tiles_skipped']:.0%} tiles skipped)"

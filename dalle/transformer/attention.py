@@ -139,6 +139,25 @@ def _additive_mask(kind: str, text_len: int, grid: int, kernel: int, device: tor
     return torch.zeros(mask.shape, device=device, dtype=dtype).masked_fill(~mask, float("-inf"))  # (L, L)
 
 
+def image_keys(
+    kind: str, text_len: int, grid: int, kernel: int = 11, device: torch.device | str | None = None
+) -> tuple[Tensor, ...]:
+    """Per image slot s, the stream positions (ascending, long) of the image keys a sparse layer's query at
+    slot s reads; with the T text keys, exactly the True entries of row T + s of `dense_mask`. Taken from
+    that mask, so the patterns keep one definition. Cached per arguments: do not modify."""
+    _check_geometry(kind, text_len, grid, kernel)
+    if kind == "full":
+        raise ValueError("a full layer's query reads every cached key: it has no image key sets")
+    return _image_keys(kind, text_len, grid, kernel, torch.device(device if device is not None else "cpu"))
+
+
+@functools.lru_cache(maxsize=16)
+def _image_keys(kind: str, text_len: int, grid: int, kernel: int, device: torch.device) -> tuple[Tensor, ...]:
+    image = _dense_mask(kind, text_len, grid, kernel, torch.device("cpu"))[text_len:, text_len:]  # (N, N)
+    _, cols = image.nonzero(as_tuple=True)  # row-major, so each slot's keys come out together and ascending
+    return tuple(t.to(device) for t in (cols + text_len).split(image.sum(dim=1).tolist()))
+
+
 # Half-precision attention on the CPU: below this many scores per layer, two batched matmuls beat the
 # fused kernel, whose bf16 backward is slow on CPUs (fwd+bwd at 8 x 8 heads x 288 tokens: 15 ms vs 36 ms).
 _CPU_MATH_MAX_SCORES = 2**25
