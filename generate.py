@@ -26,7 +26,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from dalle.cli import DTYPES, add_sampling_flags, resolve_device
+from dalle.cli import DTYPES, add_sampling_flags, add_threads_flag, apply_threads, resolve_device
 from dalle.data.transforms import EvalTransform, to_rgb
 from dalle.generation import default_candidates, generate_many
 from dalle.pipeline import DEFAULT_MODEL, load_pipeline, prime_codes
@@ -58,9 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grid", action="store_true", help="also write one grid PNG per prompt, best first")
     p.add_argument("--scores", action="store_true", help="print the rerank score under each image of the grid")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_threads_flag(p)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights and compute dtype")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
+    apply_threads(args.threads)
     if args.prompt_file:
         try:
             args.prompts += [line.strip() for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]

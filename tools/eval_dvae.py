@@ -27,7 +27,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from dalle.checkpoint import load_pretrained
-from dalle.cli import resolve_device
+from dalle.cli import add_threads_flag, apply_threads, resolve_device
 from dalle.data.sources import DataConfig, build_dataset
 from dalle.train.tasks.dvae import reconstruction_metrics
 
@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --detector: write the scenes with a misread colour or shape to this PNG (each "
                         "original above its reconstruction, up to 48)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_threads_flag(p)
     args = p.parse_args(argv)
+    apply_threads(args.threads)
     if args.detector and args.source != "shapes":
         p.error("--detector reads shapes scenes: it needs --source shapes")
     if args.misread_grid and not args.detector:

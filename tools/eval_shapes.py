@@ -31,7 +31,7 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from dalle.cli import add_sampling_flags, resolve_device
+from dalle.cli import add_sampling_flags, add_threads_flag, apply_threads, resolve_device
 from dalle.evaluation.compositional import Prompt, score_images, shapes_prompts, summarise, to_uint8
 from dalle.generation import sample_images
 from dalle.pipeline import DEFAULT_MODEL, Pipeline, load_pipeline, score
@@ -138,12 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="data seed of the prompts, and base seed of the samples")
     p.add_argument("--batch-size", type=int, default=64, help="images sampled together")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_threads_flag(p)
     p.add_argument("--out", default="runs/eval-shapes", help="directory for the JSON, Markdown and grids")
     p.add_argument("--check-detector", action="store_true", help="score ground-truth renders, not a model")
     p.add_argument("--jpeg", type=int, default=0, help="with --check-detector: JPEG quality applied first")
     p.add_argument("--shuffle", action="store_true", help="with --check-detector: pair images with other prompts")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
+    apply_threads(args.threads)
     if args.n < 1 or min(args.candidates) < 1 or args.batch_size < 1:
         p.error("--n, --candidates and --batch-size must be positive")
     if (args.jpeg or args.shuffle) and not args.check_detector:

@@ -1,0 +1,45 @@
+"""Your own images end to end: every caption line reaches the token shards, and threads never oversubscribe."""
+
+from __future__ import annotations
+
+import os
+
+from PIL import Image
+
+from dalle import cli
+from dalle.data.tokens import TokenShards
+from dalle_tools import pretokenize
+
+
+def _folder(root, n: int = 3) -> dict[str, list[str]]:
+    root.mkdir()
+    lines = {}
+    for i in range(n):
+        Image.new("RGB", (40, 40), (40 * i, 90, 200 - 30 * i)).save(root / f"img{i}.png")
+        lines[f"img{i}"] = [f"picture {i} caption {j}" for j in range(3)]
+        (root / f"img{i}.txt").write_text("\n\n".join(lines[f"img{i}"]) + "\n  \n")
+    return lines
+
+
+def test_pretokenize_keeps_every_caption_line(tmp_path, tiny_parts) -> None:
+    want = _folder(tmp_path / "imgs")
+    out = tmp_path / "tok"
+    assert pretokenize.main(["--dvae", str(tiny_parts / "dvae"), "--source", "folder", "--path",
+                             str(tmp_path / "imgs"), "--out", str(out), "--device", "cpu", "--threads", "1"]) == 0
+    shards = TokenShards(out)
+    assert len(shards) == len(want)
+    for i in range(len(shards)):
+        key = shards[(i, 0)]["key"]
+        assert sorted(shards.records[i]["captions"]) == sorted(want[key])
+        # The training order seeds each epoch's draw differently, so over epochs every line is seen.
+        assert {shards[(i, epoch_seed)]["caption"] for epoch_seed in range(40)} == set(want[key])
+
+
+def test_default_threads_never_exceeds_free_cores(monkeypatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    for load, want in [(0.0, 2), (0.6, 1), (1.4, 1), (2.0, 1), (9.0, 1)]:
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert cli.default_threads() == want
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 0.0, 0.0))
+    assert cli.default_threads() == 13
