@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -67,3 +68,60 @@ def test_eval_dvae_grid_seed_draws_a_seeded_random_sample(tmp_path, tiny_parts) 
                            "--n", "6", "--grid", str(tmp_path / "g.png"), "--grid-images", "3", "--grid-seed", "5",
                            "--device", "cpu", "--threads", "1"]) == 0
     assert (tmp_path / "g.png").is_file()
+
+
+class ScriptedEval:
+    """A tiny dVAE task whose held-out PSNR follows a script: up, then down (overfitting)."""
+
+    def __init__(self, psnrs: list[float]) -> None:
+        from tiny import tiny_config
+
+        from dalle.data.shapes import ShapesDataset
+        from dalle.train.tasks.dvae import DVAEObjective, DVAETask
+        from dvae.model import DiscreteVAE
+
+        torch.manual_seed(0)
+        data = ShapesDataset("train", size=64, image_size=32), ShapesDataset("val", size=4, image_size=32)
+        self.task = DVAETask(DiscreteVAE(tiny_config("dvae")), DVAEObjective(temp_steps=20, kl_steps=10), *data)
+        self.psnrs = iter(psnrs)
+        self.task.evaluate = lambda model, step, sink: {"psnr": next(self.psnrs)}
+
+
+def _train(run, psnrs, **kw):
+    from dalle.train.config import TrainConfig
+    from dalle.train.engine import Trainer
+
+    cfg = TrainConfig(**{**dict(steps=12, batch_size=4, lr=2e-3, log_every=2, eval_every=2, save_every=6,
+                                keep_checkpoints=1), **kw})
+    trainer = Trainer(ScriptedEval(psnrs).task, cfg, run, progress=False)
+    trainer.fit()
+    return trainer
+
+
+def test_best_checkpoint_survives_retention_and_is_what_model_run_loads(tmp_path) -> None:
+    from dalle.checkpoint import load_pretrained, resolve_model_dir
+    from dalle.train import checkpoints as ckpt
+    from dalle.train.best import best_checkpoint
+
+    run = tmp_path / "run"
+    _train(run, [10.0, 12.0, 11.0, 9.0, 8.0, 7.0])
+    best, latest = best_checkpoint(run), ckpt.latest_checkpoint(run)
+    assert best is not None and best.name == "step-0000004"  # saved at the improving eval, not a save_every step
+    assert latest.name == "step-0000012"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000004", "step-0000012"]
+    state = json.loads((best / "train" / "state.json").read_text())
+    assert state["best"] == {"metric": "psnr", "mode": "max", "value": 12.0, "step": 4, "evals_since": 0}
+    assert resolve_model_dir(run) == best  # --model RUN loads the best ...
+    model = load_pretrained(run, expect="dvae")
+    want = load_pretrained(best, expect="dvae").state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    resumed = _train(run, [6.0], steps=14)  # ... while --resume auto continues from the latest
+    assert resumed.step == 14 and best_checkpoint(run).name == "step-0000004"
+
+
+def test_early_stopping_stops_after_evals_without_improvement(tmp_path) -> None:
+    from dalle.train import checkpoints as ckpt
+
+    trainer = _train(tmp_path / "run", [10.0, 12.0, 11.0, 9.0, 13.0, 14.0], early_stop_evals=2, steps=100)
+    assert trainer.step == 8  # evals at 2, 4 (best), 6, 8: two without a better PSNR
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-0000008"

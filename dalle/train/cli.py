@@ -118,6 +118,8 @@ def run_training(task: Any, sections: dict[str, Any], args: argparse.Namespace, 
             print(f"DeepSpeed checkpoint: {latest}; make a model directory with: {EXPORT_HINT.format(path=latest)}")
         else:
             print(f"model directory: {latest}")
+        if trainer.best.describe():  # --model RUN loads this one
+            print(f"best checkpoint ({trainer.best.describe()}): {args.out}/checkpoints/best")
     trainer.close()
     return 0
 

@@ -61,6 +61,7 @@ class TrainConfig:
     eval_every: int = 500
     save_every: int = 500
     keep_checkpoints: int = 2
+    early_stop_evals: int = 0  # stop after this many evaluations without a better held-out metric (0: off)
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
     # Runtime knobs: speed and memory, not the result (each model takes those that apply to it).
     attn_backend: str = "auto"  # transformer: "sdpa" (dense masks), "flex" (block-sparse; CUDA) or "auto"
@@ -70,7 +71,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every", "max_nonfinite"):
             _check(key, getattr(self, key), "an integer >= 1", lambda v: isinstance(v, int) and v >= 1)
-        for key in ("warmup_steps", "num_workers", "seed", "keep_checkpoints"):
+        for key in ("warmup_steps", "num_workers", "seed", "keep_checkpoints", "early_stop_evals"):
             _check(key, getattr(self, key), "an integer >= 0", lambda v: isinstance(v, int) and v >= 0)
         # AdamW moves each weight by about lr per step, so an lr above 1 only ever diverges.
         _check("lr", self.lr, "a number in (0, 1]", lambda v: 0 < v <= 1)
