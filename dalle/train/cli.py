@@ -88,6 +88,7 @@ def record(sections: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
 
 def run_training(task: Any, sections: dict[str, Any], args: argparse.Namespace, describe: str) -> int:
     """The common end of every training tool: build the engine, say what is trained, train, report."""
+    from dalle.train.best import best_checkpoint
     from dalle.train.checkpoints import EXPORT_HINT, latest_checkpoint
     from dalle.train.engine import NonFiniteLossError, Trainer
 
@@ -119,7 +120,7 @@ def run_training(task: Any, sections: dict[str, Any], args: argparse.Namespace, 
         else:
             print(f"model directory: {latest}")
         if trainer.best.describe():  # --model RUN loads this one
-            print(f"best checkpoint ({trainer.best.describe()}): {args.out}/checkpoints/best")
+            print(f"best checkpoint ({trainer.best.describe()}): {best_checkpoint(args.out)}")
     trainer.close()
     return 0
 
