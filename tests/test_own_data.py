@@ -27,7 +27,7 @@ def test_pretokenize_keeps_every_caption_line(tmp_path, tiny_parts) -> None:
     want = _folder(tmp_path / "imgs")
     out = tmp_path / "tok"
     assert pretokenize.main(["--dvae", str(tiny_parts / "dvae"), "--source", "folder", "--path",
-                             str(tmp_path / "imgs"), "--out", str(out), "--device", "cpu", "--threads", "1"]) == 0
+                             str(tmp_path / "imgs"), "--out", str(out), "--device", "cpu"]) == 0
     shards = TokenShards(out)
     assert len(shards) == len(want)
     for i in range(len(shards)):
