@@ -46,7 +46,7 @@ def training_parser(description: str) -> argparse.ArgumentParser:
                    help="auto: continue from OUT's latest checkpoint if any; never: refuse a run "
                         "directory that has checkpoints; or a checkpoint directory to start from")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0: torch's default, one per core)")
+                   help="CPU threads for torch (0: auto, the cores not already busy by the load average)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
