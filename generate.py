@@ -30,6 +30,8 @@ from dalle.cli import (
     SEED_MAX,
     add_debug_flag,
     add_sampling_flags,
+    add_threads_flag,
+    apply_threads,
     finite_float,
     non_negative_int,
     positive_int,
@@ -70,10 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grid", action="store_true", help="also write one grid PNG per prompt, best first")
     p.add_argument("--scores", action="store_true", help="print the rerank score under each image of the grid")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_threads_flag(p)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights and compute dtype")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_debug_flag(p)
     args = p.parse_args(argv)
+    apply_threads(args.threads)
     if args.prompt_file:
         args.prompts += read_prompts(p, args.prompt_file)
     if not args.prompts:

@@ -234,10 +234,15 @@ def is_zero_checkpoint(directory: str | Path) -> bool:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory itself, or the latest checkpoint of a run directory or its checkpoints/."""
+    """A model directory itself, or a run directory's (or its checkpoints/') best checkpoint by the held-out
+    metric when training recorded one, else its latest."""
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
         return path
+    for pointer in (path / "best", path / "checkpoints" / "best"):
+        target = pointer.parent / pointer.read_text().strip() if pointer.is_file() else None
+        if target is not None and (target / CONFIG_NAME).is_file():
+            return target
     for pointer in (path / "latest", path / "checkpoints" / "latest"):
         if pointer.is_file():
             return pointer.parent / pointer.read_text().strip()

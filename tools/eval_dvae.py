@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from torchvision.utils import make_grid, save_image
 
 from dalle import cli
 from dalle.checkpoint import load_pretrained
-from dalle.cli import resolve_device
-from dalle.data.sources import DataConfig, build_dataset
+from dalle.cli import add_threads_flag, apply_threads, resolve_device
+from dalle.data.sources import DataConfig, build_dataset, eval_batches
 from dalle.train.tasks.dvae import reconstruction_metrics
 
 
@@ -77,6 +78,24 @@ def pairs_grid(pairs: list[torch.Tensor], per_row: int = 12) -> torch.Tensor:
     return make_grid(torch.stack(tiles), nrow=cols, padding=1)
 
 
+@torch.no_grad()
+def random_grid(model, dataset, n: int, k: int, seed: int, batch_size: int = 64) -> torch.Tensor:
+    """`k` originals over their reconstructions, drawn uniformly (seeded reservoir sampling) from the first
+    `n` readable images, so the grid is not always the first files in sorted order; streams too."""
+    rng, kept, seen = random.Random(seed), [], 0
+    for batch in eval_batches(dataset, n, batch_size):
+        for image in batch["image"]:
+            if len(kept) < k:
+                kept.append(image)
+            elif (j := rng.randrange(seen + 1)) < k:
+                kept[j] = image
+            seen += 1
+    if not kept:
+        raise ValueError("no readable images to show")
+    images = torch.stack(kept).to(next(model.parameters()).device)
+    return torch.cat([images, model.decode(model.encode(images))]).float().cpu()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -89,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=cli.seed_int, default=0, help="shapes: seed of the held-out 'val' split")
     p.add_argument("--grid", default="", help="write originals over reconstructions to this PNG")
     p.add_argument("--grid-images", type=cli.positive_int, default=16, help="columns of the grid (>= 1)")
+    p.add_argument("--grid-seed", type=int, default=-1,
+                   help="show a random sample, drawn with this seed, of the --n evaluated images in the grid "
+                        "(-1: the first images in order)")
     p.add_argument("--json", default="", help="also write the metrics to this JSON file")
     p.add_argument("--detector", type=cli.non_negative_int, default=0, metavar="N",
                    help="shapes only: detector accuracy on the reconstructions of the first N scenes (0: off)")
@@ -97,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                         "original above its reconstruction, up to 48)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     cli.add_debug_flag(p)
+    add_threads_flag(p)
     args = p.parse_args(argv)
+    apply_threads(args.threads)
     if args.detector and args.source != "shapes":
         p.error("--detector reads shapes scenes: it needs --source shapes")
     if args.misread_grid and not args.detector:
@@ -122,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(metrics, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    if args.grid and args.grid_seed >= 0:
+        shown = random_grid(model, dataset, args.n, args.grid_images, args.grid_seed, args.batch_size)
     if args.grid:
         save_image(make_grid(shown, nrow=len(shown) // 2, padding=1), args.grid)
         print(f"grid written to {args.grid}")

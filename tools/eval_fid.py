@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dalle import cli
-from dalle.cli import add_sampling_flags, resolve_device
+from dalle.cli import add_sampling_flags, add_threads_flag, apply_threads, resolve_device
 from dalle.data.transforms import EvalTransform, to_rgb
 from dalle.evaluation.fid import (
     INCEPTION_WEIGHTS,
@@ -187,11 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=cli.seed_int, default=0, help="data seed and base sampling seed")
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per sampling and feature batch")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_threads_flag(p)
     p.add_argument("--stats-cache", default="~/.cache/dalle-repro/fid-stats", help="real-image statistics cache")
     p.add_argument("--out", required=True, help="directory for images/, fid.json and fid.md")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
+    apply_threads(args.threads)
     if args.source != "shapes" and not args.path:
         p.error(f"--source {args.source} needs --path")
     if args.source == "coco" and not args.captions:

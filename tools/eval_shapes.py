@@ -32,7 +32,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from dalle import cli
-from dalle.cli import add_sampling_flags, resolve_device
+from dalle.cli import add_sampling_flags, add_threads_flag, apply_threads, resolve_device
 from dalle.evaluation.compositional import Prompt, score_images, shapes_prompts, summarise, to_uint8
 from dalle.generation import sample_images
 from dalle.pipeline import DEFAULT_MODEL, Pipeline, load_pipeline, score
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="data seed of the prompts, and base seed of the samples")
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images sampled together")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_threads_flag(p)
     p.add_argument("--out", default="runs/eval-shapes", help="directory for the JSON, Markdown and grids")
     p.add_argument("--check-detector", action="store_true", help="score ground-truth renders, not a model")
     p.add_argument("--jpeg", type=cli.int_range(0, 100), default=0,
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
+    apply_threads(args.threads)
     if (args.jpeg or args.shuffle) and not args.check_detector:
         p.error("--jpeg and --shuffle go with --check-detector")
     out = Path(args.out)

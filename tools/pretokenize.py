@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dalle import cli
 from dalle.checkpoint import load_pretrained, resolve_model_dir
-from dalle.cli import resolve_device
+from dalle.cli import add_threads_flag, apply_threads, resolve_device
 from dalle.data.readers import collate_skip_bad
 from dalle.data.tokens import TokenShardWriter
 
@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="DataLoader worker processes for image decoding")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     cli.add_debug_flag(p)
+    add_threads_flag(p)
     args = p.parse_args(argv)
+    apply_threads(args.threads)
     if args.source == "shapes" and args.n <= 0:
         p.error("--source shapes needs --n, the number of scenes to generate")
     if args.source != "shapes" and not args.path:
@@ -82,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             if "image" not in batch:
                 continue
             codes = dvae.encode(batch["image"].to(device))
-            captions = [[c] for c in batch["caption"]]
+            # Every caption line of an image goes to the shards; TokenShards picks one per draw.
+            every = batch.get("captions") or [None] * len(codes)
+            captions = [list(lines) if lines else [c] for c, lines in zip(batch["caption"], every)]
             writer.add(list(batch["key"]), captions, codes)
             done += len(codes)
             bar.update(len(codes))

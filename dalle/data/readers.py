@@ -2,9 +2,10 @@
 
 Every reader yields the project's common sample format::
 
-    {"image": FloatTensor (3, H, W) in [0, 1], "caption": str, "key": str[, "meta": str]}
+    {"image": FloatTensor (3, H, W) in [0, 1], "caption": str, "key": str[, "meta": str][, "captions": [str]]}
 
-("meta" is the raw text of a ``name.json`` / ``key.json`` side file when there is one.)
+("meta" is the raw text of a ``name.json`` / ``key.json`` side file when there is one; "captions" all the
+caption lines "caption" was drawn from.)
 
 Bad samples and skip counting (one design for both readers): a sample that cannot be used (unreadable,
 corrupt or truncated image, an image whose header says more than ``max_pixels`` pixels, no image,
@@ -314,6 +315,8 @@ class ImageTextFolder(Dataset):
         sample: Sample = {"image": self.transform(img, rng), "caption": caption, "key": entry.key}
         if not utf8:
             sample[NON_UTF8] = True
+        if caption:  # every line, for tools that keep them all (pretokenize)
+            sample["captions"] = lines
         if entry.meta is not None:
             try:
                 sample["meta"] = _read_text(entry.meta)
@@ -523,6 +526,8 @@ class WebDatasetReader(wds.DataPipeline):
         sample: Sample = {"image": self.transform(img, rng), "caption": caption, "key": key}
         if not utf8:
             sample[NON_UTF8] = True
+        if lines:  # every line, for tools that keep them all (pretokenize)
+            sample["captions"] = lines
         if "json" in raw:
             sample["meta"] = raw["json"].decode("utf-8", errors="replace")
         return sample

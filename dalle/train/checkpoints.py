@@ -41,6 +41,7 @@ from dalle.checkpoint import (
     write_json,
     write_model_config,
 )
+from dalle.train.best import BEST, pointed
 
 # The engine reaches the model-directory helpers it builds on through this module too.
 __all__ = ["CONFIG_NAME", "DEEPSPEED_DIR", "EXPORT_HINT", "WEIGHTS_NAME", "atomic_dir", "build_model", "export",
@@ -100,6 +101,8 @@ def set_latest(checkpoints: Path, name: str) -> None:
 def prune(checkpoints: Path, keep: int) -> None:
     """Remove all but the newest `keep` step directories, and stale temporaries of dead saves."""
     steps = sorted(p for p in checkpoints.glob("step-*") if p.is_dir())
+    best = pointed(checkpoints / BEST)  # the best by the held-out metric is kept on top of the newest
+    steps = [p for p in steps if p != best]
     for p in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     for p in checkpoints.glob(".tmp-*"):

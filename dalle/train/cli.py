@@ -46,7 +46,7 @@ def training_parser(description: str) -> argparse.ArgumentParser:
                    help="auto: continue from OUT's latest checkpoint if any; never: refuse a run "
                         "directory that has checkpoints; or a checkpoint directory to start from")
     p.add_argument("--threads", type=non_negative_int, default=0,
-                   help="CPU threads for torch (0: torch's default, one per core; >= 0)")
+                   help="CPU threads for torch (0: auto, the cores not already busy by the load average; >= 0)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="how much the run logs")
@@ -90,6 +90,7 @@ def record(sections: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
 
 def run_training(task: Any, sections: dict[str, Any], args: argparse.Namespace, describe: str) -> int:
     """The common end of every training tool: build the engine, say what is trained, train, report."""
+    from dalle.train.best import best_checkpoint
     from dalle.train.checkpoints import EXPORT_HINT, latest_checkpoint
     from dalle.train.engine import NonFiniteLossError, Trainer
 
@@ -120,6 +121,8 @@ def run_training(task: Any, sections: dict[str, Any], args: argparse.Namespace, 
             print(f"DeepSpeed checkpoint: {latest}; make a model directory with: {EXPORT_HINT.format(path=latest)}")
         else:
             print(f"model directory: {latest}")
+        if trainer.best.describe():  # --model RUN loads this one
+            print(f"best checkpoint ({trainer.best.describe()}): {best_checkpoint(args.out)}")
     trainer.close()
     return 0
 

@@ -61,6 +61,7 @@ class TrainConfig:
     eval_every: int = 500
     save_every: int = 500
     keep_checkpoints: int = 2
+    early_stop_evals: int = 0  # stop after this many evaluations without a better held-out metric (0: off)
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
     # How long a rank waits in a collective (all-reduce, barrier) before the run fails: a rank that hangs or
     # is stopped (SIGSTOP, a dead node) would otherwise hold every other GPU idle. 10 is torch's own NCCL
@@ -75,7 +76,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every", "max_nonfinite"):
             _check(key, getattr(self, key), "an integer >= 1", lambda v: isinstance(v, int) and v >= 1)
-        for key in ("warmup_steps", "num_workers", "seed", "keep_checkpoints"):
+        for key in ("warmup_steps", "num_workers", "seed", "keep_checkpoints", "early_stop_evals"):
             _check(key, getattr(self, key), "an integer >= 0", lambda v: isinstance(v, int) and v >= 0)
         # AdamW moves each weight by about lr per step, so an lr above 1 only ever diverges.
         _check("lr", self.lr, "a number in (0, 1]", lambda v: 0 < v <= 1)

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from dalle.data.order import ResumableSampler, Seeded, endless, mix_seed
 from dalle.train import checkpoints as ckpt
 from dalle.train.backends import make_backend
+from dalle.train.best import BestTracker, set_best
 from dalle.train.config import TrainConfig
 
 log = logging.getLogger("dalle.train.engine")
@@ -151,6 +152,7 @@ class Trainer:
         self._new_non_utf8 = 0
         self.progress = progress and self.is_main
         self.checkpoints = self.run_dir / "checkpoints"
+        self.best = BestTracker.for_task(task)
         self._resume(resume)
         if self.step == 0:  # images a folder scan dropped (no usable caption) count once per run, not per rank
             self.counters["skipped_samples"] += getattr(task.train_dataset(), "num_skipped_at_scan", 0)
@@ -217,6 +219,7 @@ class Trainer:
         self.data_position = state.get("data_position", self.step * self.cfg.batch_size)
         self.counters.update(state.get("counters", {}))
         self.backend.load_extra(state)
+        self.best.load(state.get("best"))
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> Path:
@@ -229,7 +232,11 @@ class Trainer:
             return final
         path = ckpt.atomic_dir(final, self._fill_checkpoint)
         ckpt.set_latest(self.checkpoints, final.name)
+        if self.best.step == self.step:
+            set_best(self.checkpoints, final.name)
         ckpt.prune(self.checkpoints, self.cfg.keep_checkpoints)
+        best = self.best.describe()
+        log.info("saved %s (latest)%s", path, f"; checkpoints/best has the {best}" if best else "")
         self.backend.barrier()
         return path
 
@@ -260,6 +267,7 @@ class Trainer:
         ckpt.write_json(tmp / "train" / "state.json", {
             "step": self.step, "data_position": self.data_position, "counters": self.counters,
             "world_size": self.backend.world, "backend": self.backend.name, **self.backend.state(),
+            "best": self.best.state(),
         })
         extra = getattr(self.task, "save_extra", None)
         if extra is not None:
@@ -457,6 +465,7 @@ class Trainer:
                    "grad_accum": cfg.grad_accum, "backend": self.backend.name})
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True)
         while self.step < end:
+            improved = stop = False
             metrics, n = self.train_step(batches)
             self.step += 1
             self.data_position += self.global_batch
@@ -473,8 +482,13 @@ class Trainer:
                 eval_metrics = self._evaluate_or_save()
                 if self.is_main:
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
-            if self.step % cfg.save_every == 0 or self.step == end:
-                self._save_if_good(final=self.step == cfg.steps)
+                improved, stop = self._judge(eval_metrics)
+            if self.step % cfg.save_every == 0 or self.step == end or improved or stop:
+                self._save_if_good(final=self.step == cfg.steps or stop)
+            if stop:
+                log.info("early stop at step %d: %d evaluations without a better %s; %s", self.step,
+                         self.best.evals_since, self.best.metric, self.best.describe())
+                break
         bar.close()
         self._check_ranks_agree()
         if self.counters["skipped_samples"]:
@@ -484,6 +498,15 @@ class Trainer:
         if self.writer is not None:
             self.writer.flush()
         return eval_metrics
+
+    def _judge(self, eval_metrics: dict[str, float]) -> tuple[bool, bool]:
+        """(a new best to save now, stop early); rank 0 decides, as only it evaluates, and the others follow
+        (a collective call: saving is collective too)."""
+        improved = self.best.observe(eval_metrics, self.step) if self.is_main else False
+        patience = self.cfg.early_stop_evals
+        stop = self.is_main and patience > 0 and self.best.evals_since >= patience
+        agreed = self.backend.sum(torch.tensor([float(improved), float(stop)], dtype=torch.float64)).tolist()
+        return bool(agreed[0]), bool(agreed[1])
 
     def _check_ranks_agree(self) -> None:
         spread = self.backend.weight_spread()

@@ -60,6 +60,8 @@ def _channels_last(model: nn.Module) -> bool:
 
 
 class DVAETask:
+    best_metric = ("psnr", "max")  # held-out reconstruction PSNR: checkpoints/best and early stopping
+
     def __init__(self, model: DiscreteVAE, objective: DVAEObjective, train: Dataset, val: Dataset) -> None:
         self.model, self.objective, self.train, self.val = model, objective, train, val
 

@@ -48,6 +48,8 @@ class RerankerInputs:
 
 
 class RerankerTask:
+    best_metric = ("val_loss", "min")  # held-out contrastive loss: checkpoints/best and early stopping
+
     def __init__(self, model: Reranker, objective: RerankerObjective, tokenizer: TextTokenizer, train: Dataset,
                  val: Dataset) -> None:
         cfg = model.config

@@ -112,6 +112,8 @@ def captioned(ds: Dataset, tokenizer: TextTokenizer, text_len: int, objective: D
 
 
 class DALLETask:
+    best_metric = ("val_image_loss", "min")  # held-out image-token loss: checkpoints/best, early stopping
+
     def __init__(self, model: DALLE, objective: DALLEObjective, tokenizer: TextTokenizer, train: Dataset,
                  val: Dataset, dvae: DiscreteVAE | None = None, dvae_path: str = "") -> None:
         cfg = model.config
