@@ -151,8 +151,8 @@ def default_threads() -> int:
 
 
 def add_threads_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0: auto, the cores not already busy by the load average)")
+    p.add_argument("--threads", type=non_negative_int, default=0,
+                   help="CPU threads for torch (0: auto, the cores not already busy by the load average; >= 0)")
 
 
 def apply_threads(threads: int) -> None:
