@@ -176,9 +176,8 @@ def attend_newest(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tenso
     bias (Lk,) is the query's row of `additive_mask` (0: the layer's pattern reads that key, -inf: it skips
     it), or None where it reads every key (a full layer). Keys and values may be prefix views of the cache.
 
-    Unmasked, SDPA's fused kernel is 1-2% faster end to end than two batched matmuls; masked, it is 1-2%
-    slower (alternating A/B runs of guided bench-small generations, benchmarks/RESULTS.md, run 6). The
-    masked path: one baddbmm scales the scores and adds the mask, and merging (B, H) keeps the keys a view."""
+    Unmasked it takes SDPA's fused kernel; masked, one baddbmm scales the scores and adds the mask (the
+    faster of the two on a CPU; docs/performance.md has the A/B), and merging (B, H) keeps the keys a view."""
     if bias is None:
         return F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, Dv)
     b, h, _, d = q.shape
