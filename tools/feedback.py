@@ -23,12 +23,13 @@ if __package__ in (None, ""):  # run as a script from a source checkout
 
 from tqdm.auto import tqdm
 
-from dalle.cli import DTYPES, add_sampling_flags, resolve_device, run
+from dalle.cli import DTYPES, add_debug_flag, add_sampling_flags, resolve_device, run
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_debug_flag(p)
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", required=True, help="the comparisons store (an SQLite file; made if new)")
