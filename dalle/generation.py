@@ -30,13 +30,19 @@ class Generated:
     score: float | None  # the reranker's score for the prompt (None without a reranker)
 
 
-@torch.no_grad()
-def sample_images(pipe: Pipeline, prompts: Sequence[str], seeds: Sequence[int], *, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0, cond_scale: float = 1.0, prime: Tensor | None = None,
-                  progress: Callable[[int], None] | None = None) -> Tensor:
+def sample_images(pipe: Pipeline, prompts: Sequence[str], seeds: Sequence[int], **kwargs: object) -> Tensor:
     """One image per (prompt, seed) pair, as one batch. -> (B, 3, H, W) in [0, 1], float32 on the CPU.
-    prime: (p,) image codes that every row starts with. progress(n) is called with the tokens sampled
-    at each step (n = B)."""
+    kwargs: those of `sample_codes`."""
+    return sample_codes(pipe, prompts, seeds, **kwargs)[1]
+
+
+@torch.no_grad()
+def sample_codes(pipe: Pipeline, prompts: Sequence[str], seeds: Sequence[int], *, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, cond_scale: float = 1.0, prime: Tensor | None = None,
+                 progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+    """Codes (B, N) on the CPU and images (B, 3, H, W) in [0, 1], float32 on the CPU, of one sample per
+    (prompt, seed) pair, as one batch. prime: (p,) image codes that every row starts with. progress(n) is
+    called with the tokens sampled at each step (n = B)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     cfg = pipe.model.config
@@ -46,7 +52,8 @@ def sample_images(pipe: Pipeline, prompts: Sequence[str], seeds: Sequence[int], 
     on_token = None if progress is None else (lambda _k: progress(len(prompts)))
     codes = sample(pipe.model, text.to(pipe.device), temperature=temperature, top_k=top_k, top_p=top_p,
                    cond_scale=cond_scale, prime=primed, generator=gens, on_token=on_token)
-    return pipe.dvae.decode(codes.view(-1, cfg.image_grid_size, cfg.image_grid_size)).float().cpu()
+    images = pipe.dvae.decode(codes.view(-1, cfg.image_grid_size, cfg.image_grid_size)).float().cpu()
+    return codes.cpu(), images
 
 
 # Above this many rows a decoding step is bound by arithmetic rather than by reading the weights, so a

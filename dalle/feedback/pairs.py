@@ -18,8 +18,8 @@ from PIL import Image
 from dalle.evaluation.compositional import Prompt
 from dalle.feedback.raters import correctness
 from dalle.feedback.store import Store
+from dalle.generation import sample_codes
 from dalle.pipeline import Pipeline
-from dalle.transformer.sampling import sample
 
 
 def png_bytes(image: torch.Tensor) -> bytes:  # (3, H, W) in [0, 1]
@@ -27,18 +27,6 @@ def png_bytes(image: torch.Tensor) -> bytes:  # (3, H, W) in [0, 1]
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
-
-
-@torch.no_grad()
-def sample_codes(pipe: Pipeline, prompts: Sequence[str], seeds: Sequence[int], **settings: Any
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (B, N) and images (B, 3, H, W) of one sample per (prompt, seed), each from its own seed."""
-    cfg = pipe.model.config
-    text, _ = pipe.tokenizer.encode_batch(list(prompts), cfg.text_seq_len)
-    gens = [torch.Generator(device=pipe.device).manual_seed(s) for s in seeds]
-    codes = sample(pipe.model, text.to(pipe.device), generator=gens, **settings)
-    images = pipe.dvae.decode(codes.view(-1, cfg.image_grid_size, cfg.image_grid_size)).float().cpu()
-    return codes.cpu(), images
 
 
 def add_pairs(pipe: Pipeline, store: Store, prompts: Sequence[str | Prompt], *, split: str = "", per_prompt: int = 1,
