@@ -4,6 +4,7 @@ it, and prompt text is escaped. .ci/run installs the browser; without one these 
 
 import shutil
 import threading
+import time
 
 import pytest
 from werkzeug.serving import make_server
@@ -50,8 +51,27 @@ def server(tmp_path):
     http.shutdown()
 
 
+def eventually(read, timeout=10.0):
+    """What `read` returns once it is truthy: a click or key submits a form, and the browser returns
+    before the server has handled it, so the test waits for the effect instead of racing it."""
+    deadline = time.monotonic() + timeout
+    while not (value := read()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
 def test_a_comparison_by_keyboard_lands_in_the_store_and_undo_removes_it(browser, server):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
+
+    def text(element_id):  # the element's text on whatever page has loaded, "" while none has it
+        try:
+            return "".join(e.text for e in browser.find_elements(By.ID, element_id))
+        except StaleElementReferenceException:  # the page was replaced while it was read
+            return ""
+
+    def comparisons():
+        return store.db.execute("SELECT pair_id, left_id, choice, rater FROM comparisons").fetchall()
 
     url, store, pair, samples = server
     browser.get(f"{url}/compare?rater=ann")
@@ -62,15 +82,15 @@ def test_a_comparison_by_keyboard_lands_in_the_store_and_undo_removes_it(browser
     right = int(browser.find_element(By.ID, "right").get_attribute("data-sample"))
     assert {left, right} == set(samples)
     browser.find_element(By.TAG_NAME, "body").send_keys("2")  # the right-hand image
-    assert browser.find_element(By.ID, "done").text == "Nothing left to compare."
-    row = store.db.execute("SELECT pair_id, left_id, choice, rater FROM comparisons").fetchall()
-    assert row == [(pair, left, "right", "ann")]
+    assert eventually(lambda: text("done") == "Nothing left to compare.")
+    assert comparisons() == [(pair, left, "right", "ann")]
     assert store.judgements()[0].winner_id == right
     browser.find_element(By.TAG_NAME, "body").send_keys("u")
+    assert eventually(lambda: text("progress") == "0 of 1 pairs judged by ann")  # the compare page again
     assert store.counts()["comparisons"] == 0
-    assert browser.find_element(By.ID, "progress").text == "0 of 1 pairs judged by ann"
+    left = int(browser.find_element(By.ID, "left").get_attribute("data-sample"))  # the sides are drawn anew
     browser.find_element(By.ID, "b3").click()  # a tie, by mouse
-    assert store.db.execute("SELECT choice FROM comparisons").fetchall() == [("tie",)]
+    assert eventually(comparisons) == [(pair, left, "tie", "ann")]
 
 
 def test_stats_page_and_generate_without_a_model(browser, server):
