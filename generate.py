@@ -33,6 +33,7 @@ from dalle.cli import (
     add_threads_flag,
     apply_threads,
     finite_float,
+    float_range,
     non_negative_int,
     positive_int,
     resolve_device,
@@ -40,7 +41,7 @@ from dalle.cli import (
     seed_int,
 )
 from dalle.data.transforms import EvalTransform, to_rgb
-from dalle.generation import default_candidates, generate_many
+from dalle.generation import DEFAULT_BATCH_MEMORY, MAX_AUTO_BATCH, auto_batch_size, default_candidates, generate_many
 from dalle.pipeline import DEFAULT_MODEL, load_pipeline, prime_codes
 
 
@@ -57,7 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--candidates", type=non_negative_int, default=0,
                    help="images sampled per prompt, then reranked, keeping the best --num-images "
                         "(0: 4 x --num-images when the model has a reranker, else --num-images)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images sampled together (>= 1)")
+    p.add_argument("--batch-size", type=non_negative_int, default=0,
+                   help="candidates sampled together (0: as many as fit --batch-memory, at most "
+                        f"{MAX_AUTO_BATCH}); on a CPU in fp32 the images do not depend on it")
+    p.add_argument("--batch-memory", type=float_range(0, lo_open=True), default=DEFAULT_BATCH_MEMORY / 2**20,
+                   help="MiB a batch may hold while it samples and decodes (key/value cache, logits, images); "
+                        "sizes --batch-size 0")
     p.add_argument("--seed", type=seed_int, default=0,
                    help=f"candidate c of each prompt uses seed SEED + c (0..{SEED_MAX})")
     add_sampling_flags(p)
@@ -184,10 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "cond_scale", "prime_image",
                                               "prime_rows", "dtype")}
     per_image = pipe.model.config.image_seq_len - (0 if prime is None else len(prime))
-    bar = tqdm(total=len(args.prompts) * candidates * per_image, unit="tok", desc="sampling",
+    batch_size = args.batch_size or auto_batch_size(pipe, int(args.batch_memory * 2**20), guided=args.cond_scale != 1)
+    # Counted in candidates, advanced a token at a time, so a batch of 64 still shows it moving.
+    bar = tqdm(total=len(args.prompts) * candidates, desc=f"sampling in batches of {batch_size}",
+               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} candidates [{elapsed}<{remaining}]",
                disable=args.no_progress)
     results = generate_many(pipe, args.prompts, keep=args.num_images, candidates=candidates, seed=args.seed,
-                            batch_size=args.batch_size, progress=bar.update, temperature=args.temperature,
+                            batch_size=batch_size, progress=lambda n: bar.update(n / per_image),
+                            temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale, prime=prime)
     bar.close()
     for position, (prompt, stem, kept) in enumerate(zip(args.prompts, stems, results), 1):

@@ -59,6 +59,9 @@ def sample_codes(pipe: Pipeline, prompts: Sequence[str], seeds: Sequence[int], *
 # Above this many rows a decoding step is bound by arithmetic rather than by reading the weights, so a
 # larger batch only holds more memory.
 MAX_AUTO_BATCH = 64
+# What a batch may hold unless told otherwise (generate.py --batch-memory): 64 candidates of the shipped
+# model, or one of the paper's 12B model in fp16, fit in it.
+DEFAULT_BATCH_MEMORY = 2**30
 
 
 def bytes_per_candidate(pipe: Pipeline, guided: bool) -> int:

@@ -78,7 +78,8 @@ GENERATE_BAD = [
     ("--temperature", "1e-45"),
     ("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "nan"), ("--top-k", "-5"), ("--top-k", "2.5"),
     ("--seed", "20000000000000000000"), ("--seed", "-1"), ("--cond-scale", "nan"), ("--cond-scale", "-inf"),
-    ("--prime-rows", "-1"), ("--num-images", "0"), ("--batch-size", "0"), ("--candidates", "-2"),
+    ("--prime-rows", "-1"), ("--num-images", "0"), ("--batch-size", "-1"), ("--batch-memory", "0"),
+    ("--candidates", "-2"),
 ]
 
 
