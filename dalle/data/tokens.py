@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
@@ -94,6 +94,7 @@ class TokenShards(Dataset):
         for s, shard in enumerate(self.meta["shards"]):
             with (self.dir / f"{shard['name']}.jsonl").open() as f:
                 rows = [json.loads(line) for line in f]
+            self._check_shard(shard["name"], len(rows))
             self.records += rows
             self.index += [(s, r) for r in range(len(rows))]
         if limit is not None:
@@ -101,6 +102,20 @@ class TokenShards(Dataset):
         if not self.records:
             raise ValueError(f"{self.dir} holds no samples")
         self._handles: dict[int, Any] = {}
+
+    def _check_shard(self, name: str, rows: int) -> None:
+        """Read a shard's header now, so a damaged file is named before training starts rather than in a
+        data-loader worker mid-run."""
+        path = self.dir / f"{name}.safetensors"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shape = f.get_slice("codes").get_shape() if "codes" in f.keys() else None
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{path} is not a readable token shard ({e}); make the directory again with "
+                             "tools/pretokenize.py") from None
+        if shape != [rows, self.grid, self.grid]:
+            raise ValueError(f"{path} holds codes of shape {shape}, but its .jsonl lists {rows} samples on a "
+                             f"{self.grid}x{self.grid} grid; make the directory again with tools/pretokenize.py")
 
     def __len__(self) -> int:
         return len(self.records)
