@@ -109,7 +109,8 @@ class TokenShards(Dataset):
         path = self.dir / f"{name}.safetensors"
         try:
             with safe_open(str(path), framework="pt") as f:
-                shape = f.get_slice("codes").get_shape() if "codes" in f.keys() else None
+                names = list(f.keys())  # a safe_open handle has no __contains__
+                shape = f.get_slice("codes").get_shape() if "codes" in names else None
         except (OSError, SafetensorError) as e:
             raise ValueError(f"{path} is not a readable token shard ({e}); make the directory again with "
                              "tools/pretokenize.py") from None
