@@ -4,7 +4,7 @@ A token directory holds shards of `n` samples each:
 
     meta.json                  {"grid": 8, "image_vocab_size": 512, "count": ..., "shards": [...], "dvae": {...}}
     tokens-000000.safetensors  "codes": (n, G, G) int16 (int32 for vocabularies over 32767)
-    tokens-000000.jsonl        one {"key": ..., "captions": [...]} per sample, in the same order
+    tokens-000000.jsonl        one {"key": ..., "captions": [...][, "qa": [[question, answer], ...]]} per sample
 
 Codes are memory-mapped, so a data set far larger than RAM reads only the rows it samples; captions
 stay text so the tokenizer (and its BPE dropout) is applied at load time.
@@ -40,13 +40,17 @@ class TokenShardWriter:
         self.records: list[dict[str, Any]] = []
         self.shards: list[dict[str, Any]] = []
 
-    def add(self, keys: list[str], captions: list[list[str]], codes: torch.Tensor) -> None:
-        """codes: (b, G, G) integers in [0, image_vocab_size)."""
+    def add(self, keys: list[str], captions: list[list[str]], codes: torch.Tensor,
+            qa: list[list[tuple[str, str]]] | None = None) -> None:
+        """codes: (b, G, G) integers in [0, image_vocab_size); qa: each sample's question-answer pairs, if any."""
         if codes.shape[1:] != (self.grid, self.grid):
             raise ValueError(f"codes must be (b, {self.grid}, {self.grid}), got {tuple(codes.shape)}")
         for i, key in enumerate(keys):
             self.codes.append(codes[i].to("cpu", self.dtype))
-            self.records.append({"key": key, "captions": captions[i]})
+            record: dict[str, Any] = {"key": key, "captions": captions[i]}
+            if qa is not None and qa[i]:
+                record["qa"] = [list(pair) for pair in qa[i]]
+            self.records.append(record)
             if len(self.codes) == self.shard_size:
                 self._flush()
 
@@ -77,7 +81,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 
 
 class TokenShards(Dataset):
-    """Map-style data set over a token directory: {"codes": (N,) long, "caption": str, "key": str}.
+    """Map-style data set over a token directory: {"codes": (N,) long, "caption": str, "key": str[, "qa": pairs]}.
 
     `dataset[(index, seed)]` picks one of the sample's captions with `random.Random(seed)`.
     """
@@ -132,7 +136,10 @@ class TokenShards(Dataset):
         record = self.records[index]
         caption = random.Random(seed).choice(record["captions"]) if record["captions"] else ""
         codes = self._codes(*self.index[index]).long().flatten()
-        return {"codes": codes, "caption": caption, "key": record["key"]}
+        out = {"codes": codes, "caption": caption, "key": record["key"]}
+        if "qa" in record:
+            out["qa"] = record["qa"]
+        return out
 
     def __getstate__(self) -> dict[str, Any]:  # file handles do not cross process boundaries
         return {**self.__dict__, "_handles": {}}

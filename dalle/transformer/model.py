@@ -253,18 +253,18 @@ class DALLE(nn.Module):
         n, t = self.config.image_seq_len, self.config.text_seq_len
         if image.shape[1] != n:
             raise ValueError(f"image codes must be (B, {n}), got {tuple(image.shape)}; flatten the grid first")
-        reading = None if layout is None else layout != LAYOUTS.index(T2I)  # (B,)
-        if reading is None or not bool(reading.any()):
+        if layout is None or self.config.layouts == (T2I,):
             x = torch.cat([self.embed_text(text), self.embed_image(image, 0)], dim=1)  # (B, T+N, d)
             h = self.backbone(x)
             return self.text_head(h[:, :t]), self.image_head(h[:, t:])
+        # Both orders are embedded and every row picks its own, so every start token and both heads take part
+        # in each step whatever the batch's mix (distributed back ends expect a gradient for every weight).
+        reading = layout != LAYOUTS.index(T2I)  # (B,)
         answer_at = torch.zeros_like(layout) if answer_at is None else answer_at
-        x = self.embed_reading(text, image, layout, answer_at)  # (B, N+T, d)
-        if bool(reading.all()):
-            h = self.backbone(x, image_first=True)
-            return self.text_head(h[:, n:]), self.image_head(h[:, :n])
         forward = torch.cat([self.embed_text(text), self.embed_image(image, 0)], dim=1)  # (B, T+N, d)
-        h = self.backbone(torch.where(reading[:, None, None], x, forward), image_first=reading)
+        x = torch.where(reading[:, None, None], self.embed_reading(text, image, layout, answer_at), forward)
+        uniform = bool(reading.all()) or not bool(reading.any())
+        h = self.backbone(x, image_first=bool(reading[0]) if uniform else reading)  # (B, L, d)
         text_h = torch.where(reading[:, None, None], h[:, n:], h[:, :t])  # (B, T, d)
         image_h = torch.where(reading[:, None, None], h[:, :n], h[:, t:])  # (B, N, d)
         return self.text_head(text_h), self.image_head(image_h)
