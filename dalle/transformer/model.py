@@ -81,7 +81,14 @@ class DALLEConfig:
         return self.text_vocab_size + self.text_seq_len
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        # A text-to-image model's config.json stays what it was before the reading layouts existed, so a run
+        # started then resumes (its saved config must equal this one) and its files are unchanged.
+        if self.layouts == (T2I,):
+            del d["layouts"]
+        else:
+            d["layouts"] = list(self.layouts)  # as JSON gives it back
+        return d
 
 
 class Cache(Protocol):
