@@ -88,7 +88,7 @@ def load_images(paths: list[str], size: int) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from dalle.captioning import answer, caption, reads
+    from dalle.captioning import answer, caption, require_reading
 
     if not Path(args.model).exists():
         raise SystemExit(f"--model {args.model} does not exist (check the path)")
@@ -104,11 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                              dtype=DTYPES[args.dtype])
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot load the model: {e}") from None
-    if not reads(pipe, layout):
-        what = "answer questions" if layout == QA else "caption images"
-        raise SystemExit(f"{args.model} was trained text-to-image only (layouts: {', '.join(pipe.model.config.layouts)})"
-                         f" and cannot {what}: train one that does with configs/dalle/shapes-joint.yaml "
-                         "(docs/training.md, \"Both directions\")")
+    try:
+        require_reading(pipe, layout)
+    except ValueError as e:  # a text-to-image model: one line saying so, and how to train one that reads
+        raise SystemExit(str(e)) from None
     images = load_images(args.images, pipe.dvae.config.image_size)
     decoding = dict(num=args.num, beam=max(args.beam, args.num) if not args.sample else 1, sample=args.sample,
                     batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

@@ -21,8 +21,8 @@ if __package__ in (None, ""):  # run as a script: this checkout's dalle, even wh
 from tqdm import tqdm
 
 from dalle import cli
-from dalle.data.readers import scan_image_text_folder
 from dalle.data.qa import shapes_qa
+from dalle.data.readers import scan_image_text_folder
 from dalle.data.shapes import _rng_for, make_caption, sample_scene
 from dalle.tokenizer import TextTokenizer
 
