@@ -74,7 +74,7 @@ def write(model: DALLE, image: Tensor, prompt: Tensor, layout: str, answer_at: i
     if not sample:  # one live hypothesis per image at first: the others would only repeat it
         scores.view(b, width)[:, 1:] = float("-inf")
     finished = torch.zeros(len(rows), dtype=torch.bool, device=image.device)
-    cache = None
+    keep, cache = torch.arange(len(rows), device=image.device), None
 
     def uncached(slot: int) -> Tensor:
         return model(seqs, image[rows], layout_rows, starts[rows])[0][:, slot]
@@ -83,7 +83,8 @@ def write(model: DALLE, image: Tensor, prompt: Tensor, layout: str, answer_at: i
         dtype = next(model.parameters()).dtype
         cache = KVCache(cfg, b, image.device, dtype, image_first=True)
         logits = prefill_reading(model, image, prompt, layout, starts, answer_at + 1, cache)[rows]
-        cache.reorder(rows)
+        if width > 1:
+            cache.reorder(rows)
     else:
         logits = uncached(answer_at)
     for slot in range(answer_at, t):
@@ -98,7 +99,7 @@ def write(model: DALLE, image: Tensor, prompt: Tensor, layout: str, answer_at: i
             parent = (index // logp.shape[1] + torch.arange(b, device=image.device)[:, None] * width).flatten()
             token, scores = (index % logp.shape[1]).flatten(), best.flatten()
             seqs, finished = seqs[parent], finished[parent]
-            if cache is not None:
+            if cache is not None and not torch.equal(parent, keep):  # greedy, or every beam kept its own
                 cache.reorder(parent)
         seqs[:, slot] = token
         finished = finished | (token >= vocab)
