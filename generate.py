@@ -2,15 +2,14 @@
 
     python generate.py "a red circle above a blue square" --num-images 8 --candidates 32 --grid
 
-Samples --candidates images per prompt, ranks them with the model's reranker (paper sec. 2.5; with
---rerank self, by the model's own log p(prompt | image)) and keeps the best --num-images. Writes
-OUT/<prompt>-<rank>.png, best first, and a JSON sidecar for each (prompt, its position in the list,
-seed, settings, rerank score, model id). <prompt> is the prompt's words in any script, lower case,
-joined by "-"; a prompt whose name an earlier one took gets "-p<position>" added, so every prompt keeps
-its images. Files already in OUT are never replaced without --overwrite. Candidate c of a prompt is
-sampled with seed SEED + c alone, so any image can be made again exactly with `--seed <its seed>
---num-images 1 --candidates 1` and the sidecar's settings. With --grid, also one grid PNG per prompt,
-best first.
+Samples --candidates images per prompt, ranks them with the model's reranker (paper sec. 2.5) and
+keeps the best --num-images. Writes OUT/<prompt>-<rank>.png, best first, and a JSON sidecar for each
+(prompt, its position in the list, seed, settings, rerank score, model id). <prompt> is the prompt's
+words in any script, lower case, joined by "-"; a prompt whose name an earlier one took gets
+"-p<position>" added, so every prompt keeps its images. Files already in OUT are never replaced
+without --overwrite. Candidate c of a prompt is sampled with seed SEED + c
+alone, so any image can be made again exactly with `--seed <its seed> --num-images 1 --candidates 1`
+and the sidecar's settings. With --grid, also one grid PNG per prompt, best first.
 """
 
 from __future__ import annotations
