@@ -22,6 +22,7 @@ Reading layouts (`DALLEConfig.layouts`; the stream orders and their loss masks a
 Positions belong to the token kind: the text slot j gets text_pos[j], the image token of grid cell (r, c)
 row_pos[r] + col_pos[c], whichever comes first in the stream (in text-to-image order each image slot
 carries the cell it predicts, the token before it feeding it).
+
 Attention masks per layer (row, column, conv, full) live in `dalle.transformer.attention`; the key/value-
 cached prompt pass and decoding step, with their CPU fast path, in `dalle.transformer.decoding`.
 """
