@@ -126,3 +126,24 @@ def test_joint_resume_equals_uninterrupted(assets, tmp_path):
     resumed.fit()
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("rows", [[0, 0, 0], [1, 1, 1], [2, 2, 2], [0, 1, 2]])
+def test_every_weight_gets_a_gradient_whatever_the_batchs_mix(rows):
+    # DDP and DeepSpeed expect a gradient for every weight in every step: a batch that happens to hold one
+    # direction only must not leave the others' start tokens or the image head out of the graph.
+    class Tok:
+        vocab_size = 40
+
+    model = DALLE(tiny_config("dalle", text_vocab_size=40, layouts=("t2i", "caption", "qa")))
+    obj = DALLEObjective(mix_t2i=0.5, mix_caption=0.25, mix_qa=0.25)
+    task = DALLETask(model, obj, Tok(), [], [])
+    text = torch.randint(0, 40, (3, model.config.text_seq_len))
+    text[:, 6:] = 40 + torch.arange(6, model.config.text_seq_len)
+    batch = {"text": text, "codes": torch.randint(0, 64, (3, 16)), "layout": torch.tensor(rows),
+             "answer_at": torch.tensor([0, 0, 3])}
+    loss, metrics = task.loss(model, batch, 0)
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    names = {0: "image_loss", 1: "caption_loss", 2: "answer_loss"}
+    assert {names[r] for r in rows} <= set(metrics)
