@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from dalle.cli import (
     DTYPES,
@@ -32,7 +33,7 @@ from dalle.cli import (
     seed_int,
 )
 from dalle.data.transforms import EvalTransform, to_rgb
-from dalle.pipeline import DEFAULT_MODEL, load_pipeline
+from dalle.pipeline import DEFAULT_MODEL, Pipeline, load_pipeline
 from dalle.transformer.layouts import CAPTION, QA
 
 
@@ -52,12 +53,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=seed_int, default=0,
                    help=f"with --sample: the k-th text written of the run uses seed SEED + k (0..{SEED_MAX})")
     add_sampling_flags(p)
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images written together (>= 1)")
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="images read and written together (>= 1); results print as each batch ends")
     p.add_argument("--json", action="store_true", help="also write IMAGE.caption.json beside each image")
     p.add_argument("--overwrite", action="store_true", help="with --json: replace existing IMAGE.caption.json files")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     add_threads_flag(p)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights and compute dtype")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown for several batches)")
     add_debug_flag(p)
     args = p.parse_args(argv)
     apply_threads(args.threads)
@@ -74,6 +77,12 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".caption.json") if not path.suffix else path.with_suffix(".caption.json")
 
 
+def printable(text: str) -> str:
+    """Text as a terminal shows it safely: control characters (which a barely trained model may write)
+    escaped, so they can neither move the cursor nor split a line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def load_images(paths: list[str], size: int) -> torch.Tensor:
     transform = EvalTransform(size)
     images = []
@@ -86,9 +95,29 @@ def load_images(paths: list[str], size: int) -> torch.Tensor:
     return torch.stack(images)
 
 
+def read_images(pipe: Pipeline, args: argparse.Namespace, paths: list[Path], first: int) -> list[dict]:
+    """Captions or answers of one chunk of images, whose first is image `first` of the run (its seeds)."""
+    from dalle.captioning import answer, caption
+
+    images = load_images([str(p) for p in paths], pipe.dvae.config.image_size)
+    decoding = dict(num=args.num, beam=max(args.beam, args.num) if not args.sample else 1, sample=args.sample,
+                    batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    results: list[dict] = [{"image": str(p), "model": pipe.model_id, "texts": []} for p in paths]
+    if not args.question:
+        for result, texts in zip(results, caption(pipe, images, seed=args.seed + first * args.num, **decoding)):
+            result["texts"] = [{"caption": t.text, "logprob": round(t.logprob, 4)} for t in texts]
+    for q, question in enumerate(args.question):
+        seed = args.seed + (q * len(args.images) + first) * args.num
+        for result, texts in zip(results, answer(pipe, images, [question] * len(paths), seed=seed, **decoding)):
+            result["texts"] += [{"question": question, "answer": t.text, "logprob": round(t.logprob, 4)}
+                                for t in texts]
+    settings = {k: getattr(args, k) for k in ("beam", "sample", "seed", "temperature", "top_k", "top_p", "dtype")}
+    return [{**r, "settings": settings} for r in results]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from dalle.captioning import answer, caption, require_reading
+    from dalle.captioning import require_reading
 
     if not Path(args.model).exists():
         raise SystemExit(f"--model {args.model} does not exist (check the path)")
@@ -108,27 +137,18 @@ def main(argv: list[str] | None = None) -> int:
         require_reading(pipe, layout)
     except ValueError as e:  # a text-to-image model: one line saying so, and how to train one that reads
         raise SystemExit(str(e)) from None
-    images = load_images(args.images, pipe.dvae.config.image_size)
-    decoding = dict(num=args.num, beam=max(args.beam, args.num) if not args.sample else 1, sample=args.sample,
-                    batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    results: list[dict] = [{"image": str(p), "model": pipe.model_id, "texts": []} for p in paths]
-    if layout == CAPTION:
-        for result, texts in zip(results, caption(pipe, images, seed=args.seed, **decoding)):
-            result["texts"] = [{"caption": t.text, "logprob": round(t.logprob, 4)} for t in texts]
-    for q, question in enumerate(args.question):
-        seed = args.seed + q * len(paths) * args.num
-        for result, texts in zip(results, answer(pipe, images, [question] * len(paths), seed=seed, **decoding)):
-            result["texts"] += [{"question": question, "answer": t.text, "logprob": round(t.logprob, 4)}
-                                for t in texts]
-    for result in results:
-        print(result["image"])
-        for t in result["texts"]:
-            said = t["caption"] if "caption" in t else f"{t['question']} -> {t['answer']}"
-            print(f"  {said}  (log p {t['logprob']:.2f})")
-        result["settings"] = {k: getattr(args, k) for k in ("beam", "sample", "seed", "temperature", "top_k",
-                                                             "top_p", "dtype")}
-    for target, result in zip(targets, results):
-        target.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    chunks = range(0, len(paths), args.batch_size)
+    with tqdm(total=len(paths), unit="img", desc="reading", disable=args.no_progress or len(chunks) < 2) as bar:
+        for start in chunks:
+            results = read_images(pipe, args, paths[start : start + args.batch_size], start)
+            for result in results:
+                tqdm.write(result["image"])
+                for t in result["texts"]:
+                    said = t["caption"] if "caption" in t else f"{t['question']} -> {t['answer']}"
+                    tqdm.write(f"  {printable(said)}  (log p {t['logprob']:.2f})")
+                if args.json:
+                    sidecar(Path(result["image"])).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+            bar.update(len(results))
     return 0
 
 

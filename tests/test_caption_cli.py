@@ -60,6 +60,16 @@ def test_captions_and_answers_print_with_log_probabilities(joint, capsys):
     assert capsys.readouterr().out.splitlines()[1].startswith("  how many objects? -> ")
 
 
+def test_sampled_texts_do_not_depend_on_the_batch_size(joint, capsys):
+    images = [str(joint / "scene0.png"), str(joint / "scene1.png")]
+    outs = []
+    for size in ("2", "1"):
+        assert caption.main([*images, "--model", str(joint / "model"), "--sample", "--num", "2", "--seed", "7",
+                             "--top-k", "20", "--batch-size", size, "--no-progress"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and len(outs[0].splitlines()) == 6
+
+
 def test_json_sidecars_never_replace_a_file_unasked(joint, tmp_path):
     image = tmp_path / "scene.png"
     shutil.copy(joint / "scene0.png", image)
