@@ -43,7 +43,8 @@ NAMES = ("captions-eval.json", "captions-eval.md")
 
 def _renders(pipe: Pipeline, split: str, args: argparse.Namespace) -> tuple[list, torch.Tensor]:
     prompts = shapes_prompts(split, args.n, args.seed, pipe.dvae.config.image_size)
-    images = torch.stack([torch.from_numpy(to_uint8(p.sample.image)).permute(2, 0, 1) for p in prompts]) / 255
+    images = torch.stack([torch.from_numpy(to_uint8(p.sample.image).copy()).permute(2, 0, 1)
+                          for p in prompts]) / 255
     return prompts, images
 
 
