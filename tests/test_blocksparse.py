@@ -27,9 +27,9 @@ def assert_matches_dense(length: int, **geometry):
     g = torch.Generator().manual_seed(0)
     # the model's layout: q, k and v are strided views of one projection
     q, k, v = torch.randn(2, length, 3, 2, 8, generator=g).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, D)
-    for name, got, want in zip("y q k v".split(), values_and_grads("auto", q, k, v, **geometry),
-                               values_and_grads("sdpa", q, k, v, **geometry)):
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name} {geometry}: {m}")
+    got, want = values_and_grads("auto", q, k, v, **geometry), values_and_grads("sdpa", q, k, v, **geometry)
+    for name, a, b in zip(["y", "q", "k", "v"], got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name} {geometry}: {m}")
 
 
 @pytest.mark.parametrize("kind", SPARSE)
@@ -52,7 +52,8 @@ def test_routing():
     assert not blocksparse.routes("full", 4, 8, 68, torch.float32)
     assert not blocksparse.routes("row", 4, 8, 68, torch.bfloat16)
     assert not blocksparse.routes("column", 4, 8, 40, torch.float32)
-    assert blocksparse.routes("column", 4, 8, 4, torch.float32) and blocksparse.routes("column", 4, 8, 68, torch.float32)
+    assert blocksparse.routes("column", 4, 8, 4, torch.float32)
+    assert blocksparse.routes("column", 4, 8, 68, torch.float32)
 
 
 def test_auto_takes_the_block_sparse_path_and_sdpa_the_dense_mask(monkeypatch):
