@@ -9,7 +9,9 @@ paper:decode     cached sampling of 16 images (one batch of `generate`'s default
                  (256 text + 32x32 image tokens) with a narrow model (PAPER_MODEL): the paper's masks (each
                  step reads its keys only), the same masks read as a bias over the whole cache (the step
                  before sparse decoding), and full attention.
-paper:train      one training step at the same geometry, the paper's masks vs full attention, fp32.
+paper:train      one training step at the same geometry, fp32: the paper's masks (on the CPU through
+                 dalle/transformer/blocksparse.py), the same masks as a dense mask (attention backend "sdpa"),
+                 and full attention.
 
 The variants of one case run in turn in one process, so the machine's drift hits them alike.
 """
@@ -167,16 +169,20 @@ def case_paper_train(warmup: int, runs: int, model: dict[str, Any] | None = None
     from dalle.transformer.model import DALLE
     from tools.bench_train import SyntheticTask
 
-    train = from_dict(TrainConfig, {**load_yaml(bench.CONFIG)["train"], "batch_size": batch_size}, "train")
+    train = {**load_yaml(bench.CONFIG)["train"], "batch_size": batch_size}
+    # "paper_dense": the same masks through SDPA with the dense (L, L) mask, the step before blocksparse
+    variants = {"paper": ("paper", "auto"), "paper_dense": ("paper", "sdpa"), "full": ("full", "auto")}
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {s: Trainer(SyntheticTask(DALLE(_paper_cfg(s, model)), DALLEObjective()), train, f"{tmp}/{s}",
-                               resume="never", progress=False) for s in ("paper", "full")}
+        trainers = {name: Trainer(SyntheticTask(DALLE(_paper_cfg(schedule, model)), DALLEObjective()),
+                                  from_dict(TrainConfig, {**train, "attn_backend": backend}, "train"), f"{tmp}/{name}",
+                                  resume="never", progress=False)
+                    for name, (schedule, backend) in variants.items()}
         batch = bench._batch(trainers["paper"].task.model.config, batch_size)
         r = alternate({s: lambda t=t: t.train_step(iter([dict(batch)])) for s, t in trainers.items()}, warmup, runs)
         for trainer in trainers.values():
             trainer.close()
     return {**r, "median_s": r["paper_s"], "batch_size": batch_size, "model": {**PAPER_MODEL, **(model or {})},
-            "paper_over_full": r["paper_s"] / r["full_s"]}
+            "paper_over_full": r["paper_s"] / r["full_s"], "dense_over_full": r["paper_dense_s"] / r["full_s"]}
 
 
 def figure(r: dict[str, Any]) -> str | None:
@@ -191,5 +197,6 @@ def figure(r: dict[str, Any]) -> str | None:
                 f"{r['paper_bias_s']:.2f} s")
     if "paper_over_full" in r and "batch_size" in r:
         return (f"paper {r['paper_s']:.3f} s vs full {r['full_s']:.3f} s: {100 * (r['paper_over_full'] - 1):+.1f}% "
-                f"({'no slower: met' if r['paper_over_full'] <= 1 else 'slower: NOT met'})")
+                f"({'no slower: met' if r['paper_over_full'] <= 1 else 'slower: NOT met'}); dense masks "
+                f"{r['paper_dense_s']:.3f} s ({100 * (r['dense_over_full'] - 1):+.1f}%)")
     return None
