@@ -97,8 +97,9 @@ class _TextAndWindow(torch.autograd.Function):
         ow, lw = ow.reshape(b, h, m, -1), lw.reshape(b, h, m)
         if kt.shape[2]:
             ot, lt = flash(q, kt, vt)  # (B, H, M, Dv), (B, H, M)
+            # the text keys' share of the joint softmax; few elementwise passes, each a parallel region
+            o = torch.lerp(ow, ot, torch.sigmoid(lt - lw).unsqueeze(-1).to(ot.dtype))
             lse = torch.logaddexp(lt, lw)
-            o = (ot * (lt - lse).exp().unsqueeze(-1) + ow * (lw - lse).exp().unsqueeze(-1)).to(q.dtype)
         else:
             o, lse = ow, lw
         o, lse = o.contiguous(), lse.contiguous()
@@ -145,12 +146,17 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, kind: str, text_len: int, grid: i
     nb = -(-image // block)
     pad = nb * block - image
 
+    spans = -(-(reach + block) // block)  # blocks a window spans
+
     def windows(x: Tensor) -> Tensor:  # (B, H, n, E) -> (B*H, nb, W + Q, E), block i's W + Q slots
-        x = F.pad(x, (0, 0, reach, pad)).unfold(2, reach + block, block)  # (B, H, nb, E, W + Q)
-        return x.transpose(-1, -2).reshape(b * h, nb, reach + block, -1)
+        # Shifted block views side by side rather than `unfold`, whose backward is several times slower here.
+        x = F.pad(x, (0, 0, reach, (nb + spans - 1) * block - reach - image)).view(b, h, nb + spans - 1, block, -1)
+        x = torch.cat([x[:, :, i : i + nb] for i in range(spans)], dim=3)  # (B, H, nb, spans * Q, E)
+        return x[:, :, :, : reach + block].reshape(b * h, nb, reach + block, -1)
 
     mask = _window_mask(kind, text_len, grid, kernel, image, q.dtype)
-    yi = _TextAndWindow.apply(F.pad(qi, (0, 0, 0, pad)), kt, vt, windows(ki), windows(vi), mask)[:, :, :image]
+    qi = F.pad(qi, (0, 0, 0, pad)) if pad else qi
+    yi = _TextAndWindow.apply(qi, kt, vt, windows(ki), windows(vi), mask)[:, :, :image]
     if kind == "column":
         yi = _by_column(yi, grid)
     if t == 0:
