@@ -55,6 +55,7 @@ def test_the_user_cases_run_at_tiny_sizes(monkeypatch):
     r = bench_cases.case_paper_train(0, 1, model=TINY, batch_size=2)
     assert set(r["runs_s"]) == {"paper", "paper_dense", "full"} and r["paper_over_full"] == r["paper_s"] / r["full_s"]
     assert r["dense_over_full"] == r["paper_dense_s"] / r["full_s"]
+    assert all(r[f"{name}_cpu_s"] > 0 for name in r["runs_s"])
 
 
 def test_the_user_cases_verdicts():

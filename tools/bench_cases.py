@@ -39,22 +39,26 @@ RERANKER = dict(text_seq_len=32, image_size=64, patch_size=8, stem="patch", widt
 
 def alternate(fns: dict[str, Callable[[], Any]], warmup: int, runs: int) -> dict[str, Any]:
     """One call of each fn in turn, warm-up rounds first; every timed run and its foreign load per variant,
-    and each variant's median over its clean runs (all of them where none was clean)."""
+    each variant's median over its clean runs (all of them where none was clean), and its median CPU time."""
     walls: dict[str, list[float]] = {name: [] for name in fns}
+    cpus: dict[str, list[float]] = {name: [] for name in fns}
     foreign: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(warmup + runs):
         for name, fn in fns.items():
             bench._wait_quiet()
-            b, o, t = bench._busy_seconds(), bench._own_seconds(), time.perf_counter()
+            b, o, t, c = bench._busy_seconds(), bench._own_seconds(), time.perf_counter(), time.process_time()
             fn()
             wall = time.perf_counter() - t
             if i >= warmup:
                 walls[name].append(wall)
+                cpus[name].append(time.process_time() - c)
                 foreign[name].append(max(0.0, bench._busy_seconds() - b - (bench._own_seconds() - o)) / wall)
     # the median of the clean runs where there are any, as bench.timed does
     out: dict[str, Any] = {f"{name}_s": statistics.median([w for w, f in zip(walls[name], foreign[name])
                                                            if f < bench.CLEAN_CORES] or walls[name])
                            for name in fns}
+    # CPU seconds: with --threads 1 the work itself, which other jobs on the machine move far less than the wall
+    out.update({f"{name}_cpu_s": statistics.median(v) for name, v in cpus.items()})
     out["runs_s"] = {k: [round(w, 4) for w in v] for k, v in walls.items()}
     out["foreign_cores"] = {k: [round(f, 2) for f in v] for k, v in foreign.items()}
     out["clean"] = all(f < bench.CLEAN_CORES for v in foreign.values() for f in v)
