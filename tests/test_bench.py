@@ -53,13 +53,17 @@ def test_the_user_cases_run_at_tiny_sizes(monkeypatch):
     assert r["full_gflops"] * r["full_s"] > r["paper_gflops"] * r["paper_s"]  # the masks read fewer keys
 
     r = bench_cases.case_paper_train(0, 1, model=TINY, batch_size=2)
-    assert set(r["runs_s"]) == {"paper", "full"} and r["paper_over_full"] == r["paper_s"] / r["full_s"]
+    assert set(r["runs_s"]) == {"paper", "paper_dense", "full"} and r["paper_over_full"] == r["paper_s"] / r["full_s"]
+    assert r["dense_over_full"] == r["paper_dense_s"] / r["full_s"]
+    assert all(r[f"{name}_cpu_s"] > 0 for name in r["runs_s"])
 
 
 def test_the_user_cases_verdicts():
     decode = {"paper_s": 2.0, "paper_bias_s": 3.5, "full_s": 3.2, "full_over_paper": 1.6, "clean": True}
     assert "1.60x (>= 1.5x met); masks as a bias 3.50 s" in bench._figure(decode)
     assert "NOT met" in bench._figure({**decode, "full_over_paper": 1.2})
-    train = {"paper_s": 1.1, "full_s": 1.0, "paper_over_full": 1.1, "batch_size": 4, "clean": False}
-    assert bench._figure(train) == "paper 1.100 s vs full 1.000 s: +10.0% (slower: NOT met) (contended)"
+    train = {"paper_s": 1.1, "paper_dense_s": 1.3, "full_s": 1.0, "paper_over_full": 1.1, "dense_over_full": 1.3,
+             "batch_size": 4, "clean": False}
+    assert bench._figure(train) == ("paper 1.100 s vs full 1.000 s: +10.0% (slower: NOT met); dense masks 1.300 s "
+                                    "(+30.0%) (contended)")
     assert "no slower: met" in bench._figure({**train, "paper_over_full": 0.95})

@@ -64,7 +64,8 @@ CASES: dict[str, tuple[str, int, int]] = {
     "gen:paper:cached": ("generate 4 images, paper's sparse masks, KV cache", 2, 7),
     "gen:candidates": ("64 candidates for one prompt through generate (sample, dVAE decode, rerank)", 1, 3),
     "paper:decode": ("generate 16 images at 256 + 32x32 tokens, d=128: paper's masks vs full attention", 1, 3),
-    "paper:train": ("training step at 256 + 32x32 tokens, d=128, batch 4: paper's masks vs full, fp32", 2, 5),
+    "paper:train": ("training step at 256 + 32x32 tokens, d=128, batch 4: paper's masks (block-sparse; dense) vs "
+                    "full, fp32", 2, 5),
     "dvae:encode": ("dVAE encode, batch 64", 2, 10),
     "dvae:decode": ("dVAE decode, batch 64", 2, 10),
     "dvae:train": ("dVAE training step, batch 8", 3, 10),

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from dalle.transformer import blocksparse
+
 KINDS = ("full", "row", "column", "conv")
 BACKENDS = ("auto", "sdpa", "flex")
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -261,10 +263,11 @@ def attend(
     one cached decoding step, where the sparse mask only restricts which cached keys are read.
 
     backend: "sdpa" (dense boolean mask, any device, autograd), "flex" (FlexAttention with a cached BlockMask,
-    compiled on CUDA; no backward on CPU) or "auto" (flex on CUDA for full sequences, sdpa otherwise).
-    Decoding steps (q_offset > 0) always use sdpa. image_first: the stream order (see the module docstring),
-    one bool for the batch or a (B,) bool tensor per row; a batch that mixes orders takes SDPA with a
-    per-row dense mask.
+    compiled on CUDA; no backward on CPU) or "auto" (flex on CUDA for full sequences; on the CPU, full sequences
+    of sparse layers in fp32 in text-first order through `blocksparse`, which computes about the scores the
+    mask keeps; sdpa otherwise). Decoding steps (q_offset > 0) always use sdpa. image_first: the stream order
+    (see the module docstring), one bool for the batch or a (B,) bool tensor per row; a batch that mixes
+    orders takes SDPA with a per-row dense mask.
     """
     _check_geometry(kind, text_len, grid, kernel)
     _check_attend(q, k, v, text_len + grid * grid, backend, q_offset)
@@ -281,6 +284,9 @@ def attend(
         block_mask = _block_mask(kind, text_len, grid, kernel, lq, q.device, first)
         fn = _compiled_flex() if q.is_cuda else flex_attention
         return fn(q, k, v, block_mask=block_mask)  # (B, H, Lq, Dv)
+    if (full_seq and backend == "auto" and q.device.type == "cpu" and not first
+            and blocksparse.routes(kind, text_len, grid, lq, q.dtype)):
+        return blocksparse.attend(q, k, v, kind=kind, text_len=text_len, grid=grid, kernel=kernel)  # (B, H, Lq, Dv)
     if (full_seq and not q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
             and q.shape[0] * q.shape[1] * lq * lk <= _CPU_MATH_MAX_SCORES):
         bias = _additive_mask(kind, text_len, grid, kernel, q.device, q.dtype, first)[:lq, :lk]
