@@ -3,6 +3,8 @@ and tools/train_feedback.py, on toy stores whose preference is known (bright ima
 
 import json
 import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,10 +20,13 @@ from dalle.tokenizer import TextTokenizer
 from dalle.train.config import TrainConfig
 from dalle.train.engine import Trainer
 from dalle.train.tasks.dpo import DPOObjective, DPOTask, sequence_logprob
+from dalle.train.tasks.grpo import GRPOObjective, GRPOTask
 from dalle.train.tasks.reward import RewardObjective, RewardTask
 from dalle.transformer.model import DALLE
 from dalle_tools import train_feedback
+from dvae.model import DiscreteVAE
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "feedback"
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a small red star", "a big blue circle"]
 
 
@@ -59,7 +64,12 @@ def parts(tmp_path_factory):
     save = lambda d: tok.save(d / "tokenizer.json")  # noqa: E731
     save_pretrained(Reranker(tiny_config("reranker", text_vocab_size=tok.vocab_size, layers=1)), root / "reranker",
                     extra=save)
-    save_pretrained(DALLE(tiny_config("dalle", text_vocab_size=tok.vocab_size, n_layer=2)), root / "dalle", extra=save)
+    save_pretrained(DiscreteVAE(tiny_config("dvae", downsample=8)), root / "dvae")  # the tiny transformer's 4x4 grid
+
+    def extra(d):
+        save(d)
+        (d / "dvae.json").write_text(json.dumps({"path": str(root / "dvae")}))
+    save_pretrained(DALLE(tiny_config("dalle", text_vocab_size=tok.vocab_size, n_layer=2)), root / "dalle", extra=extra)
     toy_store(root / "toy.db").close()
     return root
 
@@ -200,6 +210,55 @@ def test_train_feedback_tool_reward_dpo_and_evaluate(parts, tmp_path, capsys):
     figures = json.loads(out.read_text())
     assert figures["reward_accuracy"] >= 0.9 and 0 <= figures["reranker_accuracy"] <= 1
     assert "reward_accuracy" in capsys.readouterr().out
+    # GRPO against the reward model just trained (it reads pixels: the samples are decoded by the dVAE)
+    assert train_feedback.main(["grpo", "--config", "configs/feedback/grpo-tiny.yaml", "--out", str(tmp_path / "grpo"),
+                                "--no-progress", "--set", f"inputs.store={parts / 'toy.db'}", "--set",
+                                f"inputs.init={parts / 'dalle'}", "--set", f"inputs.reward={tmp_path / 'reward'}"]) == 0
+    evals = [json.loads(x) for x in (tmp_path / "grpo" / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert {"val_reward", "val_kl", "val_objective"} <= set(evals[-1])
+    assert load_pretrained(tmp_path / "grpo", expect="dalle").config == tuned.config
+
+
+class LowCodes(torch.nn.Module):
+    """A reward whose optimum is known: the lower the image's codes, the better."""
+
+    config = SimpleNamespace(reads_pixels=False, text_seq_len=12)
+
+    def forward(self, text, codes):
+        return -codes.float().mean(-1) / 8
+
+
+def test_grpo_raises_a_known_reward_and_logs_its_kl(parts, tmp_path):
+    torch.manual_seed(0)
+    model = load_pretrained(parts / "dalle").train()
+    prompts = PROMPTS * 4 + [f"a red circle {i}" for i in range(8)]
+    task = GRPOTask(model, GRPOObjective(beta=0.01, group_size=4, val_fraction=0.3, eval_prompts=8), task_tok(parts),
+                    prompts, LowCodes(), task_tok(parts))
+    trainer = Trainer(task, TrainConfig(steps=12, batch_size=4, lr=1e-2, lr_schedule="constant", log_every=4,
+                                        eval_every=100, save_every=100), tmp_path, progress=False)
+    start = trainer.evaluate()
+    assert start["val_kl"] == 0.0  # policy == reference
+    end = trainer.fit()
+    assert end["val_reward"] > start["val_reward"] + 0.3, (start, end)  # mean code down by more than 2.4
+    assert end["val_kl"] > 0
+    logs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines() if '"train"' in x]
+    assert {"reward", "kl", "objective"} <= set(logs[-1])
+
+
+def test_grpo_resume_equals_uninterrupted(parts, tmp_path):
+    """Sampling inside the step draws from the engine's per-step seed, so a resumed run samples the same images."""
+    def task(seed):
+        torch.manual_seed(seed)
+        return GRPOTask(load_pretrained(parts / "dalle").train(), GRPOObjective(group_size=2, eval_prompts=2),
+                        task_tok(parts), PROMPTS * 2, LowCodes(), task_tok(parts))
+    cfg = TrainConfig(steps=4, batch_size=2, lr=1e-2, log_every=2, eval_every=100, save_every=2)
+    full = Trainer(task(0), cfg, tmp_path / "a", progress=False)
+    full.fit()
+    Trainer(task(0), cfg, tmp_path / "b", progress=False).fit(stop_at=2)
+    resumed = Trainer(task(5), cfg, tmp_path / "b", progress=False)
+    resumed.fit()
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
 
 
 def test_train_feedback_errors_are_one_line(parts, tmp_path):
@@ -225,9 +284,21 @@ def test_train_feedback_errors_are_one_line(parts, tmp_path):
 
 
 def test_train_feedback_help_explains_every_flag(capsys):
-    for method in ("reward", "dpo", "evaluate"):
+    for method in ("reward", "dpo", "grpo", "evaluate"):
         with pytest.raises(SystemExit):
             train_feedback.main([method, "--help"])
         text = capsys.readouterr().out
         assert "--out" in text or "--store" in text
         assert "--config" in text or method == "evaluate"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_feedback_configs_parse(path):
+    from dalle.config import from_dict
+    from dalle.train.config import load_yaml
+
+    method = path.stem.split("-")[0]
+    data = load_yaml(path)
+    assert set(data) == set(train_feedback.SECTIONS[method])
+    for name, cls in train_feedback.SECTIONS[method].items():
+        from_dict(cls, data[name])

@@ -2,10 +2,12 @@
 
     python tools/train_feedback.py reward --config configs/feedback/reward-shapes.yaml --out runs/reward
     python tools/train_feedback.py dpo --config configs/feedback/dpo-shapes.yaml --out runs/dpo
+    python tools/train_feedback.py grpo --config configs/feedback/grpo-shapes.yaml --out runs/grpo
     python tools/train_feedback.py evaluate --store runs/fb.db --reward runs/reward --rater sim25 --reference-rater sim0
 
 reward: a reward model (Bradley-Terry) initialised from a trained reranker or transformer (model.body, inputs.init).
 dpo: Direct Preference Optimisation of the transformer on its own compared samples, against a frozen copy of it.
+grpo: policy gradient against the reward model on the store's prompts, with the per-token KL penalty to the start.
 evaluate: held-out pairwise accuracy of a reward model, of the raw reranker's similarity, and the noise ceiling
 (the rater's agreement with a reference rater on the same pairs). Re-running a training command after a crash
 continues from the last checkpoint.
@@ -28,11 +30,13 @@ from dalle.feedback.reward import RewardConfig
 from dalle.train.cli import load_sections, run_training, setup_logging, training_parser
 from dalle.train.config import TrainConfig
 from dalle.train.tasks.dpo import DPOInputs, DPOObjective
+from dalle.train.tasks.grpo import GRPOInputs, GRPOObjective
 from dalle.train.tasks.reward import RewardInputs, RewardObjective
 
 SECTIONS = {
     "reward": {"model": RewardConfig, "objective": RewardObjective, "train": TrainConfig, "inputs": RewardInputs},
     "dpo": {"objective": DPOObjective, "train": TrainConfig, "inputs": DPOInputs},
+    "grpo": {"objective": GRPOObjective, "train": TrainConfig, "inputs": GRPOInputs},
 }
 
 
@@ -43,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="method", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     for name, what in (("reward", "train a reward model on the store's comparisons"),
-                       ("dpo", "fine-tune the transformer on its compared samples with DPO")):
+                       ("dpo", "fine-tune the transformer on its compared samples with DPO"),
+                       ("grpo", "fine-tune the transformer against a reward model (per-token KL penalty)")):
         sub.add_parser(name, parents=[training_parser(what)], add_help=False, formatter_class=fmt, help=what,
                        description=what + ". Config sections: " + ", ".join(SECTIONS[name]))
     e = sub.add_parser("evaluate", formatter_class=fmt, help="held-out accuracy: reward model, raw reranker, ceiling")
@@ -81,7 +86,7 @@ def _load(path: str, expect: str, device: str):
     try:
         model = load_pretrained(path, expect=expect, map_location=device)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"cannot load inputs.init: {e}") from None
+        raise SystemExit(f"cannot load {path}: {e}") from None
     folder = resolve_model_dir(path)
     if not (folder / "tokenizer.json").is_file():
         raise SystemExit(f"{folder} has no tokenizer.json; copy the one the model was trained with")
@@ -111,7 +116,6 @@ def _reward(args: argparse.Namespace, cfg: dict) -> int:
 
 
 def _dpo(args: argparse.Namespace, cfg: dict) -> int:
-    from dalle.pipeline import find_dvae
     from dalle.train.tasks.dpo import DPOTask
 
     inputs: DPOInputs = cfg["inputs"]
@@ -120,15 +124,41 @@ def _dpo(args: argparse.Namespace, cfg: dict) -> int:
         raise SystemExit("inputs.init is not set: DPO starts from the supervised transformer that made the samples")
     model, tokenizer, folder = _load(inputs.init, "dalle", "cpu")
     try:
-        dvae = str(find_dvae(folder, None).resolve())
-    except FileNotFoundError:
-        dvae = ""
-    try:
-        task = DPOTask(model.train(), cfg["objective"], tokenizer, store, dvae)
+        task = DPOTask(model.train(), cfg["objective"], tokenizer, store, _dvae(folder))
     except ValueError as e:
         raise SystemExit(f"cannot fine-tune: {e}") from None
     return run_training(task, cfg, args, f"DPO (beta {cfg['objective'].beta}) of {folder}: {len(task.train)} training "
                                          f"pairs, {len(task.val_judgements)} held out")
+
+
+def _dvae(folder: Path) -> str:
+    from dalle.pipeline import find_dvae
+
+    try:
+        return str(find_dvae(folder, None).resolve())
+    except FileNotFoundError:
+        return ""
+
+
+def _grpo(args: argparse.Namespace, cfg: dict) -> int:
+    from dalle.checkpoint import load_pretrained
+    from dalle.train.tasks.grpo import GRPOTask
+
+    inputs: GRPOInputs = cfg["inputs"]
+    store = _open_store(inputs.store)
+    if not inputs.init or not inputs.reward:
+        raise SystemExit("inputs.init and inputs.reward must be set: the supervised transformer and the reward model")
+    model, tokenizer, folder = _load(inputs.init, "dalle", "cpu")
+    reward, reward_tokenizer, _ = _load(inputs.reward, "reward", "cpu")
+    dvae_path = _dvae(folder)
+    dvae = load_pretrained(dvae_path, expect="dvae") if dvae_path else None
+    prompts = [r[0] for r in store.db.execute("SELECT text FROM prompts ORDER BY id")]
+    try:
+        task = GRPOTask(model.train(), cfg["objective"], tokenizer, prompts, reward, reward_tokenizer, dvae, dvae_path)
+    except ValueError as e:
+        raise SystemExit(f"cannot fine-tune: {e}") from None
+    return run_training(task, cfg, args, f"GRPO (beta {cfg['objective'].beta}, groups of "
+                                         f"{cfg['objective'].group_size}) of {folder} on {len(task.train)} prompts")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     apply_threads(args.threads)
     cfg = load_sections(args, SECTIONS[args.method])
-    return (_reward if args.method == "reward" else _dpo)(args, cfg)
+    return {"reward": _reward, "dpo": _dpo, "grpo": _grpo}[args.method](args, cfg)
 
 
 if __name__ == "__main__":
