@@ -27,7 +27,8 @@ from dalle_tools import train_feedback
 from dvae.model import DiscreteVAE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "feedback"
-PROMPTS = ["a red circle", "a blue square", "a green triangle", "a small red star", "a big blue circle"]
+PROMPTS = [f"a {size} {color} {shape}" for size in ("small", "big") for color in ("red", "blue", "green")
+           for shape in ("circle", "square", "star", "triangle")]
 
 
 def toy_store(path, pairs=48, model_id="sft@1", ties=4, seed=0):

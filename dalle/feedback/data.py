@@ -1,8 +1,9 @@
 """Comparisons as training data: the store's judgements, split into training and held-out pairs, with the
 tensors of their samples (prompt ids, image codes, pixels), and pairwise accuracy on them.
 
-A pair is held out or not as a whole (every judgement of it, by any rater, falls on the same side), by a
-hash of its id and a seed, so the split does not move when comparisons are added. Skips never reach here
+Pairs are held out by prompt: every judgement of every pair of a prompt falls on the same side, by a hash of
+the prompt's text and a seed, so the split does not move when comparisons are added, and two pairs of the
+same images (a prompt listed twice is sampled with the same seeds) never straddle it. Skips never reach here
 (`Store.judgements` leaves them out); a tie is a target of 0.5, half a win for each side.
 """
 
@@ -25,9 +26,9 @@ from dalle.feedback.store import Judgement, Store
 from dalle.tokenizer import TextTokenizer
 
 
-def held_out(pair_id: int, fraction: float, seed: int) -> bool:
-    """Whether pair `pair_id` is in the held-out share `fraction` (about) of all pairs."""
-    return zlib.crc32(f"{seed}/{pair_id}".encode()) % 10_000 < fraction * 10_000
+def held_out(prompt: str, fraction: float, seed: int) -> bool:
+    """Whether the pairs of `prompt` are in the held-out share `fraction` (about) of all prompts."""
+    return zlib.crc32(f"{seed}/{prompt}".encode()) % 10_000 < fraction * 10_000
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Selection:
     """Which judgements a run learns from and which it holds out (the fields of the objectives)."""
 
     rater: str = ""  # learn from this rater's comparisons only ("": every rater's)
-    val_fraction: float = 0.2  # share of pairs held out
+    val_fraction: float = 0.2  # share of prompts whose pairs are held out
     split_seed: int = 0
     max_train_comparisons: int = 0  # 0: all; else the first N in the order they were made (a learning curve)
 
@@ -58,8 +59,9 @@ def select(store: Store, sel: Selection, *, decided_only: bool = False) -> tuple
     if not judged:
         raters = sorted({j.rater for j in store.judgements()})
         raise ValueError(f"the store {store.path} has no usable comparisons by rater {sel.rater!r} (raters: {raters})")
-    train = [j for j in judged if not held_out(j.pair_id, sel.val_fraction, sel.split_seed)]
-    val = [j for j in judged if held_out(j.pair_id, sel.val_fraction, sel.split_seed)]
+    prompt = dict(store.db.execute("SELECT p.id, q.text FROM pairs p JOIN prompts q ON q.id = p.prompt_id"))
+    val = [j for j in judged if held_out(prompt[j.pair_id], sel.val_fraction, sel.split_seed)]
+    train = [j for j in judged if not held_out(prompt[j.pair_id], sel.val_fraction, sel.split_seed)]
     if sel.max_train_comparisons:
         train = train[: sel.max_train_comparisons]
     if not train or not val:
