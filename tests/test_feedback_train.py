@@ -111,7 +111,8 @@ def test_reward_normalisation_gives_mean_zero_on_the_sft_samples(parts, tmp_path
         store.add_sample(pid, "dpo@2", seed, {}, list(range(16)), bright)
     task = RewardTask(reward_task(parts).model, RewardObjective(val_fraction=0.25), task_tok(parts), store)
     assert len(task.sft_ids) == 96  # the first sample's model's
-    Trainer(task, TRAIN, tmp_path / "run", progress=False).fit()
+    Trainer(task, TrainConfig(steps=4, batch_size=8, lr=3e-3, eval_every=4, save_every=4), tmp_path / "run",
+            progress=False).fit()
     rows = torch.tensor([task.table.row[s] for s in task.sft_ids])
     rewards = task.model(task.table.text[rows], task.table.pixels[rows].float() / 255)
     assert abs(rewards.mean().item()) < 1e-4
@@ -206,9 +207,11 @@ def test_train_feedback_tool_reward_dpo_and_evaluate(parts, tmp_path, capsys):
     capsys.readouterr()
     out = tmp_path / "figures.json"
     assert train_feedback.main(["evaluate", "--store", str(parts / "toy.db"), "--reward", str(tmp_path / "reward"),
-                                "--reranker", str(parts / "reranker"), "--rater", "r", "--val-fraction", "0.25",
+                                "--reranker", str(parts / "reranker"), "--rater", "r",
                                 "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
+    trained = [json.loads(x) for x in (tmp_path / "reward" / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert figures["held_out_decided"] == trained[-1]["val_decided"]  # the training run's split, from its run.json
     assert figures["reward_accuracy"] >= 0.9 and 0 <= figures["reranker_accuracy"] <= 1
     assert "reward_accuracy" in capsys.readouterr().out
     # GRPO against the reward model just trained (it reads pixels: the samples are decoded by the dVAE)

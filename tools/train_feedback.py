@@ -58,8 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="reranker whose raw similarity is the baseline (default: the shipped model's)")
     e.add_argument("--rater", default="", help="the rater whose held-out labels are predicted ('': all)")
     e.add_argument("--reference-rater", default="", help="rater the noise ceiling is measured against (noiseless)")
-    e.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of prompts (as in training)")
-    e.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split (as in training)")
+    e.add_argument("--val-fraction", type=float, default=None,
+                   help="held-out share of prompts (default: the reward run's run.json, else 0.2)")
+    e.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the held-out split (default: the reward run's run.json, else 0)")
     e.add_argument("--device", default="auto", help="cpu, cuda or auto")
     e.add_argument("--threads", type=cli.non_negative_int, default=0, help="CPU threads for torch (0: auto)")
     e.add_argument("--json", default=None, help="also write the figures to this JSON file (refused if it exists)")

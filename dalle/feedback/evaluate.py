@@ -6,12 +6,14 @@
                          one) on the same held-out pairs: a reward model that knew the truth would score that
 
 Each accuracy is also given against the reference rater's labels. The held-out pairs are those of training
-(the same `val_fraction` and `split_seed`).
+(the same `val_fraction` and `split_seed`, read from the reward run's run.json unless given).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,13 +66,28 @@ def figures(val: list[Judgement], reference: list[Judgement], scores: dict[str, 
     return out
 
 
+def _training_split(reward: str | None) -> dict[str, Any]:
+    """The held-out split a reward run trained with (its run.json's objective), so evaluation uses the same."""
+    for folder in ([Path(reward), *Path(reward).parents[:2]] if reward else []):
+        if (folder / "run.json").is_file():
+            objective = json.loads((folder / "run.json").read_text()).get("objective", {})
+            return {k: objective[k] for k in ("val_fraction", "split_seed") if k in objective}
+    return {}
+
+
 def evaluate_command(store: Store, args: argparse.Namespace, device: str) -> dict[str, Any]:
     """What `tools/train_feedback.py evaluate` prints."""
     from dalle.checkpoint import load_pretrained, resolve_model_dir
     from dalle.pipeline import DEFAULT_MODEL, load_reranker
     from dalle.tokenizer import TextTokenizer
 
-    sel = Selection(rater=args.rater, val_fraction=args.val_fraction, split_seed=args.split_seed)
+    trained = _training_split(args.reward)
+    fraction = args.val_fraction if args.val_fraction is not None else trained.get("val_fraction", 0.2)
+    seed = args.split_seed if args.split_seed is not None else trained.get("split_seed", 0)
+    try:
+        sel = Selection(rater=args.rater, val_fraction=fraction, split_seed=seed)
+    except ValueError as e:
+        raise SystemExit(f"--val-fraction: {e}") from None
     try:
         _, val = select(store, sel)
     except ValueError as e:
