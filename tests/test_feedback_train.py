@@ -306,3 +306,18 @@ def test_feedback_configs_parse(path):
     assert set(data) == set(train_feedback.SECTIONS[method])
     for name, cls in train_feedback.SECTIONS[method].items():
         from_dict(cls, data[name])
+
+
+def test_pairwise_accuracy_and_noise_ceiling():
+    from dalle.feedback.data import agreement, pairwise_accuracy
+    from dalle.feedback.store import Judgement
+
+    noisy = [Judgement(1, 10, 11, False, "n"), Judgement(2, 13, 12, False, "n"), Judgement(3, 14, 15, True, "n"),
+             Judgement(4, 16, 17, False, "n")]
+    truth = [Judgement(1, 10, 11, False, "t"), Judgement(2, 12, 13, False, "t"), Judgement(3, 15, 14, False, "t"),
+             Judgement(4, 17, 16, True, "t")]
+    scores = {10: 1.0, 11: 0.0, 12: 2.0, 13: 1.0, 14: 0.0, 15: 0.0, 16: 3.0, 17: 3.0}
+    # decided noisy judgements: pair 1 right, pair 2 wrong, pair 4 an equal score (half); the tie is left out
+    assert pairwise_accuracy(scores, noisy) == (0.5, 3)
+    # pairs decided by both raters: 1 (agree) and 2 (disagree); 3 and 4 have a tie on one side
+    assert agreement(noisy, truth) == (0.5, 2)
