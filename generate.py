@@ -33,6 +33,7 @@ from dalle.cli import (
     add_threads_flag,
     apply_threads,
     finite_float,
+    float_range,
     non_negative_int,
     positive_int,
     resolve_device,
@@ -40,7 +41,15 @@ from dalle.cli import (
     seed_int,
 )
 from dalle.data.transforms import EvalTransform, to_rgb
-from dalle.generation import default_candidates, generate_many
+from dalle.generation import (
+    DEFAULT_BATCH_MEMORY,
+    MAX_AUTO_BATCH,
+    RERANKERS,
+    auto_batch_size,
+    can_rerank,
+    default_candidates,
+    generate_many,
+)
 from dalle.pipeline import DEFAULT_MODEL, load_pipeline, prime_codes
 
 
@@ -53,11 +62,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="transformer model directory or training run directory (default: the shipped model)")
     p.add_argument("--dvae", default=None, help="dVAE directory (default: the one the model names)")
     p.add_argument("--reranker", default=None, help="reranker directory (default: the model's reranker/ folder)")
+    p.add_argument("--rerank", choices=RERANKERS, default="clip",
+                   help="how candidates are ranked: clip (the CLIP-style reranker) or self (the model's own "
+                        "log p(prompt | image), for a model trained to caption)")
     p.add_argument("--num-images", type=positive_int, default=4, help="images kept per prompt (>= 1)")
     p.add_argument("--candidates", type=non_negative_int, default=0,
                    help="images sampled per prompt, then reranked, keeping the best --num-images "
                         "(0: 4 x --num-images when the model has a reranker, else --num-images)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images sampled together (>= 1)")
+    p.add_argument("--batch-size", type=non_negative_int, default=0,
+                   help="candidates sampled together (0: as many as fit --batch-memory, at most "
+                        f"{MAX_AUTO_BATCH}); on a CPU in fp32 the images do not depend on it")
+    p.add_argument("--batch-memory", type=float_range(0, lo_open=True), default=DEFAULT_BATCH_MEMORY / 2**20,
+                   help="MiB a batch may hold while it samples and decodes (key/value cache, logits, images); "
+                        "sizes --batch-size 0")
     p.add_argument("--seed", type=seed_int, default=0,
                    help=f"candidate c of each prompt uses seed SEED + c (0..{SEED_MAX})")
     add_sampling_flags(p)
@@ -158,12 +175,15 @@ def main(argv: list[str] | None = None) -> int:
                              device=resolve_device(args.device), dtype=DTYPES[args.dtype])
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot load the model: {e}") from None
-    candidates = args.candidates or default_candidates(pipe, args.num_images)
+    if args.rerank == "self" and not can_rerank(pipe, "self"):
+        raise SystemExit(f"--rerank self: {args.model} was trained text-to-image only and cannot score its images; "
+                         "train one that captions with configs/dalle/shapes-joint.yaml, or use --rerank clip")
+    candidates = args.candidates or default_candidates(pipe, args.num_images, args.rerank)
     grid = pipe.model.config.image_grid_size
     if args.prime_rows >= grid:
         raise SystemExit(f"--prime-rows {args.prime_rows}: {args.model} samples a {grid}x{grid} code grid, so "
                          f"1..{grid - 1} rows can be primed")
-    if candidates > args.num_images and pipe.reranker is None:
+    if candidates > args.num_images and args.rerank == "clip" and pipe.reranker is None:
         raise SystemExit(f"--candidates {candidates} > --num-images {args.num_images} needs a reranker, and "
                          f"{args.model} has none: pass --reranker DIR (a tools/train_reranker.py run)")
     stems = output_stems(args.prompts)
@@ -184,18 +204,24 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "cond_scale", "prime_image",
                                               "prime_rows", "dtype")}
     per_image = pipe.model.config.image_seq_len - (0 if prime is None else len(prime))
-    bar = tqdm(total=len(args.prompts) * candidates * per_image, unit="tok", desc="sampling",
+    batch_size = args.batch_size or auto_batch_size(pipe, int(args.batch_memory * 2**20), guided=args.cond_scale != 1)
+    # Counted in candidates, advanced a token at a time, so a batch of 64 still shows it moving.
+    bar = tqdm(total=len(args.prompts) * candidates, desc=f"sampling in batches of {batch_size}",
+               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} candidates [{elapsed}<{remaining}]",
                disable=args.no_progress)
     results = generate_many(pipe, args.prompts, keep=args.num_images, candidates=candidates, seed=args.seed,
-                            batch_size=args.batch_size, progress=bar.update, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale, prime=prime)
+                            batch_size=batch_size, progress=lambda n: bar.update(n / per_image),
+                            temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale, prime=prime,
+                            rerank=args.rerank)
     bar.close()
     for position, (prompt, stem, kept) in enumerate(zip(args.prompts, stems, results), 1):
         for rank, g in enumerate(kept):
             save_image(g.image, out / f"{stem}-{rank}.png")
             meta = {"prompt": prompt, "position": position, "seed": g.seed, "rank": rank, "candidate": g.candidate,
                     "candidates": candidates, "score": None if g.score is None else round(g.score, 6),
-                    "model": pipe.model_id, "reranker": pipe.reranker_id, **settings}
+                    "model": pipe.model_id, "reranker": pipe.reranker_id if args.rerank == "clip" else "self",
+                    **settings}
             (out / f"{stem}-{rank}.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         if args.grid:
             images = torch.stack([g.image for g in kept])
@@ -204,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 labelled_grid(images, [f"{g.score:.3f}" for g in kept], nrow).save(out / f"{stem}-grid.png")
             else:
                 save_image(make_grid(images, nrow=nrow, padding=2), out / f"{stem}-grid.png")
-    kept_note = f", best {args.num_images} of {candidates} by the reranker" if candidates > args.num_images else ""
+    by = "the reranker" if args.rerank == "clip" else "the model's own log p(prompt | image)"
+    kept_note = f", best {args.num_images} of {candidates} by {by}" if candidates > args.num_images else ""
     print(f"wrote {args.num_images} image(s) for each of {len(args.prompts)} prompt(s) to {out}{kept_note}")
     return 0
 

@@ -63,6 +63,7 @@ setup(
             "dalle-train-reranker=dalle_tools.console:train_reranker",
             "dalle-bundle=dalle_tools.console:bundle",
             "dalle-eval-shapes=dalle_tools.console:eval_shapes",
+            "dalle-eval-captions=dalle_tools.console:eval_captions",
             "dalle-eval-fid=dalle_tools.console:eval_fid",
             "dalle-export=dalle_tools.console:export",
             "dalle-bench-train=dalle_tools.console:bench_train",

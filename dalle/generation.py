@@ -59,6 +59,9 @@ def sample_codes(pipe: Pipeline, prompts: Sequence[str], seeds: Sequence[int], *
 # Above this many rows a decoding step is bound by arithmetic rather than by reading the weights, so a
 # larger batch only holds more memory.
 MAX_AUTO_BATCH = 64
+# What a batch may hold unless told otherwise (generate.py --batch-memory): 64 candidates of the shipped
+# model, or one of the paper's 12B model in fp16, fit in it.
+DEFAULT_BATCH_MEMORY = 2**30
 
 
 def bytes_per_candidate(pipe: Pipeline, guided: bool) -> int:
@@ -77,33 +80,48 @@ def auto_batch_size(pipe: Pipeline, budget_bytes: int, *, guided: bool = False) 
     return max(1, min(MAX_AUTO_BATCH, budget_bytes // bytes_per_candidate(pipe, guided)))
 
 
-def default_candidates(pipe: Pipeline, keep: int) -> int:
-    """4 candidates per kept image when the model has a reranker to choose among them, else `keep`."""
-    return 4 * keep if pipe.reranker is not None else keep
+RERANKERS = ("clip", "self")
+
+
+def can_rerank(pipe: Pipeline, rerank: str = "clip") -> bool:
+    """Whether the pipeline can rank candidates: "clip" with its reranker, "self" with a transformer that reads
+    images (its own log p(prompt | image), `dalle.captioning.prompt_logprob`)."""
+    if rerank not in RERANKERS:
+        raise ValueError(f"rerank must be one of {RERANKERS}, got {rerank!r}")
+    return pipe.reranker is not None if rerank == "clip" else "caption" in pipe.model.config.layouts
+
+
+def default_candidates(pipe: Pipeline, keep: int, rerank: str = "clip") -> int:
+    """4 candidates per kept image when the model can rank them (see `can_rerank`), else `keep`."""
+    return 4 * keep if can_rerank(pipe, rerank) else keep
 
 
 def generate_many(pipe: Pipeline, prompts: Sequence[str], *, keep: int = 1, candidates: int | None = None,
                   seed: int = 0, batch_size: int = 16, progress: Callable[[int], None] | None = None,
-                  **sampling: object) -> list[list[Generated]]:
+                  rerank: str = "clip", **sampling: object) -> list[list[Generated]]:
     """`generate` for several prompts, whose candidates share batches. One list per prompt, in order;
-    repeated prompts are sampled and returned separately. `sampling`: temperature, top_k, top_p,
-    cond_scale, prime (see `sample_images`)."""
-    candidates = default_candidates(pipe, keep) if candidates is None else candidates
+    repeated prompts are sampled and returned separately. rerank: "clip" (the pipeline's reranker) or "self"
+    (the transformer's own log p(prompt | image)). `sampling`: temperature, top_k, top_p, cond_scale, prime
+    (see `sample_images`)."""
+    candidates = default_candidates(pipe, keep, rerank) if candidates is None else candidates
+    ranked = can_rerank(pipe, rerank)
     if keep < 1 or batch_size < 1:
         raise ValueError(f"keep and batch_size must be at least 1, got keep={keep}, batch_size={batch_size}")
     if candidates < keep:
         raise ValueError(f"{candidates} candidates are fewer than the {keep} images to keep")
-    if candidates > keep and pipe.reranker is None:
-        raise ValueError(f"choosing {keep} of {candidates} candidates needs a reranker, and this model has none")
+    if candidates > keep and not ranked:
+        raise ValueError(f"choosing {keep} of {candidates} candidates needs a reranker, and this model has none"
+                         if rerank == "clip" else f"choosing {keep} of {candidates} candidates by the model's own "
+                         "score needs a model trained to caption (model.layouts with caption)")
     jobs = [(p, c) for p in range(len(prompts)) for c in range(candidates)]
     kept: list[list[Generated]] = [[] for _ in prompts]
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        images = sample_images(pipe, [prompts[p] for p, _ in chunk], [seed + c for _, c in chunk],
-                               progress=progress, **sampling)
+        codes, images = sample_codes(pipe, [prompts[p] for p, _ in chunk], [seed + c for _, c in chunk],
+                                     progress=progress, **sampling)
         for p in sorted({p for p, _ in chunk}):
             rows = [i for i, (q, _) in enumerate(chunk) if q == p]
-            scores = score(pipe, prompts[p], images[rows]).tolist() if pipe.reranker is not None else None
+            scores = _scores(pipe, rerank, prompts[p], codes[rows], images[rows]) if ranked else None
             for j, i in enumerate(rows):
                 c = chunk[i][1]
                 kept[p].append(Generated(images[i], seed + c, c, None if scores is None else scores[j]))
@@ -111,6 +129,14 @@ def generate_many(pipe: Pipeline, prompts: Sequence[str], *, keep: int = 1, cand
             kept[p].sort(key=lambda g: (-g.score if g.score is not None else 0.0, g.candidate))
             del kept[p][keep:]
     return kept
+
+
+def _scores(pipe: Pipeline, rerank: str, prompt: str, codes: Tensor, images: Tensor) -> list[float]:
+    if rerank == "clip":
+        return score(pipe, prompt, images).tolist()
+    from dalle.captioning import prompt_logprob
+
+    return prompt_logprob(pipe, codes, [prompt] * len(codes)).tolist()
 
 
 def generate(pipe: Pipeline, prompt: str, *, keep: int = 1, candidates: int | None = None, seed: int = 0,

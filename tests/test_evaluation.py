@@ -147,7 +147,7 @@ class StandIn:
         return x @ self.proj, torch.softmax(x @ self.cls, 1)
 
 
-def test_eval_fid_pipeline_resumes_and_agrees_with_pytorch_fid(tiny_parts, tmp_path, monkeypatch):
+def test_eval_fid_pipeline_resumes_and_agrees_with_pytorch_fid(tiny_parts, tmp_path, monkeypatch, capsys):
     from pytorch_fid.fid_score import calculate_frechet_distance
 
     monkeypatch.setattr(eval_fid, "InceptionExtractor", StandIn)
@@ -174,6 +174,12 @@ def test_eval_fid_pipeline_resumes_and_agrees_with_pytorch_fid(tiny_parts, tmp_p
     (out / "images" / "000001.png").unlink()
     assert eval_fid.main(args) == 0
     assert (out / "images" / "000001.png").read_bytes() == kept
+    assert json.loads((out / "fid.json").read_text())["fid"] == result["fid"]
+    # A damaged statistics cache is only a cache: warned about, computed again, the same figures.
+    for f in (tmp_path / "cache").glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    assert eval_fid.main(args) == 0
+    assert "is not readable" in capsys.readouterr().err
     assert json.loads((out / "fid.json").read_text())["fid"] == result["fid"]
 
 

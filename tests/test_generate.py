@@ -39,6 +39,24 @@ def test_candidates_are_reranked_best_first(tiny_parts, tmp_path):
     assert (again / "a-red-circle-0.png").read_bytes() == (out / "a-red-circle-0.png").read_bytes()
 
 
+def test_many_candidates_in_batches_sized_by_memory_keep_the_same_images(tiny_parts, tmp_path, capsys):
+    """--batch-size 0 sizes batches to --batch-memory; whatever the batches, the kept images are the same,
+    and the progress bar counts candidates."""
+    from dalle.generation import bytes_per_candidate
+
+    pipe = load_pipeline(tiny_parts / "model", reranker_dir=tiny_parts / "reranker")
+    mib = 3.5 * bytes_per_candidate(pipe, guided=False) / 2**20  # three candidates a batch
+    common = [PROMPT, "--model", str(tiny_parts / "model"), "--reranker", str(tiny_parts / "reranker"),
+              "--num-images", "2", "--candidates", "40", "--seed", "11"]
+    assert generate.main(common + ["--out", str(tmp_path / "auto"), "--batch-memory", repr(mib)]) == 0
+    err = capsys.readouterr().err
+    assert "sampling in batches of 3" in err and "40/40 candidates" in err
+    assert generate.main(common + ["--out", str(tmp_path / "one"), "--batch-size", "40", "--no-progress"]) == 0
+    for rank in range(2):
+        name = f"a-red-circle-{rank}.png"
+        assert (tmp_path / "auto" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
 def test_candidates_without_a_reranker_is_an_error(tiny_parts, tmp_path, capsys):
     with pytest.raises(SystemExit, match="needs a reranker"):
         generate.main([PROMPT, "--model", str(tiny_parts / "model"), "--num-images", "1", "--candidates", "4",

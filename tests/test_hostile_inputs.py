@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageFile
 
 import generate
@@ -78,7 +79,8 @@ GENERATE_BAD = [
     ("--temperature", "1e-45"),
     ("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "nan"), ("--top-k", "-5"), ("--top-k", "2.5"),
     ("--seed", "20000000000000000000"), ("--seed", "-1"), ("--cond-scale", "nan"), ("--cond-scale", "-inf"),
-    ("--prime-rows", "-1"), ("--num-images", "0"), ("--batch-size", "0"), ("--candidates", "-2"),
+    ("--prime-rows", "-1"), ("--num-images", "0"), ("--batch-size", "-1"), ("--batch-memory", "0"),
+    ("--candidates", "-2"),
 ]
 
 
@@ -282,3 +284,22 @@ def test_collective_timeout_reaches_the_process_group(monkeypatch, tmp_path):
     with pytest.raises(Reached):  # the Trainer builds its back end first, before it touches the task
         engine.Trainer(None, TrainConfig(collective_timeout_minutes=2.5), tmp_path, device="cpu")
     assert seen == {"backend": "gloo", "timeout": timedelta(minutes=2.5)}
+
+
+@pytest.mark.parametrize("damage", ["pickle", "truncated", "wrong_rows"])
+def test_a_damaged_token_shard_is_named_before_training_starts(tmp_path, damage):
+    from dalle.data.tokens import TokenShards, TokenShardWriter
+
+    out = tmp_path / "tok"
+    writer = TokenShardWriter(out, grid=4, image_vocab_size=64, shard_size=3)
+    writer.add([f"k{i}" for i in range(5)], [["a red circle"]] * 5, torch.randint(0, 64, (5, 4, 4)))
+    writer.close()
+    shard = out / "tokens-000001.safetensors"
+    if damage == "pickle":
+        torch.save({"codes": torch.zeros(2, 4, 4)}, shard)  # a pickle under a safetensors name
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-10])
+    else:
+        (out / "tokens-000001.jsonl").write_text('{"key": "k3", "captions": ["x"]}\n')
+    with pytest.raises(ValueError, match=r"tokens-000001\.safetensors .*tools/pretokenize\.py"):
+        TokenShards(out)

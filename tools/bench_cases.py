@@ -29,7 +29,7 @@ from tools import bench
 # bench-small's width and vocabularies, the paper's stream: 256 text tokens, a 32 x 32 grid
 PAPER_MODEL = dict(text_vocab_size=1024, text_seq_len=256, image_vocab_size=1024, image_grid_size=32, n_embd=128,
                    n_layer=6, n_head=4)
-# 16: generate's default batch; with more rows, the cache each step reads outweighs the weights all rows share
+# 16 images: with more rows, the cache each step reads outweighs the weights all rows share
 PAPER_IMAGES, PAPER_TRAIN_BATCH = 16, 4
 RERANKER = dict(text_seq_len=32, image_size=64, patch_size=8, stem="patch", width=128, layers=2, heads=4,
                 embed_dim=128)
@@ -85,13 +85,15 @@ def _pipeline(model: dict[str, Any] | None = None) -> Any:
                     reranker, tok, "reranker@random")
 
 
-def case_candidates(warmup: int, runs: int, candidates: int = 64, batch_size: int = 16,
+def case_candidates(warmup: int, runs: int, candidates: int = 64, batch_size: int | None = None,
                     model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """batch_size None: generate.py's default, as many as fit its default batch memory."""
     import dalle.generation as generation
     from dalle.transformer.decoding import sampling_flops
 
     pipe = _pipeline(model)
     cfg = pipe.model.config
+    batch_size = batch_size or generation.auto_batch_size(pipe, generation.DEFAULT_BATCH_MEMORY)
     top_k = max(1, int(bench.TOP_K_FRACTION * cfg.image_vocab_size))
     sampling = {"s": 0.0}
 

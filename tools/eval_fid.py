@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -150,15 +151,27 @@ def real_statistics(pairs, extractor, args: argparse.Namespace, key_base: dict) 
     cache.mkdir(parents=True, exist_ok=True)
     files = {r: cache / (hashlib.sha256(json.dumps({**key_base, "blur": r}, sort_keys=True).encode())
                          .hexdigest()[:20] + ".safetensors") for r in args.blur}
-    missing = [r for r, f in files.items() if not f.is_file()]
+    stats = {r: _read_cached(f) for r, f in files.items() if f.is_file()}
+    missing = [r for r in files if r not in stats or stats[r] is None]
     if missing:
         feats, _ = features_by_radius((load() for _, load in pairs), extractor, missing, args.batch_size,
                                       "real-image features", args.no_progress)
         for r in missing:
             mu, sigma = statistics(feats[r])
             save_file({"mu": mu, "sigma": sigma}, str(files[r]), metadata={"key": json.dumps({**key_base, "blur": r})})
-    stats = {r: load_file(str(f)) for r, f in files.items()}
-    return {r: (s["mu"], s["sigma"]) for r, s in stats.items()}
+            stats[r] = (mu, sigma)
+    return stats
+
+
+def _read_cached(path: Path) -> tuple | None:
+    """A cached (mu, sigma), or None, with a warning, when the file is damaged: it is only a cache, so it
+    is computed again and replaced."""
+    try:
+        s = load_file(str(path))
+        return s["mu"], s["sigma"]
+    except (OSError, SafetensorError, KeyError) as e:
+        print(f"warning: the statistics cache {path} is not readable ({e}); computing it again", file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from dalle import cli
 from dalle.checkpoint import load_pretrained, resolve_model_dir
 from dalle.cli import add_threads_flag, apply_threads, resolve_device
+from dalle.data.qa import qa_for_sample
 from dalle.data.readers import collate_skip_bad
 from dalle.data.tokens import TokenShardWriter
 
@@ -87,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             # Every caption line of an image goes to the shards; TokenShards picks one per draw.
             every = batch.get("captions") or [None] * len(codes)
             captions = [list(lines) if lines else [c] for c, lines in zip(batch["caption"], every)]
-            writer.add(list(batch["key"]), captions, codes)
+            # Questions and answers (a side file's "qa", or those of a shapes scene) ride along for the qa layout.
+            qa = [qa_for_sample({k: batch[k][i] for k in ("key", "qa", "meta", "scene") if k in batch})
+                  for i in range(len(codes))]
+            writer.add(list(batch["key"]), captions, codes, qa)
             done += len(codes)
             bar.update(len(codes))
             if args.n and done >= args.n:

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: this checkout's dalle, even wh
 from tqdm import tqdm
 
 from dalle import cli
+from dalle.data.qa import shapes_qa
 from dalle.data.readers import scan_image_text_folder
 from dalle.data.shapes import _rng_for, make_caption, sample_scene
 from dalle.tokenizer import TextTokenizer
@@ -41,20 +42,29 @@ def _parser() -> argparse.ArgumentParser:
                    help="maximum BPE vocabulary size in tokens (>= 256)")
     p.add_argument("--min-frequency", type=cli.positive_int, default=2,
                    help="minimum count of a pair for it to be merged")
+    p.add_argument("--questions", action="store_true",
+                   help="with --shapes: also learn from each scene's generated questions and answers (for a model "
+                        "that answers questions, model.layouts with qa)")
     p.add_argument("--seed", type=cli.seed_int, default=0, help="shapes data set seed (with --shapes)")
     cli.add_debug_flag(p)
     return p
 
 
-def shapes_captions(n: int, seed: int = 0) -> Iterator[str]:
-    """Captions of shapes train samples 0..n-1, equal to ``make_sample(i, "train", seed).caption``.
+def shapes_captions(n: int, seed: int = 0, questions: bool = False) -> Iterator[str]:
+    """Captions of shapes train samples 0..n-1, equal to ``make_sample(i, "train", seed).caption``, and with
+    `questions` each scene's questions and answers (`dalle.data.qa.shapes_qa`) after its caption.
 
     Draws the scene and caption with make_sample's per-sample rng but skips rendering (~15x faster).
     """
     for i in tqdm(range(n), desc="shapes captions", unit="cap"):
         rng = _rng_for(seed, "train", i)
-        caption, _ = make_caption(sample_scene(rng, "train"), rng)
+        scene = sample_scene(rng, "train")
+        caption, _ = make_caption(scene, rng)
         yield caption
+        if questions:
+            for question, answer, _ in shapes_qa(scene):
+                yield question
+                yield answer
 
 
 def _lines(path: Path) -> list[str]:
@@ -71,8 +81,10 @@ def file_captions(paths: list[Path]) -> Iterator[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.questions and args.shapes is None:
+        parser.error("--questions goes with --shapes (other sources: put the questions in a caption file)")
     if args.shapes is not None:
-        texts = shapes_captions(args.shapes, args.seed)
+        texts = shapes_captions(args.shapes, args.seed, args.questions)
     elif args.captions is not None:
         missing = [str(p) for p in args.captions if not p.is_file()]
         if missing:

@@ -4,7 +4,7 @@ A token directory holds shards of `n` samples each:
 
     meta.json                  {"grid": 8, "image_vocab_size": 512, "count": ..., "shards": [...], "dvae": {...}}
     tokens-000000.safetensors  "codes": (n, G, G) int16 (int32 for vocabularies over 32767)
-    tokens-000000.jsonl        one {"key": ..., "captions": [...]} per sample, in the same order
+    tokens-000000.jsonl        one {"key": ..., "captions": [...][, "qa": [[question, answer], ...]]} per sample
 
 Codes are memory-mapped, so a data set far larger than RAM reads only the rows it samples; captions
 stay text so the tokenizer (and its BPE dropout) is applied at load time.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
@@ -40,13 +40,17 @@ class TokenShardWriter:
         self.records: list[dict[str, Any]] = []
         self.shards: list[dict[str, Any]] = []
 
-    def add(self, keys: list[str], captions: list[list[str]], codes: torch.Tensor) -> None:
-        """codes: (b, G, G) integers in [0, image_vocab_size)."""
+    def add(self, keys: list[str], captions: list[list[str]], codes: torch.Tensor,
+            qa: list[list[tuple[str, str]]] | None = None) -> None:
+        """codes: (b, G, G) integers in [0, image_vocab_size); qa: each sample's question-answer pairs, if any."""
         if codes.shape[1:] != (self.grid, self.grid):
             raise ValueError(f"codes must be (b, {self.grid}, {self.grid}), got {tuple(codes.shape)}")
         for i, key in enumerate(keys):
             self.codes.append(codes[i].to("cpu", self.dtype))
-            self.records.append({"key": key, "captions": captions[i]})
+            record: dict[str, Any] = {"key": key, "captions": captions[i]}
+            if qa is not None and qa[i]:
+                record["qa"] = [list(pair) for pair in qa[i]]
+            self.records.append(record)
             if len(self.codes) == self.shard_size:
                 self._flush()
 
@@ -77,7 +81,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 
 
 class TokenShards(Dataset):
-    """Map-style data set over a token directory: {"codes": (N,) long, "caption": str, "key": str}.
+    """Map-style data set over a token directory: {"codes": (N,) long, "caption": str, "key": str[, "qa": pairs]}.
 
     `dataset[(index, seed)]` picks one of the sample's captions with `random.Random(seed)`.
     """
@@ -94,6 +98,7 @@ class TokenShards(Dataset):
         for s, shard in enumerate(self.meta["shards"]):
             with (self.dir / f"{shard['name']}.jsonl").open() as f:
                 rows = [json.loads(line) for line in f]
+            self._check_shard(shard["name"], len(rows))
             self.records += rows
             self.index += [(s, r) for r in range(len(rows))]
         if limit is not None:
@@ -101,6 +106,21 @@ class TokenShards(Dataset):
         if not self.records:
             raise ValueError(f"{self.dir} holds no samples")
         self._handles: dict[int, Any] = {}
+
+    def _check_shard(self, name: str, rows: int) -> None:
+        """Read a shard's header now, so a damaged file is named before training starts rather than in a
+        data-loader worker mid-run."""
+        path = self.dir / f"{name}.safetensors"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())  # a safe_open handle has no __contains__
+                shape = f.get_slice("codes").get_shape() if "codes" in names else None
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{path} is not a readable token shard ({e}); make the directory again with "
+                             "tools/pretokenize.py") from None
+        if shape != [rows, self.grid, self.grid]:
+            raise ValueError(f"{path} holds codes of shape {shape}, but its .jsonl lists {rows} samples on a "
+                             f"{self.grid}x{self.grid} grid; make the directory again with tools/pretokenize.py")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -116,7 +136,10 @@ class TokenShards(Dataset):
         record = self.records[index]
         caption = random.Random(seed).choice(record["captions"]) if record["captions"] else ""
         codes = self._codes(*self.index[index]).long().flatten()
-        return {"codes": codes, "caption": caption, "key": record["key"]}
+        out = {"codes": codes, "caption": caption, "key": record["key"]}
+        if "qa" in record:
+            out["qa"] = record["qa"]
+        return out
 
     def __getstate__(self) -> dict[str, Any]:  # file handles do not cross process boundaries
         return {**self.__dict__, "_handles": {}}

@@ -8,6 +8,9 @@ q/k/v projections and the KV cache; this module only decides which keys each que
 Stream layout: L = T + N positions, T text slots then N = G*G image slots. Image slot k (stream position T + k)
 predicts image token k, at grid position (k // G, k % G); image masks are defined on those positions. Every
 pattern is causal in stream order, image queries always see all T text keys, text queries never see image keys.
+With `image_first` (the reading layouts: caption, question and answer) the N image slots come first and the T
+text slots after them: image queries keep the same sparse pattern among image keys, and text queries read every
+image key and the text keys before them (causal). A (B,) bool tensor gives each row of a batch its own order.
 """
 
 from __future__ import annotations
@@ -81,11 +84,12 @@ def _check_geometry(kind: str, text_len: int, grid: int, kernel: int) -> None:
         raise ValueError(f"kernel must be a positive odd int (a window centred on the query), got {kernel!r}")
 
 
-def mask_mod(kind: str, text_len: int, grid: int, kernel: int = 11) -> MaskMod:
+def mask_mod(kind: str, text_len: int, grid: int, kernel: int = 11, image_first: bool = False) -> MaskMod:
     """FlexAttention mask_mod `fn(b, h, q_idx, kv_idx) -> bool` over stream positions; True = may attend.
 
     Built from elementwise tensor ops only, so `create_mask` / `create_block_mask` can vmap it and
     torch.compile can fuse it; `dense_mask` broadcasts the same function, so each pattern has one definition.
+    image_first: the image slots come first (positions 0..N-1), then the text slots.
     """
     _check_geometry(kind, text_len, grid, kernel)
     if kind == "full":
@@ -96,6 +100,15 @@ def mask_mod(kind: str, text_len: int, grid: int, kernel: int = 11) -> MaskMod:
         return full
 
     pattern, radius = _IMAGE_PATTERNS[kind], kernel // 2
+    if image_first:
+        n = grid * grid
+
+        def reading(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            # Causality alone keeps image queries off text keys; text queries read every image key.
+            return (kv_idx <= q_idx) & ((q_idx >= n) | pattern(q_idx, kv_idx, grid, radius))
+
+        reading.__name__ = f"{kind}_image_first_mask"
+        return reading
 
     def sparse(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         # Causality alone keeps text queries off image keys; image queries read every text key.
@@ -107,35 +120,39 @@ def mask_mod(kind: str, text_len: int, grid: int, kernel: int = 11) -> MaskMod:
 
 
 def dense_mask(
-    kind: str, text_len: int, grid: int, kernel: int = 11, device: torch.device | str | None = None
+    kind: str, text_len: int, grid: int, kernel: int = 11, device: torch.device | str | None = None,
+    image_first: bool = False,
 ) -> Tensor:
     """(L, L) boolean mask, L = text_len + grid**2, True = may attend. Cached per arguments: do not modify."""
     _check_geometry(kind, text_len, grid, kernel)
-    return _dense_mask(kind, text_len, grid, kernel, torch.device(device if device is not None else "cpu"))
+    return _dense_mask(kind, text_len, grid, kernel, torch.device(device if device is not None else "cpu"),
+                       bool(image_first))
 
 
 @functools.lru_cache(maxsize=64)
-def _dense_mask(kind: str, text_len: int, grid: int, kernel: int, device: torch.device) -> Tensor:
+def _dense_mask(kind: str, text_len: int, grid: int, kernel: int, device: torch.device,
+                image_first: bool = False) -> Tensor:
     if device.type != "cpu":  # build once on the CPU, keep one copy per device
-        return _dense_mask(kind, text_len, grid, kernel, torch.device("cpu")).to(device)
+        return _dense_mask(kind, text_len, grid, kernel, torch.device("cpu"), image_first).to(device)
     idx = torch.arange(text_len + grid * grid)  # (L,)
     zero = torch.zeros((), dtype=torch.long)
-    return mask_mod(kind, text_len, grid, kernel)(zero, zero, idx[:, None], idx[None, :])  # (L, L)
+    return mask_mod(kind, text_len, grid, kernel, image_first)(zero, zero, idx[:, None], idx[None, :])  # (L, L)
 
 
 def additive_mask(
     kind: str, text_len: int, grid: int, kernel: int = 11, device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, image_first: bool = False,
 ) -> Tensor:
     """(L, L) float mask: 0 where `dense_mask` is True, -inf elsewhere. Cached per arguments: do not modify."""
     _check_geometry(kind, text_len, grid, kernel)
-    return _additive_mask(kind, text_len, grid, kernel, torch.device(device if device is not None else "cpu"), dtype)
+    return _additive_mask(kind, text_len, grid, kernel, torch.device(device if device is not None else "cpu"), dtype,
+                          bool(image_first))
 
 
 @functools.lru_cache(maxsize=64)
 def _additive_mask(kind: str, text_len: int, grid: int, kernel: int, device: torch.device,
-                   dtype: torch.dtype) -> Tensor:
-    mask = _dense_mask(kind, text_len, grid, kernel, device)
+                   dtype: torch.dtype, image_first: bool = False) -> Tensor:
+    mask = _dense_mask(kind, text_len, grid, kernel, device, image_first)
     return torch.zeros(mask.shape, device=device, dtype=dtype).masked_fill(~mask, float("-inf"))  # (L, L)
 
 
@@ -188,9 +205,10 @@ def attend_newest(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tenso
 
 
 @functools.lru_cache(maxsize=64)
-def _block_mask(kind: str, text_len: int, grid: int, kernel: int, length: int, device: torch.device) -> BlockMask:
+def _block_mask(kind: str, text_len: int, grid: int, kernel: int, length: int, device: torch.device,
+                image_first: bool = False) -> BlockMask:
     # The pattern does not depend on the length, so a prefix of the stream just asks for a smaller mask.
-    fn = mask_mod(kind, text_len, grid, kernel)
+    fn = mask_mod(kind, text_len, grid, kernel, image_first)
     return create_block_mask(fn, None, None, length, length, device=device)
 
 
@@ -234,6 +252,7 @@ def attend(
     kernel: int = 11,
     backend: str = "auto",
     q_offset: int = 0,
+    image_first: bool | Tensor = False,
 ) -> Tensor:
     """Masked softmax attention: (B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, Dv) -> (B, H, Lq, Dv).
 
@@ -243,30 +262,54 @@ def attend(
 
     backend: "sdpa" (dense boolean mask, any device, autograd), "flex" (FlexAttention with a cached BlockMask,
     compiled on CUDA; no backward on CPU) or "auto" (flex on CUDA for full sequences, sdpa otherwise).
-    Decoding steps (q_offset > 0) always use sdpa.
+    Decoding steps (q_offset > 0) always use sdpa. image_first: the stream order (see the module docstring),
+    one bool for the batch or a (B,) bool tensor per row; a batch that mixes orders takes SDPA with a
+    per-row dense mask.
     """
     _check_geometry(kind, text_len, grid, kernel)
     _check_attend(q, k, v, text_len + grid * grid, backend, q_offset)
     lq, lk = q.shape[2], k.shape[2]
+    if isinstance(image_first, Tensor):
+        if kind != "full":
+            return _attend_mixed(q, k, v, kind, text_len, grid, kernel, q_offset, image_first)
+        image_first = False  # causal either way
+    first = bool(image_first)
     full_seq = q_offset == 0
     # "full" is plain causal attention, which SDPA's fused causal kernels already do best.
     use_flex = full_seq and (backend == "flex" or (backend == "auto" and q.is_cuda and kind != "full"))
     if use_flex:
-        block_mask = _block_mask(kind, text_len, grid, kernel, lq, q.device)
+        block_mask = _block_mask(kind, text_len, grid, kernel, lq, q.device, first)
         fn = _compiled_flex() if q.is_cuda else flex_attention
         return fn(q, k, v, block_mask=block_mask)  # (B, H, Lq, Dv)
     if (full_seq and not q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
             and q.shape[0] * q.shape[1] * lq * lk <= _CPU_MATH_MAX_SCORES):
-        bias = _additive_mask(kind, text_len, grid, kernel, q.device, q.dtype)[:lq, :lk]
+        bias = _additive_mask(kind, text_len, grid, kernel, q.device, q.dtype, first)[:lq, :lk]
         return _math_attention(q, k, v, bias)  # (B, H, Lq, Dv)
     if kind == "full" and full_seq:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, Lq, Dv)
-    if lq == 1 and kind == "full":  # the newest query reads the whole cache (attend_newest without a mask)
+    if lq == 1 and (kind == "full" or (first and q_offset >= grid * grid)):
+        # the newest query reads the whole cache: a full layer's, or a text query after the image
         return F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, Dv)
     if lq == 1 and not q.is_cuda:
-        bias = _additive_mask(kind, text_len, grid, kernel, q.device, q.dtype)[q_offset, :lk]  # (Lk,)
+        bias = _additive_mask(kind, text_len, grid, kernel, q.device, q.dtype, first)[q_offset, :lk]  # (Lk,)
         return attend_newest(q, k, v, bias)  # (B, H, 1, Dv)
-    mask = dense_mask(kind, text_len, grid, kernel, q.device)[q_offset : q_offset + lq, :lk]  # (Lq, Lk)
+    mask = dense_mask(kind, text_len, grid, kernel, q.device, first)[q_offset : q_offset + lq, :lk]  # (Lq, Lk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dv)
+
+
+def _attend_mixed(q: Tensor, k: Tensor, v: Tensor, kind: str, text_len: int, grid: int, kernel: int,
+                  q_offset: int, image_first: Tensor) -> Tensor:
+    """A batch whose rows have different stream orders: each row gets its order's mask."""
+    if image_first.shape != (q.shape[0],):
+        raise ValueError(f"image_first must be one bool per row, shape ({q.shape[0]},), got {tuple(image_first.shape)}")
+    lq, lk = q.shape[2], k.shape[2]
+    rows = slice(q_offset, q_offset + lq)
+    masks = [dense_mask(kind, text_len, grid, kernel, q.device, first)[rows, :lk] for first in (False, True)]
+    mask = torch.where(image_first.to(q.device)[:, None, None, None], masks[1], masks[0])  # (B, 1, Lq, Lk)
+    if not q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        bias = torch.zeros(mask.shape, device=q.device, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+        b, h = q.shape[:2]
+        return _math_attention(q, k, v, bias.expand(b, h, lq, lk).reshape(b * h, lq, lk))  # (B, H, Lq, Dv)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, Dv)
 
 

@@ -11,6 +11,10 @@ On a CPU in fp32 the few-row products of a step go through oneDNN, each weight p
 cache's batch, and the MLP's GELU runs inside its first product (benchmarks in docs/performance.md).
 Those are private torch ops (`torch.ops.mkldnn`): every other case, a torch build without them, another
 device or dtype, or autocast, takes `F.linear`, which the tests compare them with.
+
+The reading layouts (image first, then text: captions and answers) have their own pair: `prefill_reading`
+runs the image and the text prompt, `decode_text_step` feeds one text token. A text query after the image reads
+every cached key, so their cache (`KVCache(..., image_first=True)`) keeps no windows.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dalle.transformer.attention import additive_mask, attend_newest, dense_mask, image_keys, layer_kinds
+from dalle.transformer.layouts import LAYOUTS
 from dalle.transformer.model import DALLE, Attention, Block, DALLEConfig
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -45,12 +50,14 @@ class KVCache:
     apply): weights cannot change while a cache lives, since sampling runs under inference mode."""
 
     def __init__(self, cfg: DALLEConfig, batch: int, device: torch.device | str, dtype: torch.dtype,
-                 sparse: bool = True) -> None:
+                 sparse: bool = True, image_first: bool = False) -> None:
         shape = (batch, cfg.n_head, cfg.seq_len, cfg.n_embd // cfg.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.text_len, self.length, self.staged = cfg.text_seq_len, 0, False
-        kinds = layer_kinds(cfg.n_layer, cfg.attn_schedule)
+        self.image_first = image_first
+        # a reading stream decodes text only, whose queries read every cached key: no key sets, windows or masks
+        kinds = ("full",) * cfg.n_layer if image_first else layer_kinds(cfg.n_layer, cfg.attn_schedule)
         geometry = (cfg.text_seq_len, cfg.image_grid_size, cfg.conv_kernel, device)
         # one tuple of index tensors per kind, shared by that kind's layers (and by caches of one geometry)
         self.keys = [None if kind == "full" or not sparse else image_keys(kind, *geometry) for kind in kinds]
@@ -65,6 +72,17 @@ class KVCache:
         self.ring = [cfg.image_grid_size + 1 if kind == "row" and sparse else 0 for kind in kinds]
         on_cpu = torch.device(device).type == "cpu"
         self.packed: dict[nn.Linear, Tensor] | None = {} if ONEDNN and on_cpu and dtype == torch.float32 else None
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep the cached rows `rows` (B',) long, in that order: a beam's parents, or each row repeated. Only
+        for a reading cache, whose text steps keep no windows."""
+        if not self.image_first:
+            raise ValueError("only a reading cache (image_first=True) can be reordered")
+        batch = self.k[0].shape[0]
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+        if self.packed is not None and rows.shape[0] != batch:
+            self.packed = {}  # oneDNN packs each weight for one row count
 
     def stage_text(self) -> None:
         """Copy the cached text keys and values into every window: once, at the first decoding step, so the
@@ -163,6 +181,34 @@ def decode_step(model: DALLE, token: Tensor, cache: KVCache) -> Tensor:
         x = block_step(block, x, cache, i)
     cache.length += 1
     return row_linear(model.image_head, model.ln_f(x), cache)
+
+
+@torch.inference_mode()
+def prefill_reading(model: DALLE, image: Tensor, text: Tensor, layout: str, answer_at: Tensor, length: int,
+                    cache: KVCache) -> Tensor:
+    """Run the image (B, N) codes and the first `length` text slots of a reading stream through the cache;
+    returns the text logits (B, Vt + T) for the token of text slot length - 1. text: (B, T) ids, of which the
+    slots before length - 1 feed the stream (the question; nothing for a caption); answer_at: (B,)."""
+    n = model.config.image_seq_len
+    if not 1 <= length <= model.config.text_seq_len:
+        raise ValueError(f"length must be in 1..{model.config.text_seq_len}, got {length}")
+    rows = torch.full((text.shape[0],), LAYOUTS.index(layout), device=text.device)
+    x = model.embed_reading(text, image, rows, answer_at)[:, : n + length]
+    return row_linear(model.text_head, model.backbone(x, cache, image_first=True)[:, -1], cache)
+
+
+@torch.inference_mode()
+def decode_text_step(model: DALLE, token: Tensor, cache: KVCache) -> Tensor:
+    """Feed text token (B,) into the next text slot of a reading stream; returns the logits (B, Vt + T) for
+    the token after it."""
+    cfg, pos = model.config, cache.length
+    if pos >= cfg.seq_len:
+        raise RuntimeError(f"the cache is full ({pos} of {cfg.seq_len} slots): no text slot is left")
+    x = model.text_emb(token) + model.text_pos[pos - cfg.image_seq_len]
+    for i, block in enumerate(model.blocks):
+        x = block_step(block, x, cache, i)
+    cache.length += 1
+    return row_linear(model.text_head, model.ln_f(x), cache)
 
 
 def sampling_flops(cfg: DALLEConfig, sparse: bool = True) -> float:

@@ -11,6 +11,18 @@ a separately learned pad token for each position (id `text_vocab_size + position
 text head predicts over `text_vocab_size + T` ids and the first pad acts as end-of-text. Text positions
 are learned; image positions are a row embedding plus a column embedding, broadcast over the grid.
 Logits at text slots cover the text vocabulary only and at image slots the image vocabulary only.
+
+Reading layouts (`DALLEConfig.layouts`; the stream orders and their loss masks are in `dalle.transformer.layouts`):
+"caption" puts the image first and the caption after it, "qa" the image, then a question, then its answer:
+
+    slot    0 .. N-1      N                    N+1 .. N+T-1
+    holds   i_0 .. i_N-1  <soc> or <soq>       t_0 .. t_{T-2}   (qa: <soa> added where the answer starts)
+    learns  (nothing)     t_0                  t_1 .. t_{T-1}
+
+Positions belong to the token kind: the text slot j gets text_pos[j], the image token of grid cell (r, c)
+row_pos[r] + col_pos[c], whichever comes first in the stream (in text-to-image order each image slot
+carries the cell it predicts, the token before it feeding it).
+
 Attention masks per layer (row, column, conv, full) live in `dalle.transformer.attention`; the key/value-
 cached prompt pass and decoding step, with their CPU fast path, in `dalle.transformer.decoding`.
 """
@@ -26,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dalle.transformer.attention import attend, dense_mask, layer_kinds
+from dalle.transformer.layouts import CAPTION, LAYOUTS, QA, T2I
 
 
 @dataclass(frozen=True)
@@ -42,8 +55,14 @@ class DALLEConfig:
     conv_kernel: int = 11
     dropout: float = 0.0
     tie_embeddings: bool = False  # share each token embedding with its output head
+    # stream layouts the model has start tokens for: "t2i" (text then image), "caption" (image then text),
+    # "qa" (image, question, answer); a config without the key is a text-to-image model
+    layouts: tuple[str, ...] = ("t2i",)
 
     def __post_init__(self) -> None:
+        unknown = [x for x in self.layouts if x not in LAYOUTS]
+        if unknown or not self.layouts or len(set(self.layouts)) != len(self.layouts):
+            raise ValueError(f"layouts {list(self.layouts)}: give distinct names from {list(LAYOUTS)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.text_seq_len < 1 or self.image_grid_size < 1:
@@ -63,7 +82,14 @@ class DALLEConfig:
         return self.text_vocab_size + self.text_seq_len
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        # A text-to-image model's config.json stays what it was before the reading layouts existed, so a run
+        # started then resumes (its saved config must equal this one) and its files are unchanged.
+        if self.layouts == (T2I,):
+            del d["layouts"]
+        else:
+            d["layouts"] = list(self.layouts)  # as JSON gives it back
+        return d
 
 
 class Cache(Protocol):
@@ -83,7 +109,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x: Tensor, cache: Cache | None, layer: int) -> Tensor:  # (B, l, d) -> (B, l, d)
+    def forward(self, x: Tensor, cache: Cache | None, layer: int,
+                image_first: bool | Tensor = False) -> Tensor:  # (B, l, d) -> (B, l, d)
         b, l, d = x.shape
         h = self.cfg.n_head
         q, k, v = self.qkv(x).view(b, l, 3, h, d // h).permute(2, 0, 3, 1, 4)  # 3 x (B, H, l, D)
@@ -94,7 +121,8 @@ class Attention(nn.Module):
             cache.v[layer][:, :, offset : offset + l] = v
             k, v = cache.k[layer][:, :, : offset + l], cache.v[layer][:, :, : offset + l]
         y = attend(q, k, v, kind=self.kind, text_len=self.cfg.text_seq_len, grid=self.cfg.image_grid_size,
-                   kernel=self.cfg.conv_kernel, backend=self.backend, q_offset=offset)  # (B, H, l, D)
+                   kernel=self.cfg.conv_kernel, backend=self.backend, q_offset=offset,
+                   image_first=image_first)  # (B, H, l, D)
         return self.proj(y.transpose(1, 2).reshape(b, l, d))
 
 
@@ -107,8 +135,9 @@ class Block(nn.Module):
                                  nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cache: Cache | None = None, layer: int = 0) -> Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), cache, layer))
+    def forward(self, x: Tensor, cache: Cache | None = None, layer: int = 0,
+                image_first: bool | Tensor = False) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), cache, layer, image_first))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -140,6 +169,13 @@ class DALLE(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
         for p in (self.sot, self.soi, self.text_pos, self.row_pos, self.col_pos):
             nn.init.normal_(p, std=0.02)
+        # Start tokens of the reading layouts, made last so a text-to-image model draws the same initial weights
+        # as before they existed (and its checkpoints, which lack them, load strictly).
+        if CAPTION in cfg.layouts:
+            self.soc = nn.Parameter(torch.randn(d) * 0.02)  # <start-of-caption>
+        if QA in cfg.layouts:
+            self.soq = nn.Parameter(torch.randn(d) * 0.02)  # <start-of-question>
+            self.soa = nn.Parameter(torch.randn(d) * 0.02)  # <start-of-answer>, added where the answer starts
 
     def set_attention_backend(self, backend: str) -> None:
         """Force "sdpa" (dense masks, any device) or "flex" (block-sparse), or "auto" (flex on CUDA)."""
@@ -178,28 +214,68 @@ class DALLE(nn.Module):
             x = self.image_emb(image)
         return x + self.image_pos(start, x.shape[1])
 
+    def embed_reading(self, text: Tensor, image: Tensor, layout: Tensor, answer_at: Tensor) -> Tensor:
+        """The image-first stream (B, N + T, d) of the reading layouts: image (B, N) codes at their own cells, then
+        the start token of each row's layout and text (B, T) ids; a qa row's slot answer_at[b] gets <soa>."""
+        b, t = text.shape
+        if t != self.config.text_seq_len:
+            raise ValueError(f"text must have {self.config.text_seq_len} ids (padded), got shape {tuple(text.shape)}")
+        wanted = {CAPTION: layout == LAYOUTS.index(CAPTION), QA: layout == LAYOUTS.index(QA)}
+        missing = [name for name, rows in wanted.items() if not hasattr(self, "soq" if name == QA else "soc")
+                   and bool(rows.any())]
+        if missing:
+            raise ValueError(f"this model has no {missing[0]!r} layout (its layouts: {list(self.config.layouts)}); "
+                             "train one with model.layouts including it")
+        # every start vector the model has takes part (x 0 where unused), so each gets a gradient in every step
+        start = torch.zeros(b, self.config.n_embd, device=text.device, dtype=self.text_pos.dtype)
+        if hasattr(self, "soc"):
+            start = start + wanted[CAPTION][:, None] * self.soc
+        answer = torch.zeros_like(self.text_pos[None]).expand(b, -1, -1)
+        if hasattr(self, "soq"):
+            start = start + wanted[QA][:, None] * self.soq
+            at = (torch.arange(t, device=text.device)[None] == answer_at[:, None]) & wanted[QA][:, None]  # (B, T)
+            answer = at[..., None] * self.soa
+        words = torch.cat([start[:, None], self.text_emb(text[:, :-1])], dim=1) + self.text_pos + answer
+        return torch.cat([self.image_emb(image) + self.image_pos(0, image.shape[1]), words], dim=1)
+
     # -- forward ---------------------------------------------------------------------------
-    def backbone(self, x: Tensor, cache: Cache | None = None) -> Tensor:  # (B, l, d) -> (B, l, d)
+    def backbone(self, x: Tensor, cache: Cache | None = None,
+                 image_first: bool | Tensor = False) -> Tensor:  # (B, l, d) -> (B, l, d)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, None, i, use_reentrant=False)
+                x = checkpoint(block, x, None, i, image_first, use_reentrant=False)
             else:
-                x = block(x, cache, i)
+                x = block(x, cache, i, image_first)
         if cache is not None:
             cache.length += x.shape[1]
         return self.ln_f(x)
 
-    def forward(self, text: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, text: Tensor, image: Tensor, layout: Tensor | None = None,
+                answer_at: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Teacher-forced pass: (B, T) text ids, (B, N) image codes -> text logits (B, T, Vt + T) and
-        image logits (B, N, Vi), where position j of each predicts token j of its kind."""
-        n = self.config.image_seq_len
+        image logits (B, N, Vi), where position j of each predicts token j of its kind.
+
+        layout: (B,) index into LAYOUTS per row (None: all text-to-image); answer_at: (B,) the text slot where a
+        qa row's answer starts (its question's length). Image logits of reading rows predict nothing useful."""
+        n, t = self.config.image_seq_len, self.config.text_seq_len
         if image.shape[1] != n:
             raise ValueError(f"image codes must be (B, {n}), got {tuple(image.shape)}; flatten the grid first")
-        x = torch.cat([self.embed_text(text), self.embed_image(image, 0)], dim=1)  # (B, T+N, d)
-        h = self.backbone(x)
-        t = self.config.text_seq_len
-        return self.text_head(h[:, :t]), self.image_head(h[:, t:])
+        if layout is None or self.config.layouts == (T2I,):
+            x = torch.cat([self.embed_text(text), self.embed_image(image, 0)], dim=1)  # (B, T+N, d)
+            h = self.backbone(x)
+            return self.text_head(h[:, :t]), self.image_head(h[:, t:])
+        # Both orders are embedded and every row picks its own, so every start token and both heads take part
+        # in each step whatever the batch's mix (distributed back ends expect a gradient for every weight).
+        reading = layout != LAYOUTS.index(T2I)  # (B,)
+        answer_at = torch.zeros_like(layout) if answer_at is None else answer_at
+        forward = torch.cat([self.embed_text(text), self.embed_image(image, 0)], dim=1)  # (B, T+N, d)
+        x = torch.where(reading[:, None, None], self.embed_reading(text, image, layout, answer_at), forward)
+        uniform = bool(reading.all()) or not bool(reading.any())
+        h = self.backbone(x, image_first=bool(reading[0]) if uniform else reading)  # (B, L, d)
+        text_h = torch.where(reading[:, None, None], h[:, n:], h[:, :t])  # (B, T, d)
+        image_h = torch.where(reading[:, None, None], h[:, :n], h[:, t:])  # (B, N, d)
+        return self.text_head(text_h), self.image_head(image_h)
 
 
 def training_flops_per_token(cfg: DALLEConfig) -> tuple[float, float]:

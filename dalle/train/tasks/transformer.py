@@ -4,6 +4,13 @@ Loss: cross-entropy of the text tokens and of the image tokens, weighted 1/8 and
 weighting: the model is mainly an image model). Captions get BPE dropout, and are dropped to the empty
 prompt with probability `caption_drop`, so the unconditional branch of classifier-free guidance is
 trained. Evaluation reports held-out losses and saves a grid of samples for fixed prompts.
+
+Both directions (`dalle.transformer.layouts`): each training sample is drawn text-to-image, caption (read the
+image, write its caption) or qa (read the image and a question, write the answer) with the shares
+`mix_t2i`, `mix_caption` and `mix_qa`, from its own seed. A reading row's loss is the cross-entropy of the
+text it writes (the caption or the answer, and its end-of-text token) only; each row counts in the step's loss
+by its share of the batch, a reading row with weight `reading_loss_weight`. The default mix is text-to-image
+only, and then training is exactly what it was before the reading layouts existed.
 """
 
 from __future__ import annotations
@@ -19,10 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 
+from dalle.data.qa import qa_for_sample
 from dalle.data.sources import eval_batches
 from dalle.tokenizer import TextTokenizer
 from dalle.train.engine import matrix_decay_groups
 from dalle.transformer.fit import check_fit
+from dalle.transformer.layouts import CAPTION, LAYOUTS, QA, T2I, generated_mask, pack_qa
 from dalle.transformer.model import DALLE
 
 if TYPE_CHECKING:
@@ -41,10 +50,25 @@ class DALLEObjective:
     sample_top_k: int = 0
     sample_cond_scale: float = 1.0
     sample_seed: int = 0
+    # shares of the directions samples are drawn in (normalised); caption and qa need model.layouts to have them
+    mix_t2i: float = 1.0
+    mix_caption: float = 0.0
+    mix_qa: float = 0.0  # a sample without questions is captioned instead
+    reading_loss_weight: float = 1.0  # a caption or answer row's loss against a text-to-image row's
 
     def __post_init__(self) -> None:
         if not 0 <= self.caption_drop < 1:
             raise ValueError(f"caption_drop must be in [0, 1), got {self.caption_drop}")
+        shares = (self.mix_t2i, self.mix_caption, self.mix_qa)
+        if min(shares) < 0 or sum(shares) <= 0:
+            raise ValueError(f"mix_t2i, mix_caption and mix_qa must be >= 0 with a positive sum, got {shares}")
+
+    @property
+    def mix(self) -> dict[str, float]:
+        """The layouts trained, each with its share (> 0)."""
+        total = self.mix_t2i + self.mix_caption + self.mix_qa
+        shares = {T2I: self.mix_t2i, CAPTION: self.mix_caption, QA: self.mix_qa}
+        return {name: share / total for name, share in shares.items() if share > 0}
 
 
 @dataclass(frozen=True)
@@ -56,13 +80,15 @@ class DALLEInputs:
 
 
 class Captioned(Dataset):
-    """Adds tokenised text to a data set's samples; seeds come from the engine's sampler."""
+    """Adds tokenised text to a data set's samples; seeds come from the engine's sampler. Each sample is drawn
+    in one of the objective's layouts, or always in `layout` when given (validation of one direction)."""
 
     accepts_seed = True
 
     def __init__(self, base: Dataset, tokenizer: TextTokenizer, text_len: int, objective: DALLEObjective,
-                 train: bool) -> None:
+                 train: bool, layout: str | None = None) -> None:
         self.base, self.tok, self.text_len, self.obj, self.train = base, tokenizer, text_len, objective, train
+        self.layout = layout
 
     def __len__(self) -> int:
         return len(self.base)
@@ -72,14 +98,42 @@ class Captioned(Dataset):
         sample = self.base[key] if getattr(self.base, "accepts_seed", False) else self.base[index]
         return self.tokenize(sample, seed)
 
+    def _draw_layout(self, seed: int) -> str:
+        if self.layout is not None:
+            return self.layout
+        mix = self.obj.mix
+        if len(mix) == 1:
+            return next(iter(mix))
+        # a stream of its own, so the caption drop and BPE dropout draw as they did before directions existed
+        return random.Random(seed ^ 0xD1EC).choices(list(mix), weights=list(mix.values()))[0]
+
     def tokenize(self, sample: dict[str, Any] | None, seed: int) -> dict[str, Any] | None:
         if sample is None:
             return None
+        layout, answer_at = self._draw_layout(seed), 0
+        pairs = qa_for_sample(sample) if layout == QA else []
+        if layout == QA and not pairs:  # no questions about this image: it teaches captioning instead
+            layout = CAPTION
+        if layout != T2I and not sample["caption"] and not pairs:
+            layout = T2I
+        if self.layout is not None and layout != self.layout:
+            return None  # validating one direction: this sample has nothing for it
         rng = random.Random(seed ^ 0x5EED)  # the sample's own stream: caption drop, then BPE dropout
-        caption = "" if self.train and rng.random() < self.obj.caption_drop else sample["caption"]
-        ids, _ = self.tok.encode_batch([caption], self.text_len, dropout=self.train and self.obj.bpe_dropout,
-                                       rng=rng, truncate_warn=False)
-        out = {"text": ids[0], "key": sample["key"]}
+        if layout == T2I:
+            caption = "" if self.train and rng.random() < self.obj.caption_drop else sample["caption"]
+            ids, _ = self.tok.encode_batch([caption], self.text_len, dropout=self.train and self.obj.bpe_dropout,
+                                           rng=rng, truncate_warn=False)
+            text = ids[0]
+        elif layout == CAPTION:
+            # No BPE dropout on written text: the model is to write (and score) the canonical tokens.
+            text = self.tok.encode_batch([sample["caption"]], self.text_len, truncate_warn=False)[0][0]
+        else:
+            question, answer = pairs[rng.randrange(len(pairs))]
+            row, answer_at = pack_qa(self.tok.encode(question), self.tok.encode(answer), self.text_len,
+                                     self.tok.vocab_size)
+            text = torch.tensor(row)
+        out = {"text": text, "key": sample["key"], "layout": torch.tensor(LAYOUTS.index(layout)),
+               "answer_at": torch.tensor(answer_at)}
         for k in ("codes", "image"):
             if k in sample:
                 out[k] = sample[k]
@@ -105,10 +159,10 @@ class CaptionedStream(IterableDataset):
 
 
 def captioned(ds: Dataset, tokenizer: TextTokenizer, text_len: int, objective: DALLEObjective,
-              train: bool) -> Dataset:
+              train: bool, layout: str | None = None) -> Dataset:
     """Tokenised captions for a map-style or a streaming data set."""
     kind = CaptionedStream if isinstance(ds, IterableDataset) else Captioned
-    return kind(ds, tokenizer, text_len, objective, train)
+    return kind(ds, tokenizer, text_len, objective, train, layout)
 
 
 class DALLETask:
@@ -121,9 +175,16 @@ class DALLETask:
                   dvae_vocab_size=dvae and dvae.config.vocab_size, where="model")
         self.model, self.objective, self.tokenizer, self.dvae = model, objective, tokenizer, dvae
         self.dvae_path = dvae_path
+        missing = [name for name in objective.mix if name not in cfg.layouts]
+        if missing:
+            raise ValueError(f"objective.mix_{missing[0]} > 0 but the model has no {missing[0]!r} layout: set "
+                             f"model.layouts to {list(LAYOUTS)} (configs/dalle/shapes-joint.yaml), or the share to 0")
         self.tokens_per_sample = cfg.seq_len  # text + image slots: what tokens/s in the logs counts
         self.train = captioned(train, tokenizer, cfg.text_seq_len, objective, True)
-        self.val = captioned(val, tokenizer, cfg.text_seq_len, objective, False)
+        self.val = captioned(val, tokenizer, cfg.text_seq_len, objective, False, T2I)
+        # one held-out view per reading direction trained, each sample read in that direction
+        self.val_reading = {name: captioned(val, tokenizer, cfg.text_seq_len, objective, False, name)
+                            for name in objective.mix if name != T2I}
 
     def train_dataset(self) -> Dataset:
         return self.train
@@ -139,6 +200,7 @@ class DALLETask:
         return self.dvae.to(device).encode(batch["image"].to(device)).flatten(1)
 
     def losses(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Text and image losses of a text-to-image batch (every row read as [text][image])."""
         device = next(model.parameters()).device
         text, codes = batch["text"].to(device), self._codes(batch, device)
         text_logits, image_logits = model(text, codes)
@@ -146,11 +208,51 @@ class DALLETask:
         image_loss = F.cross_entropy(image_logits.flatten(0, 1).float(), codes.flatten())
         return text_loss, image_loss
 
+    def mixed_losses(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, tuple[Tensor, int]]:
+        """Per direction present in the batch, (its loss, its rows): "text" and "image" over the text-to-image
+        rows, "caption" and "answer" over the written tokens of the reading rows."""
+        device = next(model.parameters()).device
+        text, codes = batch["text"].to(device), self._codes(batch, device)
+        layout, answer_at = batch["layout"].to(device), batch["answer_at"].to(device)
+        text_logits, image_logits = model(text, codes, layout, answer_at)
+        b = text.shape[0]
+        text_ce = F.cross_entropy(text_logits.flatten(0, 1).float(), text.flatten(), reduction="none").view(b, -1)
+        image_ce = F.cross_entropy(image_logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view(b, -1)
+        # every row's losses stay in the graph, weighted 0 where they do not count, so every weight gets a
+        # gradient (a distributed back end expects one) whatever the batch's mix
+        t2i = (layout == LAYOUTS.index(T2I)).float()
+        n = int(t2i.sum())
+        out = {}
+        if n:
+            out["text"] = ((text_ce.mean(dim=1) * t2i).sum() / n, n)
+            out["image"] = ((image_ce.mean(dim=1) * t2i).sum() / n, n)
+        else:
+            out["unused"] = (0.0 * (text_ce.sum() + image_ce.sum()), 0)
+        written = generated_mask(text, answer_at, self.model.config.text_vocab_size)
+        for name, index in (("caption", LAYOUTS.index(CAPTION)), ("answer", LAYOUTS.index(QA))):
+            rows = layout == index
+            if bool(rows.any()):
+                mask = (written & rows[:, None]).float()
+                out[name] = ((text_ce * mask).sum() / mask.sum(), int(rows.sum()))
+        return out
+
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, float]]:
-        text_loss, image_loss = self.losses(model, batch)
         o = self.objective
-        loss = o.text_loss_weight * text_loss + o.image_loss_weight * image_loss
-        return loss, {"text_loss": text_loss.item(), "image_loss": image_loss.item()}
+        if T2I in o.mix and len(o.mix) == 1:  # text-to-image only: the loss as it always was
+            text_loss, image_loss = self.losses(model, batch)
+            loss = o.text_loss_weight * text_loss + o.image_loss_weight * image_loss
+            return loss, {"text_loss": text_loss.item(), "image_loss": image_loss.item()}
+        parts = self.mixed_losses(model, batch)
+        b = len(batch["text"])
+        loss = parts.pop("unused", (0.0, 0))[0]
+        if "text" in parts:
+            (text_loss, n), (image_loss, _) = parts["text"], parts["image"]
+            loss = loss + n / b * (o.text_loss_weight * text_loss + o.image_loss_weight * image_loss)
+        for name in ("caption", "answer"):
+            if name in parts:
+                part, n = parts[name]
+                loss = loss + n / b * o.reading_loss_weight * part
+        return loss, {f"{name}_loss": part.item() for name, (part, _) in parts.items()}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int, sink: EvalSink) -> dict[str, float]:
@@ -160,6 +262,14 @@ class DALLETask:
             b = len(batch["text"])
             totals[0], totals[1], n = totals[0] + t.item() * b, totals[1] + i.item() * b, n + b
         metrics = {"val_text_loss": totals[0] / max(n, 1), "val_image_loss": totals[1] / max(n, 1)}
+        for layout, data in self.val_reading.items():
+            name = "caption" if layout == CAPTION else "answer"
+            total, rows = 0.0, 0
+            for batch in eval_batches(data, self.objective.val_samples, batch_size=32):
+                part, b = self.mixed_losses(model, batch)[name]
+                total, rows = total + part.item() * b, rows + b
+            if rows:
+                metrics[f"val_{name}_loss"] = total / rows
         if self.objective.sample_prompts and self.dvae is not None:
             self._sample_grid(model, step, sink)
         return metrics

@@ -1,0 +1,102 @@
+"""caption.py and generate.py --rerank self on tiny checkpoints: the one-line refusal of a text-to-image-only
+model, captions and answers with log-probabilities, sidecars that never replace a file unasked, and
+self-reranking that keeps the candidates the model's own log p(prompt | image) ranks highest."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from tiny import tiny_config
+
+import caption
+import generate
+from dalle.captioning import prompt_logprob
+from dalle.checkpoint import save_pretrained
+from dalle.data.shapes import make_sample
+from dalle.generation import sample_codes
+from dalle.pipeline import load_pipeline
+from dalle.transformer.model import DALLE
+
+
+@pytest.fixture(scope="module")
+def joint(tiny_parts, tmp_path_factory):
+    """An untrained transformer with every layout, beside tiny_parts' text-to-image one, and two images."""
+    root = tmp_path_factory.mktemp("joint")
+    t2i = tiny_parts / "model"
+    cfg = json.loads((t2i / "config.json").read_text())["config"]
+    torch.manual_seed(0)
+    model = DALLE(tiny_config("dalle", text_vocab_size=cfg["text_vocab_size"], n_layer=2, text_seq_len=32,
+                              layouts=("t2i", "caption", "qa")))
+
+    def extra(d):
+        shutil.copy(t2i / "tokenizer.json", d / "tokenizer.json")
+        shutil.copy(t2i / "dvae.json", d / "dvae.json")
+    save_pretrained(model, root / "model", extra=extra)
+    for i in range(2):
+        make_sample(i, image_size=32).image.save(root / f"scene{i}.png")
+    return root
+
+
+def test_a_text_to_image_model_refuses_in_one_line(tiny_parts, joint):
+    for extra in ([], ["--question", "how many objects?"]):
+        with pytest.raises(SystemExit, match="trained text-to-image only.*shapes-joint.yaml") as e:
+            caption.main([str(joint / "scene0.png"), "--model", str(tiny_parts / "model"), *extra])
+        assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="--rerank self: .*text-to-image only"):
+        generate.main(["a red circle", "--model", str(tiny_parts / "model"), "--rerank", "self", "--out",
+                       str(joint / "never")])
+
+
+def test_captions_and_answers_print_with_log_probabilities(joint, capsys):
+    images = [str(joint / "scene0.png"), str(joint / "scene1.png")]
+    assert caption.main([*images, "--model", str(joint / "model"), "--beam", "3", "--num", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == images[0] and lines[3] == images[1] and len(lines) == 6
+    scores = [float(line.rsplit("log p ", 1)[1].rstrip(")")) for line in lines[1:3]]
+    assert scores[0] >= scores[1] and all(s < 0 for s in scores)  # best first
+    assert caption.main([images[0], "--model", str(joint / "model"), "--question", "how many objects?",
+                         "--sample", "--seed", "4"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("  how many objects? -> ")
+
+
+def test_sampled_texts_do_not_depend_on_the_batch_size(joint, capsys):
+    images = [str(joint / "scene0.png"), str(joint / "scene1.png")]
+    outs = []
+    for size in ("2", "1"):
+        assert caption.main([*images, "--model", str(joint / "model"), "--sample", "--num", "2", "--seed", "7",
+                             "--top-k", "20", "--batch-size", size, "--no-progress"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and len(outs[0].splitlines()) == 6
+
+
+def test_json_sidecars_never_replace_a_file_unasked(joint, tmp_path):
+    image = tmp_path / "scene.png"
+    shutil.copy(joint / "scene0.png", image)
+    args = [str(image), "--model", str(joint / "model"), "--json"]
+    assert caption.main(args) == 0
+    record = json.loads((tmp_path / "scene.caption.json").read_text())
+    assert record["image"] == str(image) and record["model"].startswith("model@")
+    assert set(record["texts"][0]) == {"caption", "logprob"}
+    with pytest.raises(SystemExit, match="already exists.*--overwrite"):
+        caption.main(args)
+    assert caption.main([*args, "--overwrite"]) == 0
+
+
+def test_bad_flags_are_parser_errors(joint, capsys):
+    for extra, message in ((["--beam", "2", "--sample"], "exclude each other"), (["--top-k", "3"], "add --sample")):
+        with pytest.raises(SystemExit):
+            caption.main([str(joint / "scene0.png"), "--model", str(joint / "model"), *extra])
+        assert message in capsys.readouterr().err
+
+
+def test_self_reranking_keeps_the_best_by_the_models_own_score(joint, tmp_path):
+    out = tmp_path / "out"
+    assert generate.main(["a red circle", "--model", str(joint / "model"), "--rerank", "self", "--num-images", "2",
+                          "--candidates", "4", "--seed", "5", "--out", str(out), "--no-progress"]) == 0
+    metas = [json.loads((out / f"a-red-circle-{r}.json").read_text()) for r in range(2)]
+    pipe = load_pipeline(joint / "model")
+    codes, _ = sample_codes(pipe, ["a red circle"] * 4, list(range(5, 9)))
+    scores = prompt_logprob(pipe, codes, ["a red circle"] * 4)
+    assert [m["candidate"] for m in metas] == torch.argsort(scores, descending=True)[:2].tolist()
+    assert metas[0]["reranker"] == "self" and metas[0]["score"] == pytest.approx(scores.max().item(), abs=1e-4)

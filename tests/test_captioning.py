@@ -1,0 +1,186 @@
+"""One transformer, both directions: the reading layouts' masks and positions, cached writing against the
+uncached stream, an old text-to-image checkpoint unchanged, and a tiny model that learns to caption."""
+
+import dataclasses
+import hashlib
+import json
+import random
+
+import pytest
+import torch
+from tiny import tiny_config
+
+from dalle.captioning import Text, caption_codes, prompt_logprob
+from dalle.checkpoint import load_pretrained, save_pretrained
+from dalle.pipeline import DEFAULT_MODEL, Pipeline, load_pipeline
+from dalle.tokenizer import TextTokenizer
+from dalle.train.tasks.transformer import Captioned, DALLEObjective, DALLETask
+from dalle.transformer.attention import dense_mask
+from dalle.transformer.layouts import LAYOUTS, generated_mask, pack_qa
+from dalle.transformer.model import DALLE
+from dalle.transformer.reading import text_logprob, write
+from dalle.transformer.sampling import sample
+
+CFG = tiny_config("dalle", text_vocab_size=40, text_seq_len=6, image_vocab_size=24,
+                  layouts=("t2i", "caption", "qa"))
+CAPTION, QA = LAYOUTS.index("caption"), LAYOUTS.index("qa")
+
+
+def model_for(schedule="paper"):
+    torch.manual_seed(0)
+    return DALLE(dataclasses.replace(CFG, attn_schedule=schedule)).eval()
+
+
+def codes(b, seed=0):
+    return torch.randint(0, CFG.image_vocab_size, (b, CFG.image_seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def test_image_first_masks_keep_the_sparse_image_pattern_and_let_text_read_the_whole_image():
+    t, g, n = CFG.text_seq_len, CFG.image_grid_size, CFG.image_seq_len
+    for kind in ("row", "column", "conv"):
+        text_first = dense_mask(kind, t, g, 3)
+        first = dense_mask(kind, t, g, 3, image_first=True)
+        assert torch.equal(first[:n, :n], text_first[t:, t:])  # the same pattern among image slots
+        assert not first[:n, n:].any()  # the image reads no text: it comes first
+        assert first[n:, :n].all()  # every text slot reads every image slot
+        assert torch.equal(first[n:, n:], torch.ones(t, t, dtype=torch.bool).tril())  # causal among text
+
+
+def test_positions_belong_to_the_token_kind():
+    model = model_for()
+    image = codes(2)
+    text = torch.randint(0, CFG.text_vocab_size, (2, CFG.text_seq_len))
+    layout, answer_at = torch.tensor([CAPTION, QA]), torch.tensor([0, 2])
+    x = model.embed_reading(text, image, layout, answer_at)  # (2, N + T, d)
+    g = CFG.image_grid_size
+    for k in (0, 5, CFG.image_seq_len - 1):  # the token of cell (r, c) gets row r's and column c's embedding
+        want = model.image_emb(image[:, k]) + model.row_pos[k // g] + model.col_pos[k % g]
+        torch.testing.assert_close(x[:, k], want)
+    n = CFG.image_seq_len
+    torch.testing.assert_close(x[0, n], model.soc + model.text_pos[0])  # start tokens at text slot 0
+    torch.testing.assert_close(x[1, n], model.soq + model.text_pos[0])
+    torch.testing.assert_close(x[1, n + 2], model.text_emb(text[1, 1]) + model.text_pos[2] + model.soa)
+    torch.testing.assert_close(x[1, n + 3], model.text_emb(text[1, 2]) + model.text_pos[3])
+
+
+@pytest.mark.parametrize("schedule", ["paper", "full"])
+def test_reading_rows_text_reads_the_image_and_is_causal(schedule):
+    model = model_for(schedule)
+    image, text = codes(1), torch.randint(0, CFG.text_vocab_size, (1, CFG.text_seq_len))
+    rows, at = torch.tensor([CAPTION]), torch.tensor([0])
+    base = model(text, image, rows, at)[0]
+    later = text.clone()
+    later[0, 3] = (later[0, 3] + 1) % CFG.text_vocab_size  # token 3 feeds text slot 4
+    moved = model(later, image, rows, at)[0]
+    torch.testing.assert_close(base[:, :4], moved[:, :4])
+    assert not torch.allclose(base[:, 4:], moved[:, 4:])
+    corner = image.clone()
+    corner[0, -1] = (corner[0, -1] + 1) % CFG.image_vocab_size  # the last image token: every text slot sees it
+    assert (model(text, corner, rows, at)[0] - base).abs().amax(dim=-1).min() > 0
+
+
+def test_a_mixed_batch_gives_each_row_its_own_layout():
+    model = model_for()
+    image, text = codes(3), torch.randint(0, CFG.text_vocab_size, (3, CFG.text_seq_len))
+    layout, at = torch.tensor([0, CAPTION, QA]), torch.tensor([0, 0, 2])
+    together = model(text, image, layout, at)
+    for i in range(3):
+        alone = model(text[i : i + 1], image[i : i + 1], layout[i : i + 1], at[i : i + 1])
+        torch.testing.assert_close(together[0][i : i + 1], alone[0], atol=1e-5, rtol=1e-5)
+        if i == 0:
+            torch.testing.assert_close(together[1][:1], alone[1], atol=1e-5, rtol=1e-5)
+
+
+def test_only_the_written_text_counts():
+    vocab, t = 40, 6
+    row, at = pack_qa([3, 4], [7], t, vocab)
+    assert row == [3, 4, 7, vocab + 3, vocab + 4, vocab + 5] and at == 2
+    caption = torch.tensor([[5, 6, vocab + 2, vocab + 3, vocab + 4, vocab + 5]])
+    mask = generated_mask(torch.tensor([row] + caption.tolist()), torch.tensor([2, 0]), vocab)
+    assert mask.tolist() == [[False, False, True, True, False, False], [True, True, True, False, False, False]]
+
+
+@pytest.mark.parametrize("schedule", ["paper", "full"])
+@pytest.mark.parametrize("how", [{}, {"beam": 3, "num": 2}, {"sample": True, "num": 2, "top_k": 5}])
+def test_cached_writing_equals_uncached(schedule, how):
+    model = model_for(schedule)
+    image = codes(3)
+    prompt = CFG.text_vocab_size + torch.arange(CFG.text_seq_len).expand(3, -1).clone()
+    question = prompt.clone()
+    question[:, :2] = torch.tensor([3, 9])
+    for layout, text, at in (("caption", prompt, 0), ("qa", question, 2)):
+        outs = []
+        for cached in (True, False):
+            gens = [torch.Generator().manual_seed(i) for i in range(6)] if how.get("sample") else None
+            outs.append(write(model, image, text, layout, at, generator=gens, use_cache=cached, **how))
+        for a, b in zip(*outs):
+            assert [ids.tolist() for ids, _ in a] == [ids.tolist() for ids, _ in b]
+            assert [lp for _, lp in a] == pytest.approx([lp for _, lp in b], abs=1e-4)
+        # the score of a written text is its teacher-forced log-probability
+        best = torch.stack([texts[0][0] for texts in outs[0]])
+        torch.testing.assert_close(text_logprob(model, image, best, layout, torch.full((3,), at)),
+                                   torch.tensor([texts[0][1] for texts in outs[0]]), atol=1e-4, rtol=1e-4)
+
+
+# sha256 of the int64 codes that dalle/default_model (weights 470f1981cab2) sampled for two prompts (below)
+# before the reading layouts existed (commit 4e8075a): an old text-to-image checkpoint must still draw them
+DEFAULT_MODEL_ID = "default_model@470f1981cab2"
+DEFAULT_CODES_SHA = "b3bfd5b80713aa608317270184055b30f8908c91cb3b62c47ca56e3c54c8189b"
+
+
+def test_the_shipped_text_to_image_model_generates_as_before():
+    pipe = load_pipeline(DEFAULT_MODEL)
+    if pipe.model_id != DEFAULT_MODEL_ID:
+        pytest.skip(f"the shipped model was rebuilt ({pipe.model_id}); the tiny old checkpoint test still runs")
+    assert pipe.model.config.layouts == ("t2i",)  # its config.json predates the key
+    text, _ = pipe.tokenizer.encode_batch(["a red circle above a blue square", "a small green star"],
+                                          pipe.model.config.text_seq_len)
+    out = sample(pipe.model, text, top_k=32, generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
+    assert hashlib.sha256(out.numpy().tobytes()).hexdigest() == DEFAULT_CODES_SHA
+
+
+def test_an_old_checkpoint_without_layouts_loads_strictly_and_gives_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    old = DALLE(dataclasses.replace(CFG, layouts=("t2i",))).eval()
+    save_pretrained(old, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())["config"]
+    assert "layouts" not in config  # written as every checkpoint before the reading layouts: runs resume
+    loaded = load_pretrained(tmp_path / "m").eval()
+    assert not hasattr(loaded, "soc") and loaded.config.layouts == ("t2i",)
+    image, text = codes(2), torch.randint(0, CFG.text_vocab_size, (2, CFG.text_seq_len))
+    assert all(torch.equal(a, b) for a, b in zip(loaded(text, image), old(text, image)))
+    with pytest.raises(ValueError, match="no 'caption' layout"):
+        write(loaded, image, text, "caption", 0)
+
+
+def test_a_tiny_model_learns_to_caption_a_handful_of_scenes():
+    from dalle_tools.train_bpe import shapes_captions
+
+    tok = TextTokenizer.train(shapes_captions(2000), vocab_size=400)
+    captions = list(shapes_captions(6))  # those of shapes train scenes 0..5, up to 12 tokens
+    cfg = tiny_config("dalle", text_vocab_size=tok.vocab_size, text_seq_len=16, layouts=("t2i", "caption"))
+    data = [{"codes": codes(1, seed=i)[0].clamp_max(cfg.image_vocab_size - 1), "caption": c, "key": str(i)}
+            for i, c in enumerate(captions)]
+    objective = DALLEObjective(mix_t2i=0.5, mix_caption=0.5, bpe_dropout=False)
+    torch.manual_seed(0)
+    model = DALLE(cfg)
+    task = DALLETask(model, objective, tok, data, data)
+    train = Captioned(data, tok, cfg.text_seq_len, objective, True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(0)
+    for step in range(250):
+        rows = [train[(i, rng.randrange(2**31))] for i in range(len(data))]
+        batch = {k: torch.stack([r[k] for r in rows]) for k in ("text", "codes", "layout", "answer_at")}
+        loss, metrics = task.loss(model, batch, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    pipe = Pipeline(model, tok, None, "tiny")  # codes given: no dVAE needed
+    stack = torch.stack([d["codes"] for d in data])
+    written = caption_codes(pipe, stack, beam=2)
+    assert [texts[0].text for texts in written] == captions
+    assert all(isinstance(t[0], Text) and t[0].logprob > -1.0 for t in written)
+    # the model's own score prefers each image's caption to the other images' captions
+    scores = torch.stack([prompt_logprob(pipe, stack, [c] * len(data)) for c in captions])  # (caption, image)
+    assert torch.equal(scores.argmax(dim=0), torch.arange(len(data)))

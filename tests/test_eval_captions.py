@@ -1,0 +1,78 @@
+"""tools/eval_captions.py: captions, answers, the cycle and self-reranking, judged without the model."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from tiny import tiny_config
+
+from dalle.captioning import Text
+from dalle.checkpoint import save_pretrained
+from dalle.data.qa import shapes_qa
+from dalle.evaluation.compositional import shapes_prompts
+from dalle.transformer.model import DALLE
+from dalle_tools import eval_captions
+
+
+@pytest.fixture(scope="module")
+def joint(tiny_parts, tmp_path_factory):
+    """An untrained transformer with every layout, on tiny_parts' tokenizer and dVAE."""
+    root = tmp_path_factory.mktemp("joint-eval")
+    t2i = tiny_parts / "model"
+    cfg = json.loads((t2i / "config.json").read_text())["config"]
+    torch.manual_seed(0)
+    model = DALLE(tiny_config("dalle", text_vocab_size=cfg["text_vocab_size"], n_layer=2, text_seq_len=32,
+                              layouts=("t2i", "caption", "qa")))
+
+    def extra(d):
+        shutil.copy(t2i / "tokenizer.json", d / "tokenizer.json")
+        shutil.copy(t2i / "dvae.json", d / "dvae.json")
+    save_pretrained(model, root / "model", extra=extra)
+    return root / "model"
+
+
+def test_the_tool_writes_every_table_and_keeps_an_earlier_one(joint, tiny_parts, tmp_path):
+    out = tmp_path / "eval"
+    args = ["--model", str(joint), "--reranker", str(tiny_parts / "reranker"), "--split", "train", "zeroshot",
+            "--n", "3", "--candidates", "1", "2", "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert eval_captions.main(args) == 0
+    result = json.loads((out / "captions-eval.json").read_text())
+    assert [r["split"] for r in result["captions"]] == ["train", "zeroshot"] == [r["split"] for r in result["cycle"]]
+    assert all(0 <= r["all_correct"] <= 1 and r["n"] == 3 for r in result["captions"])
+    assert all(r["questions"] >= 3 and 0 <= r["all"] <= 1 for r in result["answers"])
+    splits = ("train", "zeroshot")
+    assert {(r["split"], r["candidates"], r["rerank"]) for r in result["rerank"]} == {
+        (s, 1, "-") for s in splits} | {(s, 2, k) for s in splits for k in ("self", "clip")}
+    text = (out / "captions-eval.md").read_text()
+    assert "## Captions of renders" in text and "## Reranking, judged by the detector" in text
+    with pytest.raises(SystemExit, match="already holds an evaluation"):
+        eval_captions.main(args)
+
+
+def test_true_captions_and_answers_score_full_marks(joint, tmp_path, monkeypatch):
+    """The judging, not the model: the scenes' own captions and answers must come out all correct."""
+    prompts = shapes_prompts("zeroshot", 6, 0, 32)
+
+    def truth_captions(pipe, images, **kw):
+        return [[Text(p.caption, 0.0)] for p in prompts[: len(images)]]
+
+    def truth_answers(pipe, images, questions, **kw):
+        expected = [a for p in prompts for _, a, _ in shapes_qa(p.sample.scene)]
+        assert len(expected) == len(questions)
+        return [[Text(a.upper() + ".", 0.0)] for a in expected]
+
+    monkeypatch.setattr(eval_captions, "caption", truth_captions)
+    monkeypatch.setattr(eval_captions, "answer", truth_answers)
+    out = tmp_path / "truth"
+    assert eval_captions.main(["--model", str(joint), "--split", "zeroshot", "--n", "6", "--parts", "captions",
+                               "answers", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    result = json.loads((out / "captions-eval.json").read_text())
+    (cap,), (ans,) = result["captions"], result["answers"]
+    assert cap["all_correct"] == 1.0 and cap["colour"] == 1.0 and cap["parsed"] == 1.0
+    assert ans["all"] == 1.0 and ans["count"] == 1.0
+
+
+def test_a_text_to_image_model_is_refused_in_one_line(tiny_parts, tmp_path):
+    with pytest.raises(SystemExit, match="cannot evaluate .*text-to-image only"):
+        eval_captions.main(["--model", str(tiny_parts / "model"), "--out", str(tmp_path / "e")])

@@ -1,0 +1,149 @@
+"""Training both directions through the one engine: shapes questions in token shards, own data's `qa`
+side-file field, the mix of directions per sample, bf16 runs and bitwise resume."""
+
+import json
+import logging
+
+import pytest
+import torch
+from tiny import tiny_config
+
+from dalle.checkpoint import load_pretrained, save_pretrained
+from dalle.data.qa import parse_qa, qa_for_sample, shapes_qa
+from dalle.data.shapes import HELDOUT_PAIRS, Scene, make_sample
+from dalle.data.tokens import TokenShards
+from dalle.tokenizer import TextTokenizer
+from dalle.train.config import TrainConfig
+from dalle.train.engine import Trainer
+from dalle.train.tasks.transformer import Captioned, DALLEObjective, DALLETask
+from dalle.transformer.layouts import LAYOUTS
+from dalle.transformer.model import DALLE
+from dalle_tools import pretokenize, train_bpe, train_dalle
+from dvae.model import DiscreteVAE
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("joint-train")
+    torch.manual_seed(0)
+    save_pretrained(DiscreteVAE(tiny_config("dvae", downsample=8)), root / "dvae")
+    for split, n in (("train", 32), ("val", 8)):
+        assert pretokenize.main(["--dvae", str(root / "dvae"), "--source", "shapes", "--split", split, "--n", str(n),
+                                 "--out", str(root / f"tok-{split}"), "--batch-size", "16", "--device", "cpu"]) == 0
+    assert train_bpe.main(["--shapes", "400", "--questions", "--vocab", "400", "--out",
+                           str(root / "tokenizer.json")]) == 0
+    return root
+
+
+def test_shapes_questions_describe_their_scene():
+    sample = make_sample(1)  # a large blue circle to the right of a small cyan diamond
+    qa = {q: (a, kind) for q, a, kind in shapes_qa(sample.scene)}
+    assert qa["how many objects?"] == ("two", "count")
+    assert qa["what colour is the circle?"] == ("blue", "colour")
+    assert qa["is the diamond large?"] == ("no", "size")
+    assert qa["where is the blue circle?"] == ("to the right of the cyan diamond", "where")
+    assert qa["which shape is to the left of the blue circle?"] == ("cyan diamond", "which")
+    # a zeroshot scene's questions name its held-out pair: they come from the split's own scenes only
+    for i in range(20):
+        s = make_sample(i, "zeroshot", image_size=16)
+        if len(s.scene.objects) == 1 and (s.scene.objects[0].colour, s.scene.objects[0].shape) in HELDOUT_PAIRS:
+            o = s.scene.objects[0]
+            assert (f"what colour is the {o.shape}?", o.colour, "colour") in shapes_qa(s.scene)
+            break
+    else:
+        pytest.fail("no single-object pair-novel zeroshot scene among the first 20")
+
+
+def test_token_shards_carry_each_scenes_questions(assets):
+    ds = TokenShards(assets / "tok-train")
+    record = json.loads((assets / "tok-train" / "tokens-000000.jsonl").read_text().splitlines()[3])
+    scene = Scene.from_dict(json.loads(make_sample(3, image_size=32).to_json()))
+    assert record["qa"] == [[q, a] for q, a, _ in shapes_qa(scene)]
+    assert qa_for_sample(ds[3]) == [(q, a) for q, a, _ in shapes_qa(scene)]
+
+
+def test_own_data_questions_come_from_the_side_files_qa_field(caplog):
+    meta = json.dumps({"qa": [{"question": "what is it?", "answer": "a cat"}, ["where?", "on a mat"]]})
+    assert qa_for_sample({"key": "k", "meta": meta}) == [("what is it?", "a cat"), ("where?", "on a mat")]
+    assert qa_for_sample({"key": "k", "meta": json.dumps({"source": "camera"})}) == []
+    with caplog.at_level(logging.WARNING, logger="dalle.data"):
+        assert qa_for_sample({"key": "bad", "meta": json.dumps({"qa": [{"question": "q"}]})}) == []
+    assert "ignoring the questions of sample 'bad'" in caplog.text
+    with pytest.raises(ValueError, match="qa must be a list"):
+        parse_qa("what?", "x")
+
+
+def test_each_sample_is_drawn_in_one_direction_from_its_own_seed(assets):
+    tok = TextTokenizer.from_file(assets / "tokenizer.json")
+    obj = DALLEObjective(mix_t2i=0.5, mix_caption=0.25, mix_qa=0.25)
+    data = [{"codes": torch.zeros(16, dtype=torch.long), "caption": "a red circle", "key": str(i),
+             "meta": json.dumps({"qa": [["what colour is the circle?", "red"]]})} for i in range(400)]
+    view = Captioned(data, tok, 16, obj, True)
+    rows = [view[(i, i)] for i in range(400)]
+    shares = torch.bincount(torch.stack([r["layout"] for r in rows]), minlength=3).float() / 400
+    assert torch.allclose(shares, torch.tensor([0.5, 0.25, 0.25]), atol=0.07)
+    assert all(torch.equal(view[(i, i)]["text"], rows[i]["text"]) for i in range(20))  # a seed's draw repeats
+    qa = next(r for r in rows if r["layout"] == LAYOUTS.index("qa"))
+    question, answer = tok.encode("what colour is the circle?"), tok.encode("red")
+    assert qa["answer_at"] == len(question) and qa["text"][: len(question) + len(answer)].tolist() == question + answer
+    caption = next(r for r in rows if r["layout"] == LAYOUTS.index("caption"))
+    ids = tok.encode("a red circle")  # the caption without BPE dropout, then its end-of-text pad
+    assert caption["text"][: len(ids) + 1].tolist() == ids + [tok.vocab_size + len(ids)]
+    with pytest.raises(ValueError, match="no 'caption' layout.*shapes-joint.yaml"):
+        DALLETask(DALLE(tiny_config("dalle", text_vocab_size=tok.vocab_size)), obj, tok, data, data)
+
+
+def test_joint_config_trains_in_bf16_with_every_directions_losses(assets):
+    run = assets / "run"
+    assert train_dalle.main(["--config", "configs/dalle/tiny-joint.yaml", "--out", str(run), "--no-progress",
+                             "--device", "cpu", "--set", f"data.path={assets / 'tok-train'}",
+                             "--set", f"data.val_path={assets / 'tok-val'}", "--set", "model.text_seq_len=16",
+                             "--set", f"inputs.tokenizer={assets / 'tokenizer.json'}",
+                             "--set", f"inputs.dvae={assets / 'dvae'}", "--set", "train.precision=bf16"]) == 0
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    trained = set().union(*(set(e) for e in log if e.get("event") == "train"))
+    assert {"text_loss", "image_loss", "caption_loss", "answer_loss"} <= trained
+    evals = [e for e in log if e.get("event") == "eval"]
+    assert {"val_image_loss", "val_caption_loss", "val_answer_loss"} <= set(evals[-1])
+    assert load_pretrained(run).config.layouts == ("t2i", "caption", "qa")
+
+
+def _task(assets, seed=0):
+    tok = TextTokenizer.from_file(assets / "tokenizer.json")
+    torch.manual_seed(seed)
+    model = DALLE(tiny_config("dalle", text_vocab_size=tok.vocab_size, text_seq_len=16, n_layer=2,
+                              layouts=("t2i", "caption", "qa")))
+    obj = DALLEObjective(mix_t2i=0.5, mix_caption=0.25, mix_qa=0.25, val_samples=8)
+    return DALLETask(model, obj, tok, TokenShards(assets / "tok-train"), TokenShards(assets / "tok-val"))
+
+
+def test_joint_resume_equals_uninterrupted(assets, tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=100, save_every=3, log_every=3)
+    full = Trainer(_task(assets), cfg, tmp_path / "a", progress=False)
+    full.fit()
+    Trainer(_task(assets), cfg, tmp_path / "b", progress=False).fit(stop_at=3)
+    resumed = Trainer(_task(assets, seed=9), cfg, tmp_path / "b", progress=False)
+    resumed.fit()
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("rows", [[0, 0, 0], [1, 1, 1], [2, 2, 2], [0, 1, 2]])
+def test_every_weight_gets_a_gradient_whatever_the_batchs_mix(rows):
+    # DDP and DeepSpeed expect a gradient for every weight in every step: a batch that happens to hold one
+    # direction only must not leave the others' start tokens or the image head out of the graph.
+    class Tok:
+        vocab_size = 40
+
+    model = DALLE(tiny_config("dalle", text_vocab_size=40, layouts=("t2i", "caption", "qa")))
+    obj = DALLEObjective(mix_t2i=0.5, mix_caption=0.25, mix_qa=0.25)
+    task = DALLETask(model, obj, Tok(), [], [])
+    text = torch.randint(0, 40, (3, model.config.text_seq_len))
+    text[:, 6:] = 40 + torch.arange(6, model.config.text_seq_len)
+    batch = {"text": text, "codes": torch.randint(0, 64, (3, 16)), "layout": torch.tensor(rows),
+             "answer_at": torch.tensor([0, 0, 3])}
+    loss, metrics = task.loss(model, batch, 0)
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    names = {0: "image_loss", 1: "caption_loss", 2: "answer_loss"}
+    assert {names[r] for r in rows} <= set(metrics)
