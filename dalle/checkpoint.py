@@ -44,6 +44,9 @@ def _registry() -> dict[str, tuple[type, Callable[[Any], nn.Module]]]:
 
     models["dalle"] = (DALLEConfig, DALLE)
     models["reranker"] = (RerankerConfig, Reranker)
+    from dalle.feedback.reward import RewardConfig, RewardModel
+
+    models["reward"] = (RewardConfig, RewardModel)
     return models
 
 

@@ -1,0 +1,167 @@
+"""Reinforcement learning of the transformer against a reward model, for the shared engine (Stiennon et al. 2020,
+sec. 3.4 "Human feedback policies"; the group baseline of GRPO, Shao et al. 2024).
+
+Each step samples `group_size` images per prompt from the policy itself (inside the step, from the engine's
+per-step seed, so a resumed run draws the same images), scores them with the frozen reward model, and shapes
+the paper's per-token reward R_t = -beta * log(pi / pi_SFT) at every image token, plus the reward model's
+score at the image's last token. The return of token t is the sum of R from t to the end; its advantage is
+that return minus the mean return of the other samples of the same prompt at the same token (a leave-one-out
+group baseline instead of a value network), scaled by the batch's standard deviation. The loss is the policy
+gradient -A_t * log pi(token t). There is one gradient step per sampled batch, so PPO's probability ratio is
+1 and its clipping would never act: it is left out. Evaluation samples one image per held-out prompt (fixed
+seed) and reports the reward, the KL(pi || pi_SFT) estimate and the KL-penalised objective reward - beta * KL.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from dalle.feedback.losses import kl_shaped_rewards, token_logprobs
+from dalle.tokenizer import TextTokenizer
+from dalle.train.engine import matrix_decay_groups
+from dalle.transformer.model import DALLE
+
+if TYPE_CHECKING:
+    from dalle.train.engine import EvalSink
+    from dvae.model import DiscreteVAE
+
+
+@dataclass(frozen=True)
+class GRPOObjective:
+    beta: float = 0.05  # the per-token KL penalty's weight
+    group_size: int = 4  # samples per prompt in a step; each is judged against the others of its prompt
+    val_fraction: float = 0.2  # share of the store's prompts held out for evaluation
+    split_seed: int = 0
+    eval_prompts: int = 32  # held-out prompts sampled at each evaluation (one image each)
+    eval_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.beta < 0 or self.group_size < 2 or not 0 < self.val_fraction < 1 or self.eval_prompts < 1:
+            raise ValueError(f"need beta >= 0, group_size >= 2 (a group baseline), val_fraction in (0, 1) and "
+                             f"eval_prompts >= 1; got {self.beta}, {self.group_size}, {self.val_fraction}, "
+                             f"{self.eval_prompts}")
+
+
+@dataclass(frozen=True)
+class GRPOInputs:
+    store: str = ""  # the comparisons store: its prompts are what the policy is trained on
+    init: str = ""  # the supervised transformer: the policy's start and the KL reference
+    reward: str = ""  # the reward model (tools/train_feedback.py reward), frozen
+
+
+class PromptRows(Dataset):
+    def __init__(self, rows: list[int]) -> None:
+        self.rows = torch.tensor(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"prompt": self.rows[i]}
+
+
+def split_prompts(prompts: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of (training, held-out) prompts, by a hash of the text so the split never moves."""
+    out: tuple[list[int], list[int]] = ([], [])
+    for i, p in enumerate(prompts):
+        out[zlib.crc32(f"{seed}/{p}".encode()) % 10_000 < fraction * 10_000].append(i)
+    return out
+
+
+class GRPOTask:
+    best_metric = ("val_objective", "max")  # held-out reward - beta * KL
+
+    def __init__(self, model: DALLE, objective: GRPOObjective, tokenizer: TextTokenizer, prompts: list[str],
+                 reward_model: nn.Module, reward_tokenizer: TextTokenizer, dvae: DiscreteVAE | None = None,
+                 dvae_path: str = "") -> None:
+        self.model, self.objective, self.tokenizer, self.dvae = model, objective, tokenizer, dvae
+        self.dvae_path = dvae_path
+        self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        self.reward_model = reward_model.eval().requires_grad_(False)
+        self.pixels = reward_model.config.reads_pixels
+        if self.pixels and dvae is None:
+            raise ValueError("the reward model reads pixels: the policy's dVAE is needed to decode its samples")
+        train, val = split_prompts(prompts, objective.val_fraction, objective.split_seed)
+        if not train or not val:
+            raise ValueError(f"{len(prompts)} prompts give {len(train)} for training and {len(val)} held out: add "
+                             "prompts to the store, or change val_fraction")
+        self.text = tokenizer.encode_batch(prompts, model.config.text_seq_len, truncate_warn=False)[0]
+        self.reward_text = reward_tokenizer.encode_batch(prompts, reward_model.config.text_seq_len,
+                                                         truncate_warn=False)[0]
+        self.train, self.val = PromptRows(train), val[: objective.eval_prompts]
+        self.tokens_per_sample = objective.group_size * model.config.seq_len
+
+    def train_dataset(self) -> Dataset:
+        return self.train
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return matrix_decay_groups(model)
+
+    @torch.no_grad()
+    def rewards(self, rows: Tensor, codes: Tensor) -> Tensor:  # prompt rows (B,), codes (B, N) -> (B,)
+        device = codes.device
+        image = codes
+        if self.pixels:
+            g = self.ref.config.image_grid_size
+            image = self.dvae.to(device).decode(codes.view(-1, g, g)).float()
+            s = self.reward_model.config.reranker.image_size
+            if image.shape[-1] != s:
+                image = F.interpolate(image, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+            image = image.clamp(0, 1)
+        return self.reward_model.to(device)(self.reward_text[rows].to(device), image).float()
+
+    def _sample(self, model: nn.Module, text: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        from dalle.transformer.sampling import sample
+
+        policy = getattr(model, "module", model)
+        was = policy.training
+        policy.eval()  # no dropout while sampling: the samples are the policy's own distribution
+        codes = sample(policy, text, generator=generator)
+        policy.train(was)
+        return codes.clone()  # out of inference mode, so it can feed a forward with gradients
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, float]]:
+        o, device = self.objective, next(model.parameters()).device
+        rows = batch["prompt"].repeat_interleave(o.group_size)  # (B * G,)
+        text = self.text[rows].to(device)
+        codes = self._sample(model, text)  # the engine seeded the global RNG for this step
+        reward = self.rewards(rows, codes)  # (BG,)
+        logp = token_logprobs(model(text, codes)[1], codes)  # (BG, N)
+        with torch.no_grad():
+            logp_ref = token_logprobs(self.ref.to(device)(text, codes)[1], codes)
+        shaped = kl_shaped_rewards(reward, logp.detach(), logp_ref, o.beta)  # (BG, N)
+        returns = shaped.flip(-1).cumsum(-1).flip(-1).view(-1, o.group_size, shaped.shape[-1])  # (B, G, N)
+        others = (returns.sum(1, keepdim=True) - returns) / (o.group_size - 1)  # leave-one-out group baseline
+        advantage = (returns - others).flatten(0, 1)
+        advantage = advantage / (advantage.std() + 1e-8)
+        loss = -(advantage * logp).mean()
+        kl = (logp.detach() - logp_ref).sum(-1)  # (BG,) per-sample KL estimate
+        return loss, {"reward": reward.mean().item(), "kl": kl.mean().item(), "kl_max": kl.max().item(),
+                      "objective": (reward - o.beta * kl).mean().item()}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, step: int, sink: EvalSink) -> dict[str, float]:
+        o, device = self.objective, next(model.parameters()).device
+        rows = torch.tensor(self.val)
+        text = self.text[rows].to(device)
+        codes = self._sample(model, text, torch.Generator(device=device).manual_seed(o.eval_seed))
+        reward = self.rewards(rows, codes)
+        kl = (token_logprobs(model(text, codes)[1], codes)
+              - token_logprobs(self.ref.to(device)(text, codes)[1], codes)).sum(-1)
+        return {"val_reward": reward.mean().item(), "val_kl": kl.mean().item(),
+                "val_objective": (reward - o.beta * kl).mean().item()}
+
+    def save_extra(self, directory: Any) -> None:
+        """The fine-tuned transformer loads as any other: its tokenizer, and the dVAE that decodes its codes."""
+        self.tokenizer.save(directory / "tokenizer.json")
+        if self.dvae_path:
+            (directory / "dvae.json").write_text(json.dumps({"path": self.dvae_path}) + "\n")

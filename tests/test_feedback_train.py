@@ -1,0 +1,323 @@
+"""Learning from the store's comparisons: the reward model (both bodies), its normalisation, exact resume, DPO,
+and tools/train_feedback.py, on toy stores whose preference is known (bright images and low codes win)."""
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_config
+
+from dalle.checkpoint import load_pretrained
+from dalle.feedback.pairs import png_bytes
+from dalle.feedback.reward import RewardConfig, RewardModel
+from dalle.feedback.store import Store
+from dalle.reranker.model import Reranker
+from dalle.tokenizer import TextTokenizer
+from dalle.train.config import TrainConfig
+from dalle.train.engine import Trainer
+from dalle.train.tasks.dpo import DPOObjective, DPOTask, sequence_logprob
+from dalle.train.tasks.grpo import GRPOObjective, GRPOTask
+from dalle.train.tasks.reward import RewardObjective, RewardTask
+from dalle.transformer.model import DALLE
+from dalle_tools import train_feedback
+from dvae.model import DiscreteVAE
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "feedback"
+PROMPTS = [f"a {size} {color} {shape}" for size in ("small", "big") for color in ("red", "blue", "green")
+           for shape in ("circle", "square", "star", "triangle")]
+
+
+def toy_store(path, pairs=48, model_id="sft@1", ties=4, seed=0):
+    """Pairs of a good sample (bright pixels, codes below 32) and a bad one (dark, codes 32 and up), judged by
+    rater "r": the good one wins, except `ties` ties; one skip. 16 codes (the tiny transformer's 4x4 grid)."""
+    rng = np.random.default_rng(seed)
+    store = Store(path)
+    for i in range(pairs):
+        pid = store.prompt(PROMPTS[i % len(PROMPTS)], "train")
+        ids = []
+        for good in (True, False):
+            level = rng.uniform(0.6, 1.0) if good else rng.uniform(0.0, 0.4)
+            image = torch.from_numpy(np.clip(level + rng.normal(0, 0.1, (3, 32, 32)), 0, 1)).float()
+            codes = (rng.integers(0, 32, 16) + (0 if good else 32)).tolist()
+            ids.append(store.add_sample(pid, model_id, i, {}, codes, png_bytes(image)))
+        pair = store.add_pair(*ids)
+        left = ids[i % 2]  # sides alternate
+        choice = "tie" if i < ties else "left" if left == ids[0] else "right"
+        store.record(pair, left, choice, "r")
+    store.record(pair, left, "skip", "r2")
+    return store
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A tokenizer, a tiny reranker and a tiny transformer saved as model directories."""
+    from dalle.checkpoint import save_pretrained
+    from dalle_tools import train_bpe
+
+    root = tmp_path_factory.mktemp("feedback")
+    assert train_bpe.main(["--shapes", "300", "--vocab", "300", "--out", str(root / "tokenizer.json")]) == 0
+    tok = TextTokenizer.from_file(root / "tokenizer.json")
+    torch.manual_seed(0)
+    save = lambda d: tok.save(d / "tokenizer.json")  # noqa: E731
+    save_pretrained(Reranker(tiny_config("reranker", text_vocab_size=tok.vocab_size, layers=1)), root / "reranker",
+                    extra=save)
+    save_pretrained(DiscreteVAE(tiny_config("dvae", downsample=8)), root / "dvae")  # the tiny transformer's 4x4 grid
+
+    def extra(d):
+        save(d)
+        (d / "dvae.json").write_text(json.dumps({"path": str(root / "dvae")}))
+    save_pretrained(DALLE(tiny_config("dalle", text_vocab_size=tok.vocab_size, n_layer=2)), root / "dalle", extra=extra)
+    toy_store(root / "toy.db").close()
+    return root
+
+
+def reward_task(parts, body="reranker", seed=0, **objective):
+    torch.manual_seed(seed)
+    init = load_pretrained(parts / ("reranker" if body == "reranker" else "dalle"))
+    model = RewardModel(RewardConfig(body=body, **{body: init.config}))
+    model.load_body(init)
+    tok = TextTokenizer.from_file(parts / "tokenizer.json")
+    return RewardTask(model, RewardObjective(val_fraction=0.25, **objective), tok, Store(parts / "toy.db"))
+
+
+TRAIN = TrainConfig(steps=16, batch_size=8, lr=3e-3, lr_schedule="constant", log_every=8, eval_every=100,
+                    save_every=8)
+
+
+@pytest.mark.parametrize("body", ["reranker", "transformer"])
+def test_reward_model_learns_a_known_preference(parts, tmp_path, body):
+    task = reward_task(parts, body)
+    assert len(task.train) + len(task.val_judgements) == 48  # skips never counted, ties kept (half a win)
+    assert sorted(set(task.train.target.tolist())) == [0.5, 1.0]
+    trainer = Trainer(task, TRAIN, tmp_path, progress=False)
+    before = trainer.evaluate()
+    after = trainer.fit()
+    assert after["val_loss"] < before["val_loss"]
+    assert after["val_accuracy"] >= 0.9, after
+    saved = load_pretrained(tmp_path / "checkpoints", expect="reward")
+    assert saved.config == task.model.config and float(saved.offset) == pytest.approx(after["offset"])
+
+
+def test_reward_normalisation_gives_mean_zero_on_the_sft_samples(parts, tmp_path):
+    shutil.copy(parts / "toy.db", tmp_path / "mixed.db")  # the toy store, plus samples of another model
+    store = Store(tmp_path / "mixed.db")
+    pid = store.prompt(PROMPTS[0], "train")
+    bright = png_bytes(torch.ones(3, 32, 32))
+    for seed in range(4):
+        store.add_sample(pid, "dpo@2", seed, {}, list(range(16)), bright)
+    task = RewardTask(reward_task(parts).model, RewardObjective(val_fraction=0.25), task_tok(parts), store)
+    assert len(task.sft_ids) == 96  # the first sample's model's
+    Trainer(task, TrainConfig(steps=4, batch_size=8, lr=3e-3, eval_every=4, save_every=4), tmp_path / "run",
+            progress=False).fit()
+    rows = torch.tensor([task.table.row[s] for s in task.sft_ids])
+    rewards = task.model(task.table.text[rows], task.table.pixels[rows].float() / 255)
+    assert abs(rewards.mean().item()) < 1e-4
+    assert rewards.std().item() > 0.1  # normalised, not collapsed
+
+
+def task_tok(parts):
+    return TextTokenizer.from_file(parts / "tokenizer.json")
+
+
+def test_reward_resume_equals_uninterrupted(parts, tmp_path):
+    cfg = TrainConfig(steps=8, batch_size=8, lr=3e-3, warmup_steps=2, weight_decay=0.1, log_every=4, eval_every=100,
+                      save_every=4)
+    full = Trainer(reward_task(parts), cfg, tmp_path / "a", progress=False)
+    full.fit()
+    Trainer(reward_task(parts), cfg, tmp_path / "b", progress=False).fit(stop_at=4)
+    resumed = Trainer(reward_task(parts, seed=9), cfg, tmp_path / "b", progress=False)
+    assert resumed.step == 4
+    resumed.fit()
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+
+
+def test_reranker_reward_starts_as_the_raw_reranker(parts):
+    task = reward_task(parts)
+    rows = torch.arange(6)
+    text, images = task.table.text[rows], task.table.pixels[rows].float() / 255
+    body = task.model.body
+    expected = body.scale() * (body.encode_image(images) * body.encode_text(text)).sum(-1)
+    torch.testing.assert_close(task.model.raw(text, images), expected)
+
+
+def dpo_task(parts, **objective):
+    torch.manual_seed(0)
+    model = load_pretrained(parts / "dalle").train()
+    return DPOTask(model, DPOObjective(val_fraction=0.25, **objective), task_tok(parts), Store(parts / "toy.db"))
+
+
+def test_dpo_moves_the_policy_toward_the_preferred_samples(parts, tmp_path):
+    task = dpo_task(parts, beta=0.5, kl_samples=8)
+    assert all(not j.tie for j in task.train_judgements + task.val_judgements)  # ties carry no preference
+    trainer = Trainer(task, TrainConfig(steps=10, batch_size=8, lr=3e-3, lr_schedule="constant", log_every=5,
+                                        eval_every=100, save_every=10), tmp_path, progress=False)
+    start = trainer.evaluate()
+    assert start["kl"] == 0.0 and start["val_loss"] == pytest.approx(np.log(2))  # policy == reference
+    end = trainer.fit()
+    assert end["val_loss"] < 0.5 and end["val_implicit_accuracy"] == 1.0
+    assert end["kl"] > 0
+    # Held-out winners gained log-probability against the losers, relative to the frozen reference.
+    val = task.val_judgements
+    win, lose = (torch.tensor([task.table.row[getattr(j, k)] for j in val]) for k in ("winner_id", "loser_id"))
+    with torch.no_grad():
+        gain = [sequence_logprob(m, task.table.text[win], task.table.codes[win])
+                - sequence_logprob(m, task.table.text[lose], task.table.codes[lose]) for m in (task.model, task.ref)]
+    assert (gain[0] > gain[1]).all()
+
+
+def test_dpo_kl_is_the_mean_log_ratio_of_policy_samples(parts):
+    from dalle.feedback.losses import token_logprobs
+    from dalle.transformer.sampling import sample
+
+    task = dpo_task(parts, kl_samples=4, kl_seed=3)
+    with torch.no_grad():
+        for p in task.model.image_head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    task.model.eval()
+    rows = torch.tensor(sorted({task.table.row[j.winner_id] for j in task.val_judgements}))[torch.arange(4) % 4]
+    text = task.table.text[rows]
+    codes = sample(task.model, text, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        by_hand = (token_logprobs(task.model(text, codes)[1], codes)
+                   - token_logprobs(task.ref(text, codes)[1], codes)).sum(-1).mean().item()
+        assert task.kl(task.model) == pytest.approx(by_hand, rel=1e-5)
+
+
+def _run(parts, tmp_path, method, *extra):
+    config = f"configs/feedback/{method}-tiny.yaml"
+    init = parts / ("dalle" if method == "dpo" else "reranker")
+    return train_feedback.main([method, "--config", config, "--out", str(tmp_path / method), "--no-progress",
+                                "--set", f"inputs.store={parts / 'toy.db'}", "--set", f"inputs.init={init}", *extra])
+
+
+def test_train_feedback_tool_reward_dpo_and_evaluate(parts, tmp_path, capsys):
+    assert _run(parts, tmp_path, "reward") == 0
+    model = load_pretrained(tmp_path / "reward", expect="reward")
+    assert model.config.body == "reranker" and (tmp_path / "reward" / "checkpoints" / "best").is_file()
+    assert _run(parts, tmp_path, "dpo") == 0
+    tuned = load_pretrained(tmp_path / "dpo", expect="dalle")
+    assert isinstance(tuned, DALLE)
+    evals = [json.loads(x) for x in (tmp_path / "dpo" / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert {"val_loss", "val_implicit_accuracy", "kl"} <= set(evals[-1])
+    capsys.readouterr()
+    out = tmp_path / "figures.json"
+    assert train_feedback.main(["evaluate", "--store", str(parts / "toy.db"), "--reward", str(tmp_path / "reward"),
+                                "--reranker", str(parts / "reranker"), "--rater", "r",
+                                "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    trained = [json.loads(x) for x in (tmp_path / "reward" / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert figures["held_out_decided"] == trained[-1]["val_decided"]  # the training run's split, from its run.json
+    assert figures["reward_accuracy"] >= 0.9 and 0 <= figures["reranker_accuracy"] <= 1
+    assert "reward_accuracy" in capsys.readouterr().out
+    # GRPO against the reward model just trained (it reads pixels: the samples are decoded by the dVAE)
+    assert train_feedback.main(["grpo", "--config", "configs/feedback/grpo-tiny.yaml", "--out", str(tmp_path / "grpo"),
+                                "--no-progress", "--set", f"inputs.store={parts / 'toy.db'}", "--set",
+                                f"inputs.init={parts / 'dalle'}", "--set", f"inputs.reward={tmp_path / 'reward'}"]) == 0
+    evals = [json.loads(x) for x in (tmp_path / "grpo" / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert {"val_reward", "val_kl", "val_objective"} <= set(evals[-1])
+    assert load_pretrained(tmp_path / "grpo", expect="dalle").config == tuned.config
+
+
+class LowCodes(torch.nn.Module):
+    """A reward whose optimum is known: the lower the image's codes, the better."""
+
+    config = SimpleNamespace(reads_pixels=False, text_seq_len=12)
+
+    def forward(self, text, codes):
+        return -codes.float().mean(-1) / 8
+
+
+def test_grpo_raises_a_known_reward_and_logs_its_kl(parts, tmp_path):
+    torch.manual_seed(0)
+    model = load_pretrained(parts / "dalle").train()
+    prompts = PROMPTS * 4 + [f"a red circle {i}" for i in range(8)]
+    task = GRPOTask(model, GRPOObjective(beta=0.01, group_size=4, val_fraction=0.3, eval_prompts=8), task_tok(parts),
+                    prompts, LowCodes(), task_tok(parts))
+    trainer = Trainer(task, TrainConfig(steps=12, batch_size=4, lr=1e-2, lr_schedule="constant", log_every=4,
+                                        eval_every=100, save_every=100), tmp_path, progress=False)
+    start = trainer.evaluate()
+    assert start["val_kl"] == 0.0  # policy == reference
+    end = trainer.fit()
+    assert end["val_reward"] > start["val_reward"] + 0.3, (start, end)  # mean code down by more than 2.4
+    assert end["val_kl"] > 0
+    logs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines() if '"train"' in x]
+    assert {"reward", "kl", "objective"} <= set(logs[-1])
+
+
+def test_grpo_resume_equals_uninterrupted(parts, tmp_path):
+    """Sampling inside the step draws from the engine's per-step seed, so a resumed run samples the same images."""
+    def task(seed):
+        torch.manual_seed(seed)
+        return GRPOTask(load_pretrained(parts / "dalle").train(), GRPOObjective(group_size=2, eval_prompts=2),
+                        task_tok(parts), PROMPTS * 2, LowCodes(), task_tok(parts))
+    cfg = TrainConfig(steps=4, batch_size=2, lr=1e-2, log_every=2, eval_every=100, save_every=2)
+    full = Trainer(task(0), cfg, tmp_path / "a", progress=False)
+    full.fit()
+    Trainer(task(0), cfg, tmp_path / "b", progress=False).fit(stop_at=2)
+    resumed = Trainer(task(5), cfg, tmp_path / "b", progress=False)
+    resumed.fit()
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+
+
+def test_train_feedback_errors_are_one_line(parts, tmp_path):
+    empty = tmp_path / "empty.db"
+    Store(empty).close()
+    with pytest.raises(SystemExit, match="no comparisons"):
+        _run(parts, tmp_path, "reward", "--set", f"inputs.store={empty}")
+    with pytest.raises(SystemExit, match="does not exist"):
+        _run(parts, tmp_path, "reward", "--set", f"inputs.store={tmp_path / 'missing.db'}")
+    assert not (tmp_path / "missing.db").exists()
+    with pytest.raises(SystemExit, match="no usable comparisons by rater 'nobody'"):
+        _run(parts, tmp_path, "reward", "--set", "objective.rater=nobody")
+    with pytest.raises(SystemExit, match="holds a 'reranker' model, but a 'dalle' model is needed"):
+        _run(parts, tmp_path, "reward", "--set", "model.body=transformer")
+    other = tmp_path / "other"
+    from dalle.checkpoint import save_pretrained
+
+    tok = task_tok(parts)
+    save_pretrained(DALLE(tiny_config("dalle", text_vocab_size=tok.vocab_size, n_layer=1, image_grid_size=2)), other,
+                    extra=lambda d: tok.save(d / "tokenizer.json"))
+    with pytest.raises(SystemExit, match="16 codes .* but the model reads 4 codes"):
+        _run(parts, tmp_path, "dpo", "--set", f"inputs.init={other}")
+
+
+def test_train_feedback_help_explains_every_flag(capsys):
+    for method in ("reward", "dpo", "grpo", "evaluate"):
+        with pytest.raises(SystemExit):
+            train_feedback.main([method, "--help"])
+        text = capsys.readouterr().out
+        assert "--out" in text or "--store" in text
+        assert "--config" in text or method == "evaluate"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_feedback_configs_parse(path):
+    from dalle.config import from_dict
+    from dalle.train.config import load_yaml
+
+    method = path.stem.split("-")[0]
+    data = load_yaml(path)
+    assert set(data) == set(train_feedback.SECTIONS[method])
+    for name, cls in train_feedback.SECTIONS[method].items():
+        from_dict(cls, data[name])
+
+
+def test_pairwise_accuracy_and_noise_ceiling():
+    from dalle.feedback.data import agreement, pairwise_accuracy
+    from dalle.feedback.store import Judgement
+
+    noisy = [Judgement(1, 10, 11, False, "n"), Judgement(2, 13, 12, False, "n"), Judgement(3, 14, 15, True, "n"),
+             Judgement(4, 16, 17, False, "n")]
+    truth = [Judgement(1, 10, 11, False, "t"), Judgement(2, 12, 13, False, "t"), Judgement(3, 15, 14, False, "t"),
+             Judgement(4, 17, 16, True, "t")]
+    scores = {10: 1.0, 11: 0.0, 12: 2.0, 13: 1.0, 14: 0.0, 15: 0.0, 16: 3.0, 17: 3.0}
+    # decided noisy judgements: pair 1 right, pair 2 wrong, pair 4 an equal score (half); the tie is left out
+    assert pairwise_accuracy(scores, noisy) == (0.5, 3)
+    # pairs decided by both raters: 1 (agree) and 2 (disagree); 3 and 4 have a tie on one side
+    assert agreement(noisy, truth) == (0.5, 2)
