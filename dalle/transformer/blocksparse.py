@@ -14,7 +14,7 @@ an image query reads about 290 of up to 1,280 keys. Here:
 
 The backward is the fused kernel's own, run for each key set against the merged output and log-sum-exp
 (the split-key form of FlashAttention's backward), which gives the gradients of the one softmax over both.
-The masks come from `attention.mask_mod`, so the patterns keep one definition; `attention.attend` with
+The masks come from `masks.mask_mod`, so the patterns keep one definition; `attention.attend` with
 backend "sdpa" is the dense reference that tests/test_blocksparse.py compares against.
 """
 
@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
+
+from dalle.transformer.masks import mask_mod
 
 # 64 queries a block: 32 and 128 time within the noise of it at 32x32 grids; much smaller blocks make small
 # kernel calls, much larger ones read ever more masked keys per window.
@@ -64,8 +66,6 @@ def _by_column(x: Tensor, grid: int) -> Tensor:  # (B, H, G*G, D) raster <-> col
 def _window_mask(kind: str, text_len: int, grid: int, kernel: int, image: int, dtype: torch.dtype) -> Tensor:
     """(1, nb, Q, W + Q) additive mask of each block's queries over its window: 0 where the pattern reads the
     key, -inf elsewhere (slots before the grid or past the last query too). Cached: do not modify."""
-    from dalle.transformer.attention import mask_mod  # that module imports this one
-
     block, reach = _blocking(kind, grid, kernel)
     nb = -(-image // block)
     order = torch.arange(grid * grid)  # order[p]: the raster slot at place p of the band order
