@@ -67,6 +67,7 @@ setup(
             "dalle-export=dalle_tools.console:export",
             "dalle-bench-train=dalle_tools.console:bench_train",
             "dalle-feedback=dalle_tools.console:feedback",
+            "dalle-train-all=dalle_tools.console:train_all",
         ]
     },
 )

@@ -76,7 +76,8 @@ class Run:
         if self.file.is_file():
             self.state = json.loads(self.file.read_text())
             if self.state["data"] != os.path.abspath(args.data):
-                raise SystemExit(f"{out} was started on {self.state['data']}: run it with that --data, or pick a new --out")
+                raise SystemExit(f"{out} was started on {self.state['data']}: run it with that --data, "
+                                 "or pick a new --out")
         elif out.exists() and any(out.iterdir()):
             raise SystemExit(f"{out} exists and is not a train_all run (no state.json): pick a new --out")
         else:

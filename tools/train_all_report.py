@@ -110,9 +110,10 @@ def write_report(run, args, p: dict) -> dict:
              f"Data: `{st['data']}` ({s['source']}), {s['n_train']} training and {s['n_val']} held-out images "
              f"(split in `split.json`), typical shorter side {s['side']} px"
              + (f", {s['skipped']} skipped" if s["skipped"] else "") + ".",
-             f"Command: `{' '.join(st.get('command', []))}`", f"Machine: {machine()}, threads {args.threads or 'auto'}.", "",
+             f"Command: `{' '.join(st.get('command', []))}`",
+             f"Machine: {machine()}, threads {args.threads or 'auto'}.", "",
              "## Recipe", "",
-             f"{plan['image_size']} px images, a {plan['grid']}x{plan['grid']} grid of {plan['codes']} dVAE codes, "
+             f"{plan['image_size']} px images, {plan['grid']}x{plan['grid']} grid of {plan['codes']} dVAE codes, "
              f"{plan['text_seq_len']} text tokens (longest caption {plan['caption_tokens_max']}); configs in "
              "`configs/`.", "",
              "| stage | steps planned | s/step measured before | trained to step | held-out at the end |",
@@ -125,12 +126,13 @@ def write_report(run, args, p: dict) -> dict:
               "| " + " | ".join(_fmt(v["seconds"]) for v in st["stages"].values()) + f" | {_fmt(run.elapsed())} |",
               "", "## Results", "",
               f"dVAE on {dvae['images']} held-out images: PSNR {dvae['psnr_db']:.2f} dB, "
-              f"{dvae['codes_used']} codes in use, perplexity {dvae['perplexity']:.1f}.", "",
+              f"{100 * dvae['codes_used']:.0f}% of the codes in use, perplexity {dvae['perplexity']:.1f}.", "",
               f"FID ({fid['features']} features, {fid['n']} held-out captions, one sample each, no reranking):", "",
               "| model | floor: training vs held-out images | ceiling: dVAE reconstructions |", "|---|---|---|",
               f"| {fid['fid']['0']:.4g} | {fid['floor']['0']:.4g} | {fid['ceiling']['0']:.4g} |", "",
-              "A model at the floor draws images like the data's; the ceiling is as close as stage 1 lets any model come.",
-              "", "Originals (top) over their dVAE reconstructions:", "", "![reconstructions](eval/reconstructions.png)",
+              "A model at the floor would draw images as the data's own; the ceiling is as close as stage 1 lets any "
+              "model come.", "", "Originals (top) over their dVAE reconstructions:", "",
+              "![reconstructions](eval/reconstructions.png)",
               "", f"Held-out captions: the real image, then the reranker's best {samples['keep']} of "
               f"{samples['candidates']} samples:", ""]
     lines += [f"{i + 1}. {c}" for i, c in enumerate(samples["held_out_captions"])]

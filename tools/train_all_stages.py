@@ -73,8 +73,8 @@ def _typical_side(record: dict, source: str, n: int = 256) -> int:
     else:
         import io
 
-        from dalle.data.split import _shard_samples
         from dalle.data.readers import IMAGE_EXTENSIONS, expand_shard_urls
+        from dalle.data.split import _shard_samples
 
         for sample in _shard_samples(expand_shard_urls(record["train"])):
             ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -128,6 +128,8 @@ def plan(run, args, source) -> dict:
             steps[kind] = min(steps[kind], args.max_steps)
         # The dVAE keeps its best reconstruction anyway; the other two stop when held-out loss stops falling.
         recipes.set_steps(cfg, steps[kind], early_stop=0 if kind == "dvae" else 3)
+        # The steps are what the measured speed allows; a machine that gets busier stops at the time share.
+        cfg["train"]["time_limit_minutes"] = round(recipes.SHARES[kind] * args.budget_s / 60, 2)
     folder = run.dir / "configs"
     folder.mkdir(exist_ok=True)
     for kind, cfg in cfgs.items():
@@ -142,8 +144,9 @@ def plan(run, args, source) -> dict:
           f"{d['image_size'] // d['downsample']} grid of {d['vocab_size']} codes, {m['text_seq_len']} text tokens, "
           f"transformer {m['n_layer']}x{m['n_embd']}; steps dVAE {steps['dvae']}, transformer {steps['dalle']}, "
           f"reranker {steps['reranker']} (configs in {folder})")
-    return {"step_seconds": step_s, "steps": steps, "image_size": d["image_size"], "grid": d["image_size"] // d["downsample"],
-            "codes": d["vocab_size"], "text_seq_len": m["text_seq_len"], "caption_tokens_max": max(lengths, default=0)}
+    return {"step_seconds": step_s, "steps": steps, "image_size": d["image_size"],
+            "grid": d["image_size"] // d["downsample"], "codes": d["vocab_size"], "text_seq_len": m["text_seq_len"],
+            "caption_tokens_max": max(lengths, default=0)}
 
 
 def _train(tool: str, kind: str):

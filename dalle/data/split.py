@@ -1,7 +1,7 @@
 """A held-out split of a folder or of webdataset shards, made once and recorded (tools/train_all.py).
 
-An image goes to the held-out split when a hash of its key falls below the held-out fraction, so the
-split depends on the keys alone: not on the order of the files, and not on which other images exist.
+The held-out images are the ones whose keys hash lowest, so the split depends on the keys alone, not
+on the order of the files, and holds exactly the number asked for.
 A folder is split into two folders of symbolic links (image, caption and metadata files), so nothing
 is copied; shards are re-packed into train and held-out shards, their raw bytes untouched.
 """
@@ -15,10 +15,9 @@ from pathlib import Path
 from dalle.data.readers import expand_shard_urls, scan_image_text_folder
 
 
-def held_out(key: str, count: int, total: int, seed: int = 0) -> bool:
-    """True for about `count` of `total` keys, chosen by a hash of (seed, key)."""
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
-    return h / 2**64 < count / max(total, 1)
+def held_out_keys(keys: list[str], count: int, seed: int = 0) -> set[str]:
+    """The `count` keys with the lowest hash of (seed, key)."""
+    return set(sorted(keys, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).digest())[:count])
 
 
 def held_out_count(total: int) -> int:
@@ -30,10 +29,10 @@ def held_out_count(total: int) -> int:
 def split_folder(src: str | Path, out: Path, seed: int = 0) -> dict:
     """Link the pairs of folder `src` into out/train and out/val; returns the record of the split."""
     entries, skipped = scan_image_text_folder(src)
-    n_val = held_out_count(len(entries))
+    val = held_out_keys([e.key for e in entries], held_out_count(len(entries)), seed)
     split = {"train": [], "val": []}
     for e in entries:
-        part = "val" if held_out(e.key, n_val, len(entries), seed) else "train"
+        part = "val" if e.key in val else "train"
         split[part].append(e.key)
         stem = out / part / e.key
         stem.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +62,7 @@ def split_shards(pattern: str, out: Path, seed: int = 0) -> dict:
     keys = [str(s["__key__"]) for s in _shard_samples(urls)]
     if len(set(keys)) != len(keys):
         raise ValueError(f"{pattern}: sample keys repeat across shards, so a key-based split is ambiguous")
-    n_val = held_out_count(len(keys))
+    val = held_out_keys(keys, held_out_count(len(keys)), seed)
     out.mkdir(parents=True, exist_ok=True)
     split = {"train": [], "val": []}
     writers = {part: wds.ShardWriter(str(out / f"{part}-%06d.tar"), maxcount=100_000, verbose=0)
@@ -71,7 +70,7 @@ def split_shards(pattern: str, out: Path, seed: int = 0) -> dict:
     with (out / "train-captions.txt").open("w", encoding="utf-8") as captions:
         for sample in _shard_samples(urls):
             key = str(sample["__key__"])
-            part = "val" if held_out(key, n_val, len(keys), seed) else "train"
+            part = "val" if key in val else "train"
             split[part].append(key)
             writers[part].write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
             if part == "train" and "txt" in sample:
