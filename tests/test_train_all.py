@@ -137,3 +137,27 @@ def test_shards_are_split_into_train_and_held_out_shards(tmp_path) -> None:
     assert sorted(train) == sorted(record["train_keys"])
     captions = (tmp_path / "out" / "train-captions.txt").read_text().split("\n")
     assert f"caption {int(record['train_keys'][0][1:])}" in captions
+
+
+def test_twemoji_folder_writes_three_captions_per_emoji_and_tone(tmp_path) -> None:
+    from dalle_tools import twemoji_folder
+
+    pkg = tmp_path / "package"
+    (pkg / "img" / "twitter" / "64").mkdir(parents=True)
+    for name in ("1f44b.png", "1f44b-1f3fd.png"):
+        Image.new("P", (64, 64)).save(pkg / "img" / "twitter" / "64" / name)
+    entry = {"name": "WAVING HAND SIGN", "short_names": ["wave"], "image": "1f44b.png", "category": "People & Body",
+             "subcategory": "hand-fingers-open", "has_img_twitter": True,
+             "skin_variations": {"1F3FD": {"image": "1f44b-1f3fd.png", "has_img_twitter": True},
+                                 "1F3FB-1F3FF": {"image": "1f44b-1f3fb-1f3ff.png", "has_img_twitter": False}}}
+    (pkg / "emoji.json").write_text(json.dumps([entry]))
+    assert twemoji_folder.main(["--package", str(pkg), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "1f44b-1f3fd.png", "1f44b-1f3fd.txt", "1f44b.png", "1f44b.txt"]
+    assert (tmp_path / "out" / "1f44b-1f3fd.txt").read_text().splitlines() == [
+        "waving hand sign, medium skin tone", "wave emoji, medium skin tone",
+        "waving hand sign, medium skin tone, a hand-fingers-open emoji of people & body"]
+    with pytest.raises(SystemExit, match="not empty"):
+        twemoji_folder.main(["--package", str(pkg), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="not an unpacked emoji-datasource-twitter"):
+        twemoji_folder.main(["--package", str(tmp_path), "--out", str(tmp_path / "out2")])
