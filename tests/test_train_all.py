@@ -111,6 +111,11 @@ def test_recipe_sizes_images_codes_and_text_from_the_data() -> None:
     assert recipe.text_len_for([3] * 99 + [40]) == 8  # the 99th percentile, not one outlier
     assert recipe.text_len_for([9] * 100) == 16
     assert recipe.steps_for(60, 0.5) == 120 and recipe.steps_for(1, 0.5) == recipe.MIN_STEPS
+    cfg = {"train": {"ema_decay": 0.999, "warmup_steps": 150}, "objective": {"temp_steps": 600}}
+    recipe.set_steps(cfg, 1000, early_stop=3)
+    assert cfg["train"]["ema_decay"] == 0.99  # averages the last ~100 steps, not the first weights
+    assert cfg["train"]["warmup_steps"] == 100 and cfg["objective"]["temp_steps"] == 333
+    assert cfg["train"]["eval_every"] == 125 and cfg["train"]["early_stop_evals"] == 3
 
 
 def test_held_out_split_depends_on_the_keys_not_their_order() -> None:

@@ -74,9 +74,9 @@ def _typical_side(record: dict, source: str, n: int = 256) -> int:
         import io
 
         from dalle.data.readers import IMAGE_EXTENSIONS, expand_shard_urls
-        from dalle.data.split import _shard_samples
+        from dalle.data.split import shard_samples
 
-        for sample in _shard_samples(expand_shard_urls(record["train"])):
+        for sample in shard_samples(expand_shard_urls(record["train"])):
             ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
             if ext:
                 with Image.open(io.BytesIO(sample[ext])) as im:

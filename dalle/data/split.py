@@ -46,7 +46,7 @@ def split_folder(src: str | Path, out: Path, seed: int = 0) -> dict:
             "train_keys": split["train"], "val_keys": split["val"]}
 
 
-def _shard_samples(urls: list[str]):
+def shard_samples(urls: list[str]):
     import webdataset as wds
 
     for url in urls:
@@ -59,7 +59,7 @@ def split_shards(pattern: str, out: Path, seed: int = 0) -> dict:
     import webdataset as wds
 
     urls = expand_shard_urls(pattern)
-    keys = [str(s["__key__"]) for s in _shard_samples(urls)]
+    keys = [str(s["__key__"]) for s in shard_samples(urls)]
     if len(set(keys)) != len(keys):
         raise ValueError(f"{pattern}: sample keys repeat across shards, so a key-based split is ambiguous")
     val = held_out_keys(keys, held_out_count(len(keys)), seed)
@@ -68,7 +68,7 @@ def split_shards(pattern: str, out: Path, seed: int = 0) -> dict:
     writers = {part: wds.ShardWriter(str(out / f"{part}-%06d.tar"), maxcount=100_000, verbose=0)
                for part in split}
     with (out / "train-captions.txt").open("w", encoding="utf-8") as captions:
-        for sample in _shard_samples(urls):
+        for sample in shard_samples(urls):
             key = str(sample["__key__"])
             part = "val" if key in val else "train"
             split[part].append(key)

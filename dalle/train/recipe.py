@@ -118,6 +118,8 @@ def set_steps(cfg: dict[str, Any], steps: int, *, early_stop: int) -> int:
     train = cfg["train"]
     train.update(steps=steps, eval_every=every, save_every=every, log_every=max(1, min(100, every // 2)),
                  early_stop_evals=early_stop)
+    if train.get("ema_decay"):  # an average over at most a tenth of the run, or the start's weights linger in it
+        train["ema_decay"] = max(0.0, round(min(train["ema_decay"], 1 - 10 / steps), 4))
     if "warmup_steps" in train:
         train["warmup_steps"] = min(train["warmup_steps"], steps // 10)
     obj = cfg.get("objective", {})
