@@ -97,8 +97,8 @@ class Run:
         return sum(s["seconds"] for s in self.state["stages"].values())
 
     def left(self, budget_s: float) -> float:
-        planned = self.state.get("planned_seconds") or {k: v * budget_s for k, v in PLANNED.items()}
-        return sum(planned.get(s, 0.0) for s in STAGES if not self.done(s))
+        planned = {k: v * budget_s for k, v in PLANNED.items()} | self.state.get("planned_seconds", {})
+        return sum(planned[s] for s in STAGES if not self.done(s))
 
     def finish(self, stage: str, seconds: float, **info: object) -> None:
         self.state["stages"][stage] = {"seconds": round(seconds, 1), **info}
@@ -157,13 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     source = data_source(args.data)
     run = Run(Path(args.out), args)
     given = sys.argv[1:] if argv is None else argv
-    run.state["command"] = ["python", "tools/train_all.py", *(shlex.quote(a) for a in given)]
+    run.state.setdefault("commands", []).append(" ".join(["python tools/train_all.py", *map(shlex.quote, given)]))
     run.save()
     if run.state["budget"] != args.budget and run.done("plan"):
         print(f"note: {args.out} was planned for a {run.state['budget']} budget; the plan is kept "
               f"(delete {args.out} to plan again)")
     t_start = time.perf_counter()
     for i, stage in enumerate(STAGES, 1):
+        if i > STAGES.index(args.until) + 1:
+            break
         if run.done(stage):
             continue
         print(f"[{i}/{len(STAGES)} {stage}] elapsed {fmt(run.elapsed())}, about "
@@ -171,8 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         info = functions[stage](run, args, source) or {}
         run.finish(stage, time.perf_counter() - t0, **info)
-        if stage == args.until:
-            break
     print(f"done in {fmt(time.perf_counter() - t_start)} this time ({fmt(run.elapsed())} in all): "
           + (f"see {Path(args.out) / 'report.md'}" if run.done("report") else f"stopped after {args.until}"))
     return 0

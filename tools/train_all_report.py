@@ -110,7 +110,8 @@ def write_report(run, args, p: dict) -> dict:
              f"Data: `{st['data']}` ({s['source']}), {s['n_train']} training and {s['n_val']} held-out images "
              f"(split in `split.json`), typical shorter side {s['side']} px"
              + (f", {s['skipped']} skipped" if s["skipped"] else "") + ".",
-             f"Command: `{' '.join(st.get('command', []))}`",
+             "Command" + ("s" if len(st["commands"]) > 1 else "") + ": "
+             + ", then ".join(f"`{c}`" for c in st["commands"]),
              f"Machine: {machine()}, threads {args.threads or 'auto'}.", "",
              "## Recipe", "",
              f"{plan['image_size']} px images, {plan['grid']}x{plan['grid']} grid of {plan['codes']} dVAE codes, "

@@ -136,9 +136,7 @@ def plan(run, args, source) -> dict:
         header = (f"# planned by tools/train_all.py for {s['n_train']} training images, a typical side of "
                   f"{s['side']} px and a {args.budget} budget: {step_s[kind]:.3f} s a step measured here\n")
         (folder / f"{kind}.yaml").write_text(header + yaml.safe_dump(cfg, sort_keys=False))
-    run.state["planned_seconds"] = {k: v * args.budget_s for k, v in
-                                    {"pretokenize": 0.02, "bundle": 0.0, "evaluate": 0.06, "report": 0.0}.items()}
-    run.state["planned_seconds"].update({k: steps[k] * step_s[k] for k in cfgs})
+    run.state["planned_seconds"] = {k: steps[k] * step_s[k] for k in cfgs}
     d, m = cfgs["dvae"]["model"], cfgs["dalle"]["model"]
     print(f"recipe: {d['image_size']} px images, {d['image_size'] // d['downsample']}x"
           f"{d['image_size'] // d['downsample']} grid of {d['vocab_size']} codes, {m['text_seq_len']} text tokens, "
