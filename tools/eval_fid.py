@@ -12,9 +12,9 @@ the first N images by id). Real images are centre-cropped and resized to the mod
 Generated images are written to OUT/images/ as they are made, so a restarted run continues where it
 stopped. Real-image statistics are cached in --stats-cache, keyed by the data, the features and the blur.
 Writes OUT/fid.json and OUT/fid.md: FID for each blur radius, IS, Reranker score, N, settings and model id.
-With --reference-path (the training split, read like --path) it also writes the FID's floor (real training
-images against the held-out ones) and its stage-1 ceiling (dVAE reconstructions of the held-out images),
-so the model's number sits on a scale.
+With --reference-path (the training split, read like --path) it also writes the FID's floor (N real training
+images, drawn at random, against the held-out ones) and its stage-1 ceiling (the dVAE's reconstructions of
+those training images), so the model's number sits on a scale.
 
 --features inception uses pytorch-fid's Inception-v3 (weights from torch's hub cache or
 --inception-weights, never downloaded); --features reranker uses the project's reranker instead: quick, no
@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -57,8 +58,11 @@ from dalle.pipeline import DEFAULT_MODEL, load_pipeline, score
 from dalle.reranker.score import best
 
 
-def load_pairs(args: argparse.Namespace, image_size: int, path: str | None = None) -> list[tuple[str, object]]:
-    """The first N (caption, loader) pairs of args.path (or `path`); loader() -> uint8 (3, S, S) real image."""
+def load_pairs(args: argparse.Namespace, image_size: int, path: str | None = None,
+               random_sample: bool = False) -> list[tuple[str, object]]:
+    """The first N (caption, loader) pairs of args.path (or `path`); loader() -> uint8 (3, S, S) real image.
+    With `random_sample` (folder and webdataset), N drawn at random with --seed instead: a folder's first
+    files in sorted order are no sample of it (Twemoji: the flags come first)."""
     tf = EvalTransform(image_size)
     path = args.path if path is None else path
 
@@ -80,11 +84,19 @@ def load_pairs(args: argparse.Namespace, image_size: int, path: str | None = Non
         return [(first[i], lambda i=i: from_pil(Image.open(Path(path) / files[i]))) for i in ids]
     from dalle.data.readers import ImageTextFolder, webdataset_pairs
 
+    # A shuffle buffer of 10 N (and shuffled shards) stands for a random sample of a stream.
+    shuffle = max(1000, 10 * args.n) if random_sample else 0
     ds = (ImageTextFolder(path, tf, require_captions=True, seed=args.seed, background=args.background)
-          if args.source == "folder" else webdataset_pairs(path, tf, shuffle=0, seed=args.seed,
+          if args.source == "folder" else webdataset_pairs(path, tf, shuffle=shuffle, seed=args.seed,
                                                           require_captions=True, background=args.background))
     pairs = []
-    items = (ds[i] for i in range(len(ds))) if args.source == "folder" else iter(ds)
+    if args.source == "folder":
+        order = list(range(len(ds)))
+        if random_sample:
+            random.Random(args.seed).shuffle(order)
+        items = (ds[i] for i in order)
+    else:
+        items = iter(ds)
     for item in items:
         if item is None:
             continue
@@ -143,14 +155,14 @@ def real_statistics(pairs, extractor, args: argparse.Namespace, key_base: dict) 
 
 
 def reference_distances(pipe, pairs, extractor, real: dict, args: argparse.Namespace) -> dict[str, dict[float, float]]:
-    """The floor (training images) and ceiling (dVAE reconstructions) of the FID, as many images as held-out."""
-    train = load_pairs(args, pipe.dvae.config.image_size, path=args.reference_path)[: len(pairs)]
+    """The floor (training images) and ceiling (their dVAE reconstructions) of the FID, as many as held-out."""
+    train = load_pairs(args, pipe.dvae.config.image_size, path=args.reference_path, random_sample=True)[: len(pairs)]
     if len(train) < 2:
         raise SystemExit(f"found {len(train)} readable pairs in --reference-path {args.reference_path}; need 2+")
     if len(train) < len(pairs):
         print(f"note: the floor uses {len(train)} training images against {len(pairs)} held-out ones")
-    return floor_and_ceiling(extractor, real, torch.stack([load() for _, load in train]),
-                             torch.stack([load() for _, load in pairs]), pipe.dvae, batch_size=args.batch_size)
+    return floor_and_ceiling(extractor, real, torch.stack([load() for _, load in train]), pipe.dvae,
+                             batch_size=args.batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--captions", default="", help="coco: the captions JSON (e.g. captions_val2014.json)")
     p.add_argument("--reference-path", default="",
                    help="the training split, read like --path: also report the FID floor (N real training images "
-                        "against the held-out ones) and the stage-1 ceiling (dVAE reconstructions of the held-out "
-                        "images); not with --source shapes, whose --split already picks the data")
+                        "against the held-out ones) and the stage-1 ceiling (the dVAE's reconstructions of those "
+                        "training images); N training images drawn at random with --seed; folder and webdataset")
     cli.add_background_flag(p)
     p.add_argument("--split", default="zeroshot", choices=["train", "val", "zeroshot"], help="shapes split")
     p.add_argument("--n", type=cli.int_range(2), default=2000,
@@ -193,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     apply_threads(args.threads)
     if args.source != "shapes" and not args.path:
         p.error(f"--source {args.source} needs --path")
-    if args.reference_path and args.source == "shapes":
-        p.error("--reference-path needs --source folder, webdataset or coco")
+    if args.reference_path and args.source not in ("folder", "webdataset"):
+        p.error("--reference-path needs --source folder or webdataset")
     if args.source == "coco" and not args.captions:
         p.error("--source coco needs --captions (the captions JSON)")
     if 0 not in args.blur:

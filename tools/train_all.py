@@ -157,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     source = data_source(args.data)
     run = Run(Path(args.out), args)
     given = sys.argv[1:] if argv is None else argv
-    run.state.setdefault("commands", []).append(" ".join(["python tools/train_all.py", *map(shlex.quote, given)]))
+    command = " ".join(["python tools/train_all.py", *map(shlex.quote, given)])
+    commands = run.state.setdefault("commands", [])
+    if not commands or commands[-1] != command:  # the same command again is a resume, not news
+        commands.append(command)
     run.save()
     if run.state["budget"] != args.budget and run.done("plan"):
         print(f"note: {args.out} was planned for a {run.state['budget']} budget; the plan is kept "

@@ -131,8 +131,11 @@ def write_report(run, args, p: dict) -> dict:
               f"FID ({fid['features']} features, {fid['n']} held-out captions, one sample each, no reranking):", "",
               "| model | floor: training vs held-out images | ceiling: dVAE reconstructions |", "|---|---|---|",
               f"| {fid['fid']['0']:.4g} | {fid['floor']['0']:.4g} | {fid['ceiling']['0']:.4g} |", "",
-              "A model at the floor would draw images as the data's own; the ceiling is as close as stage 1 lets any "
-              "model come.", "", "Originals (top) over their dVAE reconstructions:", "",
+              "The floor is a second sample of real images (training images drawn at random): FID's own noise at "
+              "this N, what a model that drew new images as the data's own would score. The ceiling is the dVAE's "
+              "reconstructions of those images: what a transformer that drew codes exactly like the data's would "
+              "score, so the model's distance above it is stage 2's to close, and the gap below it stage 1's.", "",
+              "Originals (top) over their dVAE reconstructions:", "",
               "![reconstructions](eval/reconstructions.png)",
               "", f"Held-out captions: the real image, then the reranker's best {samples['keep']} of "
               f"{samples['candidates']} samples:", ""]
@@ -163,5 +166,6 @@ def _last_eval(run_dir: Path) -> tuple[int | str, str]:
                 last = rec
     if last is None:
         return "?", ""
-    keep = {k: v for k, v in last.items() if isinstance(v, float) and ("val" in k or k in ("psnr", "codes_used"))}
+    shown = ("psnr", "codes_used", "i2t_top1", "t2i_top1")
+    keep = {k: v for k, v in last.items() if isinstance(v, float) and (k.startswith("val_") or k in shown)}
     return last.get("step", "?"), ", ".join(f"{k} {v:.4g}" for k, v in list(keep.items())[:3])

@@ -12,7 +12,8 @@ Feature extractors turn uint8 images (N, 3, H, W) into (features (N, D), class p
 
 `floor_and_ceiling` puts a model's FID on a scale: the same distance for real training images against the
 held-out ones (the floor: what a perfect model of the data would score at this N) and for the dVAE's
-reconstructions of the held-out images (the ceiling stage 1 allows: the transformer can only pick codes).
+reconstructions of those training images (the ceiling stage 1 allows: the transformer can only pick
+codes, so at best it draws such reconstructions).
 
 `frechet_distance` works in float64 torch through one symmetric eigendecomposition, instead of scipy's
 sqrtm (10-40 s for 2048-d on 2 cores); the tests check it against pytorch-fid's
@@ -203,14 +204,16 @@ def reconstruct(dvae, images: Tensor, batch_size: int = 64) -> Tensor:
     return torch.cat(out)
 
 
-def floor_and_ceiling(extractor, held_out: dict[float, tuple[Tensor, Tensor]], train_images: Tensor,
-                      held_out_images: Tensor, dvae, *, batch_size: int = 64) -> dict[str, dict[float, float]]:
-    """FID of real training images (the floor) and of dVAE reconstructions of the held-out images (the
-    ceiling) against the held-out statistics `held_out` ({blur radius: (mu, sigma)}). Pass as many
-    training images as held-out ones: FID is biased by N, so only equal Ns compare."""
+def floor_and_ceiling(extractor, held_out: dict[float, tuple[Tensor, Tensor]], train_images: Tensor, dvae, *,
+                      batch_size: int = 64) -> dict[str, dict[float, float]]:
+    """FID against the held-out statistics `held_out` ({blur radius: (mu, sigma)}) of real training images
+    (the floor) and of the dVAE's reconstructions of those same images (the ceiling). Both are images the
+    held-out set has not seen, as a model's samples are; the reconstructions are what a transformer that
+    drew codes exactly like the data's would show. Pass as many training images as held-out ones: FID is
+    biased by N, so only equal Ns compare."""
     radii = list(held_out)
     out = {}
-    for name, images in (("floor", train_images), ("ceiling", reconstruct(dvae, held_out_images, batch_size))):
+    for name, images in (("floor", train_images), ("ceiling", reconstruct(dvae, train_images, batch_size))):
         feats, _ = features_by_radius(images, extractor, radii, batch_size)
         out[name] = {r: frechet_distance(*statistics(feats[r]), *held_out[r]) for r in radii}
     return out
