@@ -79,6 +79,21 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass, in (0, 1] (1.0: off)")
 
 
+def add_background_flag(p: argparse.ArgumentParser) -> None:
+    """--background: what transparent pixels are composited over, as training's data.background."""
+    from dalle.data.transforms import parse_background
+
+    def parse(text: str) -> tuple[int, int, int]:
+        try:
+            return parse_background(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).replace("data.background ", "")) from None
+
+    p.add_argument("--background", type=parse, default="white",
+                   help="colour transparent images are composited over (a name or #rrggbb); use the value "
+                        "the models were trained with (data.background)")
+
+
 def add_debug_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true",
                    help="on an error, show Python's full traceback instead of a one-line message")

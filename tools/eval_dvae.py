@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --detector: write the scenes with a misread colour or shape to this PNG (each "
                         "original above its reconstruction, up to 48)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    cli.add_background_flag(p)
     cli.add_debug_flag(p)
     add_threads_flag(p)
     args = p.parse_args(argv)
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_pretrained(args.model, expect="dvae", map_location=device)
     cfg = model.config
     data_cfg = DataConfig(source=args.source, path=args.path, val_path=args.path, val_size=args.n,
-                          seed=args.seed, require_captions=False)
+                          seed=args.seed, require_captions=False,
+                          background="#{:02x}{:02x}{:02x}".format(*args.background))
     dataset = build_dataset(data_cfg, "val", cfg.image_size, "eval")
     try:
         found, shown = reconstruction_metrics(model, dataset, args.n, batch_size=args.batch_size,

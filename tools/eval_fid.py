@@ -12,6 +12,9 @@ the first N images by id). Real images are centre-cropped and resized to the mod
 Generated images are written to OUT/images/ as they are made, so a restarted run continues where it
 stopped. Real-image statistics are cached in --stats-cache, keyed by the data, the features and the blur.
 Writes OUT/fid.json and OUT/fid.md: FID for each blur radius, IS, Reranker score, N, settings and model id.
+With --reference-path (the training split, read like --path) it also writes the FID's floor (N real training
+images, drawn at random, against the held-out ones) and its stage-1 ceiling (the dVAE's reconstructions of
+those training images), so the model's number sits on a scale.
 
 --features inception uses pytorch-fid's Inception-v3 (weights from torch's hub cache or
 --inception-weights, never downloaded); --features reranker uses the project's reranker instead: quick, no
@@ -24,6 +27,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -44,7 +48,8 @@ from dalle.evaluation.fid import (
     INCEPTION_WEIGHTS,
     InceptionExtractor,
     RerankerExtractor,
-    blur,
+    features_by_radius,
+    floor_and_ceiling,
     frechet_distance,
     inception_score,
     statistics,
@@ -54,12 +59,16 @@ from dalle.pipeline import DEFAULT_MODEL, load_pipeline, score
 from dalle.reranker.score import best
 
 
-def load_pairs(args: argparse.Namespace, image_size: int) -> list[tuple[str, object]]:
-    """The first N (caption, loader) pairs; loader() -> uint8 (3, S, S) real image."""
+def load_pairs(args: argparse.Namespace, image_size: int, path: str | None = None,
+               random_sample: bool = False) -> list[tuple[str, object]]:
+    """The first N (caption, loader) pairs of args.path (or `path`); loader() -> uint8 (3, S, S) real image.
+    With `random_sample` (folder and webdataset), N drawn at random with --seed instead: a folder's first
+    files in sorted order are no sample of it (Twemoji: the flags come first)."""
     tf = EvalTransform(image_size)
+    path = args.path if path is None else path
 
     def from_pil(img: Image.Image) -> torch.Tensor:
-        return (tf(to_rgb(img)) * 255).round().to(torch.uint8)
+        return (tf(to_rgb(img, args.background)) * 255).round().to(torch.uint8)
 
     if args.source == "shapes":
         from dalle.data.shapes import make_sample
@@ -73,14 +82,22 @@ def load_pairs(args: argparse.Namespace, image_size: int) -> list[tuple[str, obj
         for a in sorted(data["annotations"], key=lambda a: a["id"]):
             first.setdefault(a["image_id"], a["caption"].strip())
         ids = sorted(first)[: args.n]
-        return [(first[i], lambda i=i: from_pil(Image.open(Path(args.path) / files[i]))) for i in ids]
+        return [(first[i], lambda i=i: from_pil(Image.open(Path(path) / files[i]))) for i in ids]
     from dalle.data.readers import ImageTextFolder, webdataset_pairs
 
-    ds = (ImageTextFolder(args.path, EvalTransform(image_size), require_captions=True, seed=args.seed)
-          if args.source == "folder" else webdataset_pairs(args.path, EvalTransform(image_size), shuffle=0,
-                                                          seed=args.seed, require_captions=True))
+    # A shuffle buffer of 10 N (and shuffled shards) stands for a random sample of a stream.
+    shuffle = max(1000, 10 * args.n) if random_sample else 0
+    ds = (ImageTextFolder(path, tf, require_captions=True, seed=args.seed, background=args.background)
+          if args.source == "folder" else webdataset_pairs(path, tf, shuffle=shuffle, seed=args.seed,
+                                                          require_captions=True, background=args.background))
     pairs = []
-    items = (ds[i] for i in range(len(ds))) if args.source == "folder" else iter(ds)
+    if args.source == "folder":
+        order = list(range(len(ds)))
+        if random_sample:
+            random.Random(args.seed).shuffle(order)
+        items = (ds[i] for i in order)
+    else:
+        items = iter(ds)
     for item in items:
         if item is None:
             continue
@@ -122,30 +139,6 @@ def pipe_size(pipe) -> tuple[int, int]:
     return s, s
 
 
-def features_by_radius(images, extractor, radii: list[float], batch_size: int, desc: str, quiet: bool):
-    """{radius: features (N, D)} and the unblurred class probabilities (N, C), in one pass over images."""
-    feats: dict[float, list[torch.Tensor]] = {r: [] for r in radii}
-    probs = []
-    batch: list[torch.Tensor] = []
-
-    def flush() -> None:
-        x = torch.stack(batch)
-        for r in radii:
-            f, p = extractor(blur(x, r))
-            feats[r].append(f)
-            if r == 0:
-                probs.append(p)
-        batch.clear()
-
-    for image in tqdm(images, desc=desc, disable=quiet):
-        batch.append(image)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    return {r: torch.cat(v) for r, v in feats.items()}, (torch.cat(probs) if probs else None)
-
-
 def real_statistics(pairs, extractor, args: argparse.Namespace, key_base: dict) -> dict[float, tuple]:
     cache = Path(args.stats_cache).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
@@ -174,6 +167,17 @@ def _read_cached(path: Path) -> tuple | None:
         return None
 
 
+def reference_distances(pipe, pairs, extractor, real: dict, args: argparse.Namespace) -> dict[str, dict[float, float]]:
+    """The floor (training images) and ceiling (their dVAE reconstructions) of the FID, as many as held-out."""
+    train = load_pairs(args, pipe.dvae.config.image_size, path=args.reference_path, random_sample=True)[: len(pairs)]
+    if len(train) < 2:
+        raise SystemExit(f"found {len(train)} readable pairs in --reference-path {args.reference_path}; need 2+")
+    if len(train) < len(pairs):
+        print(f"note: the floor uses {len(train)} training images against {len(pairs)} held-out ones")
+    return floor_and_ceiling(extractor, real, torch.stack([load() for _, load in train]), pipe.dvae,
+                             batch_size=args.batch_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -183,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the held-out captions and their real images come from")
     p.add_argument("--path", default="", help="folder, shard pattern, or (coco) the image folder")
     p.add_argument("--captions", default="", help="coco: the captions JSON (e.g. captions_val2014.json)")
+    p.add_argument("--reference-path", default="",
+                   help="the training split, read like --path: also report the FID floor (N real training images "
+                        "against the held-out ones) and the stage-1 ceiling (the dVAE's reconstructions of those "
+                        "training images); N training images drawn at random with --seed; folder and webdataset")
+    cli.add_background_flag(p)
     p.add_argument("--split", default="zeroshot", choices=["train", "val", "zeroshot"], help="shapes split")
     p.add_argument("--n", type=cli.int_range(2), default=2000,
                    help="captions, >= 2 for a covariance (the paper: 30,000)")
@@ -209,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     apply_threads(args.threads)
     if args.source != "shapes" and not args.path:
         p.error(f"--source {args.source} needs --path")
+    if args.reference_path and args.source not in ("folder", "webdataset"):
+        p.error("--reference-path needs --source folder or webdataset")
     if args.source == "coco" and not args.captions:
         p.error("--source coco needs --captions (the captions JSON)")
     if 0 not in args.blur:
@@ -239,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     image_dir.mkdir(parents=True, exist_ok=True)
     generate_missing(pipe, captions, image_dir, args)
     key = {"source": args.source, "path": args.path, "captions": args.captions, "split": args.split, "n": len(pairs),
-           "seed": args.seed, "size": pipe.dvae.config.image_size, "features": feat_id}
+           "seed": args.seed, "size": pipe.dvae.config.image_size, "features": feat_id,
+           **({"background": list(args.background)} if args.background != (255, 255, 255) else {})}
     real = real_statistics(pairs, extractor, args, key)
     fake_images = (torch.from_numpy(np.asarray(Image.open(image_dir / f"{i:06d}.png").convert("RGB")).copy())
                    .permute(2, 0, 1) for i in range(len(pairs)))
@@ -247,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.no_progress)
     fid = {r: frechet_distance(*statistics(feats[r]), *real[r]) for r in args.blur}
     is_mean, is_std = inception_score(probs)
+    refs = reference_distances(pipe, pairs, extractor, real, args) if args.reference_path else {}
     clip_score = None
     if pipe.reranker is not None:
         clip_score = float(np.mean([float(score(pipe, c, torch.from_numpy(np.asarray(Image.open(
@@ -254,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, c in enumerate(captions)]))
     result = {"model": pipe.model_id, "features": args.features, "feature_extractor": feat_id, "n": len(pairs),
               "fid": {f"{r:g}": v for r, v in fid.items()}, "is": [is_mean, is_std], "clip_score": clip_score,
+              **{name: {f"{r:g}": v for r, v in d.items()} for name, d in refs.items()},
               "settings": {k: v for k, v in vars(args).items() if k not in ("no_progress", "out")}}
     (out / "fid.json").write_text(json.dumps(result, indent=2) + "\n")
     note = "" if args.features == "inception" else " (Reranker features: not comparable with published FIDs)"
@@ -261,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
              f"{' ' + args.split if args.source == 'shapes' else ''}, {args.features} features{note}", "",
              "| blur radius | " + " | ".join(f"{r:g}" for r in args.blur) + " |",
              "|---|" + "---|" * len(args.blur),
-             "| FID | " + " | ".join(f"{fid[r]:.4g}" for r in args.blur) + " |", "",
+             "| FID | " + " | ".join(f"{fid[r]:.4g}" for r in args.blur) + " |",
+             *(f"| {label} | " + " | ".join(f"{refs[name][r]:.4g}" for r in args.blur) + " |"
+               for name, label in (("floor", "floor: train vs held-out"),
+                                   ("ceiling", "ceiling: dVAE reconstructions")) if name in refs), "",
              f"IS {is_mean:.2f} +- {is_std:.2f}" + (f", CLIP score {clip_score:.4f}" if clip_score is not None else "")]
     (out / "fid.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

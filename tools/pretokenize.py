@@ -38,8 +38,8 @@ def build_source(args: argparse.Namespace, image_size: int):
     # Centre crops: the codes are the data from now on, so they should show the whole image.
     tf = transform_from_name("eval", image_size)
     if args.source == "folder":
-        return ImageTextFolder(args.path, tf, seed=args.seed)
-    return webdataset_pairs(args.path, tf, shuffle=0, seed=args.seed)
+        return ImageTextFolder(args.path, tf, seed=args.seed, background=args.background)
+    return webdataset_pairs(args.path, tf, shuffle=0, seed=args.seed, background=args.background)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=cli.non_negative_int, default=0,
                    help="DataLoader worker processes for image decoding")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    cli.add_background_flag(p)
     cli.add_debug_flag(p)
     add_threads_flag(p)
     args = p.parse_args(argv)

@@ -45,7 +45,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 from webdataset.utils import pytorch_worker_info
 
-from dalle.data.transforms import to_rgb
+from dalle.data.transforms import WHITE, to_rgb
 
 logger = logging.getLogger("dalle.data")
 
@@ -87,16 +87,17 @@ def _caption_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _load_rgb(data: str | bytes, max_pixels: int) -> Image.Image:
-    """Open a path or encoded bytes and fully decode to RGB (load() so truncation fails here). Refuses,
-    before decoding, an image whose header says more than `max_pixels` pixels (a decompression bomb)."""
+def _load_rgb(data: str | bytes, max_pixels: int, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Open a path or encoded bytes and fully decode to RGB (load() so truncation fails here), transparent
+    parts over `background`. Refuses, before decoding, an image whose header says more than `max_pixels`
+    pixels (a decompression bomb)."""
     src = io.BytesIO(data) if isinstance(data, bytes) else data
     with Image.open(src) as im:  # reads the header only
         if im.width * im.height > max_pixels:
             raise ImageTooLarge(f"{im.width}x{im.height} = {im.width * im.height:,} pixels, over "
                                 f"data.max_pixels {max_pixels:,}")
         im.load()
-        img = to_rgb(im)
+        img = to_rgb(im, background)
         img.load()
     return img
 
@@ -258,8 +259,10 @@ class ImageTextFolder(Dataset):
         seed: int = 0,
         max_pixels: int = default_max_pixels(0),
         quiet: bool = False,
+        background: tuple[int, int, int] = WHITE,
     ) -> None:
         self.root = os.path.abspath(os.fspath(root))
+        self.background = background
         self.transform = transform
         self.require_captions = require_captions
         self.seed = seed
@@ -308,7 +311,7 @@ class ImageTextFolder(Dataset):
                 )
                 return None
         try:
-            img = _load_rgb(entry.image, self.max_pixels)
+            img = _load_rgb(entry.image, self.max_pixels, self.background)
         except Exception as exn:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ...)
             logger.warning("skipping unreadable image %s (%s)", entry.image, _one_line(exn))
             return None
@@ -419,9 +422,11 @@ class WebDatasetReader(wds.DataPipeline):
         require_captions: bool = True,
         shard_shuffle: bool | None = None,
         max_pixels: int = default_max_pixels(0),
+        background: tuple[int, int, int] = WHITE,
     ) -> None:
         super().__init__()
         self.max_pixels = max_pixels
+        self.background = background
         self._warned_non_utf8: set[str] = set()  # one warning per sample and process, not one per epoch
         self.urls = expand_shard_urls(urls)
         self.transform = transform
@@ -519,7 +524,7 @@ class WebDatasetReader(wds.DataPipeline):
             return None
         caption = rng.choice(lines) if lines else ""
         try:
-            img = _load_rgb(raw[ext], self.max_pixels)
+            img = _load_rgb(raw[ext], self.max_pixels, self.background)
         except Exception as exn:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ...)
             logger.warning("skipping webdataset %s: unreadable %s image (%s)", where, ext, _one_line(exn))
             return None

@@ -33,6 +33,12 @@ class DataConfig:
     # 1.09 GiB). 0: max(64 * image_size**2, 2**25), i.e. 33.5 MP (any photo up to 24 MP) until image_size
     # passes 724 (see dalle.data.readers.default_max_pixels).
     max_pixels: int = 0
+    # folder/webdataset: the colour transparent pixels are composited over (a name or #rrggbb), so they
+    # do not turn black.
+    background: str = "white"
+    # folder/webdataset: "paper" crops training images at random (Listings 1 and 2; they cut the edges of
+    # images that fill their frame); "center" takes the centre square, resized, in training too.
+    preprocess: str = "paper"
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -41,13 +47,19 @@ class DataConfig:
             raise ValueError(f"data.source {self.source!r} needs data.path (a folder or a shard pattern)")
         if self.max_pixels < 0:
             raise ValueError(f"data.max_pixels must be >= 0 (0: sized from the image size), got {self.max_pixels}")
+        from dalle.data.transforms import PREPROCESS_MODES, parse_background
+
+        parse_background(self.background)
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"data.preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
 
 
 def build_dataset(cfg: DataConfig, split: str, image_size: int, transform: str) -> Dataset:
     """The data set of `split` ("train" or "val"), yielding {"image", "caption", "key", ...} samples.
 
     `transform` names the preprocessing: "dvae" (paper Listing 1), "dalle" (Listing 2) or "eval"
-    (deterministic centre crop); validation always uses "eval".
+    (deterministic centre crop); validation always uses "eval", and so does training when
+    `cfg.preprocess` is "center".
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -65,19 +77,21 @@ def build_dataset(cfg: DataConfig, split: str, image_size: int, transform: str) 
         return TokenShards(cfg.path if split == "train" else cfg.val_path)
 
     from dalle.data.readers import ImageTextFolder, default_max_pixels, webdataset_pairs
-    from dalle.data.transforms import transform_from_name
+    from dalle.data.transforms import parse_background, transform_from_name
 
     path = cfg.path if split == "train" else (cfg.val_path or cfg.path)
     if split == "val" and not cfg.val_path:
         log.warning("data.val_path is not set: evaluating on training data, so figures are not held-out")
-    tf = transform_from_name(transform if split == "train" else "eval", image_size)
+    tf = transform_from_name(transform if split == "train" else "eval", image_size, cfg.preprocess)
     max_pixels = cfg.max_pixels or default_max_pixels(image_size)
+    background = parse_background(cfg.background)
     if cfg.source == "folder":
         # Validating on the training folder scans it again: its skips were warned about (and counted) once.
         return ImageTextFolder(path, tf, require_captions=cfg.require_captions, seed=cfg.seed,
-                               max_pixels=max_pixels, quiet=split == "val" and not cfg.val_path)
+                               max_pixels=max_pixels, quiet=split == "val" and not cfg.val_path,
+                               background=background)
     return webdataset_pairs(path, tf, shuffle=cfg.shuffle_buffer if split == "train" else 0, seed=cfg.seed,
-                            require_captions=cfg.require_captions, max_pixels=max_pixels)
+                            require_captions=cfg.require_captions, max_pixels=max_pixels, background=background)
 
 
 def eval_batches(dataset: Dataset, n: int, batch_size: int = 64):

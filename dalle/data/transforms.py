@@ -8,6 +8,7 @@ This module owns:
 * :class:`DALLETransform` - the transformer training augmentation of Listing 2 of the same paper.
 * :class:`EvalTransform` - a deterministic centre crop + area resize for validation and encoding.
 * :func:`transform_from_name` - picks one of the three by name.
+* :func:`parse_background` - a ``data.background`` value (a colour name or ``#rrggbb``) to an RGB tuple.
 
 Every transform takes a PIL RGB image and a ``random.Random`` and returns a float tensor (3, S, S) in
 [0, 1]. All random choices are drawn from that ``random.Random`` in a fixed order, never from a global
@@ -35,19 +36,37 @@ __all__ = [
     "DALLETransform",
     "DVAETransform",
     "EvalTransform",
+    "PREPROCESS_MODES",
+    "parse_background",
     "pil_to_float_tensor",
     "to_rgb",
     "transform_from_name",
 ]
 
-_WHITE = (255, 255, 255, 255)
+WHITE = (255, 255, 255)
+# data.preprocess: "paper" crops at random by Listings 1 and 2 when training (and centre-crops when
+# evaluating or encoding); "center" always takes the centre square, resized, with no random crop or flip,
+# so an image that fills its frame (an icon, a logo, a glyph) is never cut at the edges.
+PREPROCESS_MODES = ("paper", "center")
 
 
-def _composite_on_white(img: Image.Image) -> Image.Image:
-    """Flatten an image with alpha (or a transparency key) over a white background."""
+def parse_background(value: str) -> tuple[int, int, int]:
+    """A colour name PIL knows ("white", "black", "gray") or "#rrggbb" -> (r, g, b); ValueError otherwise."""
+    from PIL import ImageColor
+
+    try:
+        rgb = ImageColor.getrgb(value.strip())
+    except (ValueError, AttributeError):
+        raise ValueError(f"data.background {value!r} is not a colour: use a name such as white or black, "
+                         "or #rrggbb") from None
+    return rgb[0], rgb[1], rgb[2]
+
+
+def _composite(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Flatten an image with alpha (or a transparency key) over a plain background colour."""
     rgba = img.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, _WHITE)
-    return Image.alpha_composite(background, rgba).convert("RGB")
+    under = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(under, rgba).convert("RGB")
 
 
 def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
@@ -74,11 +93,12 @@ def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
     return Image.fromarray(gray).convert("RGB")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
     """Return ``img`` as an 8-bit RGB image, after applying its EXIF orientation.
 
     * alpha (RGBA, LA, PA, ...) and palette/grey/RGB images with a transparency key are composited
-      over white, so transparent regions do not turn black;
+      over ``background`` (white unless ``data.background`` says otherwise), so transparent regions do
+      not turn black;
     * 16-bit and 32-bit modes (``I;16``, ``I``, ``F``) are scaled to 0..255 (see
       :func:`_high_bit_depth_to_rgb`) instead of being clipped;
     * everything else (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``) uses PIL's convert.
@@ -88,9 +108,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     img = ImageOps.exif_transpose(img)
     mode = img.mode
     if mode in ("RGBA", "RGBa", "LA", "La", "PA"):
-        return _composite_on_white(img)
+        return _composite(img, background)
     if mode in ("P", "L", "RGB") and "transparency" in img.info:
-        return _composite_on_white(img)
+        return _composite(img, background)
     if mode.startswith("I") or mode == "F":
         return _high_bit_depth_to_rgb(img)
     if mode == "RGB":
@@ -235,9 +255,15 @@ _TRANSFORMS: dict[str, type] = {"dvae": DVAETransform, "dalle": DALLETransform, 
 TRANSFORM_NAMES: tuple[str, ...] = tuple(_TRANSFORMS)
 
 
-def transform_from_name(name: str, size: int) -> DVAETransform | DALLETransform | EvalTransform:
+def transform_from_name(name: str, size: int, preprocess: str = "paper"
+                        ) -> DVAETransform | DALLETransform | EvalTransform:
     """``"dvae"`` -> :class:`DVAETransform`, ``"dalle"`` -> :class:`DALLETransform`,
-    ``"eval"`` -> :class:`EvalTransform`; any other name raises ``ValueError``."""
+    ``"eval"`` -> :class:`EvalTransform`; any other name raises ``ValueError``. With ``preprocess``
+    ``"center"`` every name gives the :class:`EvalTransform` (see :data:`PREPROCESS_MODES`)."""
+    if preprocess not in PREPROCESS_MODES:
+        raise ValueError(f"data.preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
+    if preprocess == "center" and name in _TRANSFORMS:
+        name = "eval"
     try:
         cls = _TRANSFORMS[name]
     except KeyError:

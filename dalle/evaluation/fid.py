@@ -10,6 +10,11 @@ Feature extractors turn uint8 images (N, 3, H, W) into (features (N, D), class p
   classifier over a set of captions (the unique captions of the evaluation set). Quick and needs no
   download, but its numbers are not comparable with published FIDs or ISs.
 
+`floor_and_ceiling` puts a model's FID on a scale: the same distance for real training images against the
+held-out ones (the floor: what a perfect model of the data would score at this N) and for the dVAE's
+reconstructions of those training images (the ceiling stage 1 allows: the transformer can only pick
+codes, so at best it draws such reconstructions).
+
 `frechet_distance` works in float64 torch through one symmetric eigendecomposition, instead of scipy's
 sqrtm (10-40 s for 2048-d on 2 cores); the tests check it against pytorch-fid's
 `calculate_frechet_distance`.
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
+from tqdm.auto import tqdm
 
 INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # the file pytorch-fid downloads elsewhere
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_WEIGHTS
@@ -160,3 +166,54 @@ class RerankerExtractor:
         emb = self.reranker.encode_image(x.to(param.dtype)).float()
         probs = F.softmax(self.reranker.scale().float() * emb @ self.text.T, dim=1)
         return emb.cpu(), probs.cpu()
+
+
+def features_by_radius(images, extractor, radii: list[float], batch_size: int, desc: str = "features",
+                       quiet: bool = True) -> tuple[dict[float, Tensor], Tensor | None]:
+    """{radius: features (N, D)} and the unblurred class probabilities (N, C), in one pass over uint8 images."""
+    feats: dict[float, list[Tensor]] = {r: [] for r in radii}
+    probs = []
+    batch: list[Tensor] = []
+
+    def flush() -> None:
+        x = torch.stack(batch)
+        for r in radii:
+            f, p = extractor(blur(x, r))
+            feats[r].append(f)
+            if r == 0:
+                probs.append(p)
+        batch.clear()
+
+    for image in tqdm(images, desc=desc, disable=quiet):
+        batch.append(image)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return {r: torch.cat(v) for r, v in feats.items()}, (torch.cat(probs) if probs else None)
+
+
+@torch.no_grad()
+def reconstruct(dvae, images: Tensor, batch_size: int = 64) -> Tensor:
+    """uint8 images (N, 3, S, S) through the dVAE's codes and back: decode(encode(x)), as uint8."""
+    param = next(dvae.parameters())
+    out = []
+    for part in images.split(batch_size):
+        x = part.to(param.device, torch.float32) / 255
+        out.append(dvae.decode(dvae.encode(x)).float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
+def floor_and_ceiling(extractor, held_out: dict[float, tuple[Tensor, Tensor]], train_images: Tensor, dvae, *,
+                      batch_size: int = 64) -> dict[str, dict[float, float]]:
+    """FID against the held-out statistics `held_out` ({blur radius: (mu, sigma)}) of real training images
+    (the floor) and of the dVAE's reconstructions of those same images (the ceiling). Both are images the
+    held-out set has not seen, as a model's samples are; the reconstructions are what a transformer that
+    drew codes exactly like the data's would show. Pass as many training images as held-out ones: FID is
+    biased by N, so only equal Ns compare."""
+    radii = list(held_out)
+    out = {}
+    for name, images in (("floor", train_images), ("ceiling", reconstruct(dvae, train_images, batch_size))):
+        feats, _ = features_by_radius(images, extractor, radii, batch_size)
+        out[name] = {r: frechet_distance(*statistics(feats[r]), *held_out[r]) for r in radii}
+    return out

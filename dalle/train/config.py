@@ -63,6 +63,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     early_stop_evals: int = 0  # stop after this many evaluations without a better held-out metric (0: off)
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    # Stop at the first evaluation after this many minutes of training in this process (0: off), with a
+    # checkpoint as at the end; tools/train_all.py sets it from its --budget so a busy machine cannot overrun.
+    time_limit_minutes: float = 0.0
     # How long a rank waits in a collective (all-reduce, barrier) before the run fails: a rank that hangs or
     # is stopped (SIGSTOP, a dead node) would otherwise hold every other GPU idle. 10 is torch's own NCCL
     # default; waits here are a step's all-reduce (seconds) and rank 0's evaluation and checkpoint writing
@@ -93,6 +96,8 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"train.{key} must be one of {', '.join(map(repr, allowed))}, "
                                  f"got {getattr(self, key)!r}")
+        _check("time_limit_minutes", self.time_limit_minutes, "a number of minutes >= 0 (0: no limit)",
+               lambda v: _number(v) and 0 <= v < float("inf"))
         if not 0 < self.collective_timeout_minutes < float("inf"):
             raise ValueError(f"train.collective_timeout_minutes must be a positive number of minutes, got "
                              f"{self.collective_timeout_minutes}")

@@ -460,6 +460,7 @@ class Trainer:
         batches = self._loader()
         window: dict[str, list[float]] = {}
         samples, t0 = 0, time.perf_counter()
+        self._fit_start = t0
         eval_metrics: dict[str, float] = {}
         self._log({"event": "start", "effective_batch_size": self.global_batch, "world_size": self.backend.world,
                    "grad_accum": cfg.grad_accum, "backend": self.backend.name})
@@ -486,8 +487,12 @@ class Trainer:
             if self.step % cfg.save_every == 0 or self.step == end or improved or stop:
                 self._save_if_good(final=self.step == cfg.steps or stop)
             if stop:
-                log.info("early stop at step %d: %d evaluations without a better %s; %s", self.step,
-                         self.best.evals_since, self.best.metric, self.best.describe())
+                if self._out_of_time():
+                    log.info("stopped at step %d of %d: train.time_limit_minutes %g is spent; %s", self.step,
+                             cfg.steps, cfg.time_limit_minutes, self.best.describe())
+                else:
+                    log.info("early stop at step %d: %d evaluations without a better %s; %s", self.step,
+                             self.best.evals_since, self.best.metric, self.best.describe())
                 break
         bar.close()
         self._check_ranks_agree()
@@ -504,9 +509,13 @@ class Trainer:
         (a collective call: saving is collective too)."""
         improved = self.best.observe(eval_metrics, self.step) if self.is_main else False
         patience = self.cfg.early_stop_evals
-        stop = self.is_main and patience > 0 and self.best.evals_since >= patience
+        stop = self.is_main and (patience > 0 and self.best.evals_since >= patience or self._out_of_time())
         agreed = self.backend.sum(torch.tensor([float(improved), float(stop)], dtype=torch.float64)).tolist()
         return bool(agreed[0]), bool(agreed[1])
+
+    def _out_of_time(self) -> bool:
+        limit = self.cfg.time_limit_minutes
+        return limit > 0 and time.perf_counter() - self._fit_start > 60 * limit
 
     def _check_ranks_agree(self) -> None:
         spread = self.backend.weight_spread()

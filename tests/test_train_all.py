@@ -1,0 +1,168 @@
+"""tools/train_all.py: every stage on a tiny folder, resumed stage by stage; its recipe and its errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from PIL import Image, ImageDraw
+
+from dalle.data.split import held_out_keys, split_shards
+from dalle.train import recipe
+from dalle_tools import train_all
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 20)}
+
+
+def icon_folder(root, n: int = 36):
+    """n transparent 40x40 icons (a coloured circle or square) with two caption lines each."""
+    root.mkdir()
+    rng = random.Random(0)
+    for i in range(n):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(["circle", "square"])
+        im = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(im)
+        (draw.ellipse if shape == "circle" else draw.rectangle)((6, 6, 34, 34), fill=(*COLOURS[colour], 255))
+        im.save(root / f"{i:03d}.png")
+        (root / f"{i:03d}.txt").write_text(f"a {colour} {shape}\n{colour} {shape} icon\n")
+    return root
+
+
+def test_train_all_runs_every_stage_and_resumes_stage_by_stage(tmp_path) -> None:
+    data, out = icon_folder(tmp_path / "icons"), tmp_path / "run"
+    argv = ["--data", str(data), "--out", str(out), "--budget", "30s", "--max-steps", "8", "--threads", "1",
+            "--prompt", "a red circle", "--no-progress"]
+    assert train_all.main([*argv, "--until", "dvae"]) == 0
+    state = json.loads((out / "state.json").read_text())
+    assert list(state["stages"]) == ["split", "bpe", "plan", "dvae"]
+    dvae_log = (out / "dvae" / "log.jsonl").read_text()
+
+    assert train_all.main(argv) == 0  # the rest, without training the dVAE again
+    state = json.loads((out / "state.json").read_text())
+    assert list(state["stages"]) == list(train_all.STAGES)
+    assert (out / "dvae" / "log.jsonl").read_text() == dvae_log
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["val_keys"]) == 8 and len(split["train_keys"]) == 28
+    assert not set(split["val_keys"]) & set(split["train_keys"])
+    for kind in ("dvae", "dalle", "reranker"):  # the recipe: tiny budget, tiny models, capped steps
+        cfg = (out / "configs" / f"{kind}.yaml").read_text()
+        assert "steps: 8\n" in cfg and "source: " in cfg
+    assert "image_size: 32" in (out / "configs" / "dvae.yaml").read_text()  # 40 px images, tiny budget
+
+    fid = json.loads((out / "eval" / "fid" / "fid.json").read_text())
+    assert {"fid", "floor", "ceiling"} <= set(fid) and fid["n"] == 8
+    for png in ("reconstructions", "samples-held-out", "samples-prompts"):
+        assert Image.open(out / "eval" / f"{png}.png").size[0] > 32
+    report = (out / "report.md").read_text()
+    assert "PSNR" in report and f"{fid['floor']['0']:.4g}" in report and "a red circle" in report
+    assert "--budget 30s" in report  # the command that made it
+
+    before = (out / "state.json").read_text()
+    assert train_all.main(argv) == 0  # complete: nothing runs again
+    assert json.loads((out / "state.json").read_text())["stages"] == json.loads(before)["stages"]
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (None, ["--data", "{tmp}/nowhere"], "no such folder"),
+    ("few", ["--data", "{tmp}/few"], "found 5 captioned images; train_all needs at least 20"),
+    (None, ["--data", "{tmp}/none-{000..002}.tar"], "3 shard(s) do not exist"),
+])
+def test_bad_data_is_a_one_line_error(tmp_path, make, args, message) -> None:
+    if make:
+        icon_folder(tmp_path / make, n=5)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args] + ["--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        train_all.main(argv)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unreadable_budget_is_a_usage_error(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        train_all.main(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--budget", "an hour"])
+    assert e.value.code == 2 and "is not a duration" in capsys.readouterr().err
+
+
+def test_an_existing_folder_that_is_not_a_run_is_refused(tmp_path) -> None:
+    data, out = icon_folder(tmp_path / "icons"), tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="not a train_all run"):
+        train_all.main(["--data", str(data), "--out", str(out)])
+
+
+def test_budget_strings() -> None:
+    assert recipe.parse_budget("1h") == 3600
+    assert recipe.parse_budget("1h30m") == 5400
+    assert recipe.parse_budget("45min") == 2700
+    assert recipe.parse_budget("90s") == recipe.parse_budget("90") == 90
+    for bad in ("", "1 hour", "h", "0m", "-5m", "1h30"):
+        with pytest.raises(ValueError):
+            recipe.parse_budget(bad)
+
+
+def test_recipe_sizes_images_codes_and_text_from_the_data() -> None:
+    assert recipe.image_size_for(40, 3600) == 32  # never above the images' own side
+    assert recipe.image_size_for(64, 3600) == 64
+    assert recipe.image_size_for(500, 3600) == 64  # a CPU hour: 64 px
+    assert recipe.image_size_for(500, 24 * 3600) == 128
+    assert recipe.image_size_for(500, 30) == 32  # a tiny budget
+    assert recipe.codes_for(3_000, "shapes") < recipe.codes_for(300_000, "shapes")
+    assert recipe.text_len_for([3] * 99 + [40]) == 8  # the 99th percentile, not one outlier
+    assert recipe.text_len_for([9] * 100) == 16
+    assert recipe.steps_for(60, 0.5) == 120 and recipe.steps_for(1, 0.5) == recipe.MIN_STEPS
+    cfg = {"train": {"ema_decay": 0.999, "warmup_steps": 150}, "objective": {"temp_steps": 600}}
+    recipe.set_steps(cfg, 1000, early_stop=3)
+    assert cfg["train"]["ema_decay"] == 0.99  # averages the last ~100 steps, not the first weights
+    assert cfg["train"]["warmup_steps"] == 100 and cfg["objective"]["temp_steps"] == 333
+    assert cfg["train"]["eval_every"] == 125 and cfg["train"]["early_stop_evals"] == 3
+
+
+def test_held_out_split_depends_on_the_keys_not_their_order() -> None:
+    keys = [f"k{i}" for i in range(2000)]
+    picked = held_out_keys(keys, 200)
+    assert len(picked) == 200 and held_out_keys(keys[::-1], 200) == picked
+    assert held_out_keys(keys, 200, seed=1) != picked
+    assert picked != set(keys[:200])  # not simply the first files
+
+
+def test_shards_are_split_into_train_and_held_out_shards(tmp_path) -> None:
+    import io
+
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "in-000.tar")) as w:
+        for i in range(30):
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(buf, format="PNG")
+            w.write({"__key__": f"s{i:03d}", "png": buf.getvalue(), "txt": f"caption {i}".encode()})
+    record = split_shards(str(tmp_path / "in-000.tar"), tmp_path / "out")
+    assert len(record["val_keys"]) == 8 and len(record["train_keys"]) == 22
+    train = [s["__key__"] for s in wds.WebDataset(record["train"], shardshuffle=False)]
+    assert sorted(train) == sorted(record["train_keys"])
+    captions = (tmp_path / "out" / "train-captions.txt").read_text().split("\n")
+    assert f"caption {int(record['train_keys'][0][1:])}" in captions
+
+
+def test_twemoji_folder_writes_three_captions_per_emoji_and_tone(tmp_path) -> None:
+    from dalle_tools import twemoji_folder
+
+    pkg = tmp_path / "package"
+    (pkg / "img" / "twitter" / "64").mkdir(parents=True)
+    for name in ("1f44b.png", "1f44b-1f3fd.png"):
+        Image.new("P", (64, 64)).save(pkg / "img" / "twitter" / "64" / name)
+    entry = {"name": "WAVING HAND SIGN", "short_names": ["wave"], "image": "1f44b.png", "category": "People & Body",
+             "subcategory": "hand-fingers-open", "has_img_twitter": True,
+             "skin_variations": {"1F3FD": {"image": "1f44b-1f3fd.png", "has_img_twitter": True},
+                                 "1F3FB-1F3FF": {"image": "1f44b-1f3fb-1f3ff.png", "has_img_twitter": False}}}
+    (pkg / "emoji.json").write_text(json.dumps([entry]))
+    assert twemoji_folder.main(["--package", str(pkg), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "1f44b-1f3fd.png", "1f44b-1f3fd.txt", "1f44b.png", "1f44b.txt"]
+    assert (tmp_path / "out" / "1f44b-1f3fd.txt").read_text().splitlines() == [
+        "waving hand sign, medium skin tone", "wave emoji, medium skin tone",
+        "waving hand sign, medium skin tone, a hand-fingers-open emoji of people & body"]
+    with pytest.raises(SystemExit, match="not empty"):
+        twemoji_folder.main(["--package", str(pkg), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="not an unpacked emoji-datasource-twitter"):
+        twemoji_folder.main(["--package", str(tmp_path), "--out", str(tmp_path / "out2")])

@@ -1,0 +1,186 @@
+"""The stages of tools/train_all.py: each calls the stage's own tool (its `main(argv)`) or the library,
+and returns what it measured for RUN/state.json. Writing the report is in tools/train_all_report.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from dalle.train import recipe as recipes
+
+MIN_IMAGES = 20
+
+
+def _tool(name: str):
+    import importlib
+
+    package = __package__ or ""
+    return importlib.import_module(f"{package}.{name}" if package else name)
+
+
+def _common(args, stage_name: str | None = None) -> list[str]:
+    flags = ["--threads", str(args.threads)]
+    return flags + (["--no-progress"] if args.no_progress and stage_name in ("train", "fid") else [])
+
+
+def _paths(run) -> dict:
+    d = run.dir
+    return {"train": run.state["split"]["train"], "val": run.state["split"]["val"],
+            "tokenizer": str(d / "tokenizer.json"), "dvae": str(d / "dvae"), "tok_train": str(d / "tok-train"),
+            "tok_val": str(d / "tok-val"), "dalle": str(d / "dalle"), "reranker": str(d / "reranker"),
+            "model": str(d / "model"), "eval": str(d / "eval")}
+
+
+def split(run, args, source) -> dict:
+    from dalle.data.split import split_folder, split_shards
+
+    out = run.dir / "data"
+    if out.exists():  # an interrupted split: make it again, it only links or re-packs
+        shutil.rmtree(out)
+    try:
+        record = (split_folder(args.data, out, args.seed) if source == "folder"
+                  else split_shards(args.data, out, args.seed))
+    except ValueError as e:
+        raise SystemExit(f"--data {args.data}: {e}") from None
+    n_train, n_val = len(record["train_keys"]), len(record["val_keys"])
+    if n_train + n_val < MIN_IMAGES:
+        shutil.rmtree(out)
+        raise SystemExit(f"--data {args.data}: found {n_train + n_val} captioned images; train_all needs at "
+                         f"least {MIN_IMAGES} (8 are held out)")
+    (run.dir / "split.json").write_text(json.dumps(record, indent=1) + "\n")
+    side = _typical_side(record, source)
+    run.state["split"] = {"source": source, "train": record["train"], "val": record["val"],
+                          "captions": record.get("captions", ""), "n_train": n_train, "n_val": n_val,
+                          "skipped": record["skipped"], "side": side}
+    print(f"{n_train} training and {n_val} held-out images (recorded in {run.dir / 'split.json'}); "
+          f"typical shorter side {side} pixels")
+    return {"n_train": n_train, "n_val": n_val}
+
+
+def _typical_side(record: dict, source: str, n: int = 256) -> int:
+    """The median shorter side of up to n training images (headers only for a folder)."""
+    sides = []
+    if source == "folder":
+        root = Path(record["train"])
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))[:n]:
+            with Image.open(path) as im:
+                sides.append(min(im.size))
+    else:
+        import io
+
+        from dalle.data.readers import IMAGE_EXTENSIONS, expand_shard_urls
+        from dalle.data.split import shard_samples
+
+        for sample in shard_samples(expand_shard_urls(record["train"])):
+            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            if ext:
+                with Image.open(io.BytesIO(sample[ext])) as im:
+                    sides.append(min(im.size))
+            if len(sides) >= n:
+                break
+    return int(statistics.median(sides)) if sides else 32
+
+
+def _caption_lines(run) -> list[str]:
+    s = run.state["split"]
+    if s["source"] == "folder":
+        files = sorted(Path(s["train"]).rglob("*.txt"))
+        text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    else:
+        text = Path(s["captions"]).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def bpe(run, args, source) -> dict:
+    s, p = run.state["split"], _paths(run)
+    images = s["n_train"] + s["n_val"]
+    vocab = 1024 if images < 10_000 else 4096 if images < 100_000 else 16384
+    Path(p["tokenizer"]).unlink(missing_ok=True)
+    where = ["--folder", s["train"]] if s["source"] == "folder" else ["--captions", s["captions"]]
+    _tool("train_bpe").main([*where, "--vocab", str(vocab), "--out", p["tokenizer"]])
+    return {"vocab": vocab}
+
+
+def plan(run, args, source) -> dict:
+    from dalle.tokenizer import TextTokenizer
+
+    s, p = run.state["split"], _paths(run)
+    tok = TextTokenizer.from_file(p["tokenizer"])
+    lengths = [len(tok.encode(c)) for c in _caption_lines(run)]
+    data = {"source": s["source"], "train": s["train"], "val": s["val"], "tokenizer": p["tokenizer"],
+            "dvae": p["dvae"], "tok_train": p["tok_train"], "tok_val": p["tok_val"], "prompts": args.prompt[:6],
+            "background": args.background, "preprocess": args.preprocess}
+    cfgs = recipes.plan(images=s["n_train"] + s["n_val"], n_train=s["n_train"], n_val=s["n_val"], side=s["side"],
+                        caption_lengths=lengths, budget_s=args.budget_s, data=data)
+    print("timing a few training steps of each model on this machine ...", flush=True)
+    step_s = {"dvae": recipes.probe_dvae(cfgs["dvae"]),
+              "dalle": recipes.probe_dalle(cfgs["dalle"], tok.vocab_size),
+              "reranker": recipes.probe_reranker(cfgs["reranker"], tok.vocab_size)}
+    steps = {}
+    for kind, cfg in cfgs.items():
+        steps[kind] = recipes.steps_for(recipes.SHARES[kind] * args.budget_s, step_s[kind])
+        if args.max_steps:
+            steps[kind] = min(steps[kind], args.max_steps)
+        # The dVAE keeps its best reconstruction anyway; the other two stop when held-out loss stops falling.
+        recipes.set_steps(cfg, steps[kind], early_stop=0 if kind == "dvae" else 3)
+        # The steps are what the measured speed allows; a machine that gets busier stops at the time share.
+        cfg["train"]["time_limit_minutes"] = round(recipes.SHARES[kind] * args.budget_s / 60, 2)
+    folder = run.dir / "configs"
+    folder.mkdir(exist_ok=True)
+    for kind, cfg in cfgs.items():
+        header = (f"# planned by tools/train_all.py for {s['n_train']} training images, a typical side of "
+                  f"{s['side']} px and a {args.budget} budget: {step_s[kind]:.3f} s a step measured here\n")
+        (folder / f"{kind}.yaml").write_text(header + yaml.safe_dump(cfg, sort_keys=False))
+    run.state["planned_seconds"] = {k: steps[k] * step_s[k] for k in cfgs}
+    d, m = cfgs["dvae"]["model"], cfgs["dalle"]["model"]
+    print(f"recipe: {d['image_size']} px images, {d['image_size'] // d['downsample']}x"
+          f"{d['image_size'] // d['downsample']} grid of {d['vocab_size']} codes, {m['text_seq_len']} text tokens, "
+          f"transformer {m['n_layer']}x{m['n_embd']}; steps dVAE {steps['dvae']}, transformer {steps['dalle']}, "
+          f"reranker {steps['reranker']} (configs in {folder})")
+    return {"step_seconds": step_s, "steps": steps, "image_size": d["image_size"],
+            "grid": d["image_size"] // d["downsample"], "codes": d["vocab_size"], "text_seq_len": m["text_seq_len"],
+            "caption_tokens_max": max(lengths, default=0)}
+
+
+def _train(tool: str, kind: str):
+    def stage(run, args, source) -> dict:
+        p = _paths(run)
+        _tool(tool).main(["--config", str(run.dir / "configs" / f"{kind}.yaml"), "--out", p[kind],
+                          *_common(args, "train")])
+        return {}
+    return stage
+
+
+def pretokenize(run, args, source) -> dict:
+    s, p = run.state["split"], _paths(run)
+    for part, out in (("train", p["tok_train"]), ("val", p["tok_val"])):
+        if Path(out).exists():  # an interrupted encoding: encoding again is quicker than checking it
+            shutil.rmtree(out)
+        _tool("pretokenize").main(["--dvae", p["dvae"], "--source", s["source"], "--path", s[part], "--out", out,
+                                   "--background", args.background, *_common(args)])
+    return {}
+
+
+def bundle(run, args, source) -> dict:
+    p = _paths(run)
+    _tool("bundle").main(["--dalle", p["dalle"], "--reranker", p["reranker"], "--out", p["model"], "--dtype", "fp32"])
+    return {}
+
+
+def evaluate(run, args, source) -> dict:
+    return _tool("train_all_report").evaluate(run, args, _paths(run), _common)
+
+
+def report(run, args, source) -> dict:
+    return _tool("train_all_report").write_report(run, args, _paths(run))
+
+
+STAGE_FUNCTIONS = {"split": split, "bpe": bpe, "plan": plan, "dvae": _train("train_dvae", "dvae"),
+                   "pretokenize": pretokenize, "dalle": _train("train_dalle", "dalle"),
+                   "reranker": _train("train_reranker", "reranker"), "bundle": bundle, "evaluate": evaluate,
+                   "report": report}
