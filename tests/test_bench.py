@@ -39,7 +39,7 @@ def test_the_user_cases_run_at_tiny_sizes(monkeypatch):
     monkeypatch.setenv("BENCH_MAX_WAIT", "0")
     monkeypatch.setattr(bench, "CLEAN_CORES", float("inf"))  # the first timed run counts, however busy the machine
     monkeypatch.setattr(bench_cases, "fp32_peak", lambda: 100.0)
-    for name in ("gen:candidates", "paper:decode", "paper:train"):
+    for name in ("gen:candidates", "paper:decode", "paper:train", "caption:64"):
         assert name in bench.CPU_CASES
 
     r = bench_cases.case_candidates(0, 1, candidates=4, batch_size=2, model=dict(n_embd=32, n_layer=1, n_head=2))
@@ -56,6 +56,10 @@ def test_the_user_cases_run_at_tiny_sizes(monkeypatch):
     assert set(r["runs_s"]) == {"paper", "paper_dense", "full"} and r["paper_over_full"] == r["paper_s"] / r["full_s"]
     assert r["dense_over_full"] == r["paper_dense_s"] / r["full_s"]
     assert all(r[f"{name}_cpu_s"] > 0 for name in r["runs_s"])
+
+    r = bench_cases.case_caption(0, 1, images=3)
+    assert r["images"] == 3 and r["images_per_s"] == 3 / r["median_s"] and r["mean_text_tokens"] > 0
+    assert "s for 3 images" in bench._figure(r)
 
 
 def test_the_user_cases_verdicts():

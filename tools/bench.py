@@ -66,6 +66,7 @@ CASES: dict[str, tuple[str, int, int]] = {
     "paper:decode": ("generate 16 images at 256 + 32x32 tokens, d=128: paper's masks vs full attention", 1, 3),
     "paper:train": ("training step at 256 + 32x32 tokens, d=128, batch 4: paper's masks (block-sparse; dense) vs "
                     "full, fp32", 2, 5),
+    "caption:64": ("caption 64 shapes renders greedily (the shipped model, or its size with random weights)", 1, 5),
     "dvae:encode": ("dVAE encode, batch 64", 2, 10),
     "dvae:decode": ("dVAE decode, batch 64", 2, 10),
     "dvae:train": ("dVAE training step, batch 8", 3, 10),
@@ -344,11 +345,11 @@ def run_case(name: str, threads: int) -> dict[str, Any]:
     _, warmup, runs = CASES[name]
     torch = _setup(threads)
     kind, *rest = name.split(":")
-    if name in ("gen:candidates", "paper:decode", "paper:train"):  # tools/bench_cases.py
+    if name in ("gen:candidates", "paper:decode", "paper:train", "caption:64"):  # tools/bench_cases.py
         from tools import bench_cases
 
         fn = {"gen:candidates": bench_cases.case_candidates, "paper:decode": bench_cases.case_paper_decode,
-              "paper:train": bench_cases.case_paper_train}[name]
+              "paper:train": bench_cases.case_paper_train, "caption:64": bench_cases.case_caption}[name]
         return {**fn(warmup, runs), "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
     if kind == "gpu":
         return case_gpu_attention(warmup, runs) if rest[0] == "attention" else case_gpu_generate(warmup, runs)
