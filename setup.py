@@ -69,6 +69,7 @@ setup(
             "dalle-bench-train=dalle_tools.console:bench_train",
             "dalle-feedback=dalle_tools.console:feedback",
             "dalle-train-feedback=dalle_tools.console:train_feedback",
+            "dalle-eval-feedback=dalle_tools.console:eval_feedback",
             "dalle-train-all=dalle_tools.console:train_all",
         ]
     },

@@ -1,0 +1,234 @@
+"""Policy evaluation after learning from feedback (Stiennon et al. 2020, sec. 4.1 and fig. 3 and 7): how right
+are the images of each policy by a judge that is not the reward model (the shapes detector), how far has the
+policy moved from the supervised model (KL), how much does the reward model like what it kept, and how much
+variety is left.
+
+Rows, each on held-out shapes prompts with the same seeds:
+
+    first sample   the supervised (SFT) model's sample c = 0; KL 0 by definition
+    best of N      N samples of the SFT model, the one the reward model scores highest kept; KL analytic,
+                   log N - (N - 1) / N (`best_of_n_kl`), since the kept sample's distribution is known
+    fine-tuned     each policy's sample c = 0; KL by Monte Carlo, mean over the policy's own samples of
+                   sum over image tokens of log pi - log pi_SFT
+
+Every model samples plainly (temperature 1, no top-k/top-p, no guidance): the KL is then that of the
+distributions actually sampled, and best-of-N's formula holds. Candidate c of every prompt is sampled with
+seed `seed + c`, so the first-sample rows of two identical models are identical. Diversity, among
+`diversity` samples per prompt: the share of distinct code sequences (1/k when all k are equal) and the mean
+absolute pixel difference of every pair of them, in [0, 1]. Pure library code: no file I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dalle.evaluation.compositional import Prompt, score_images, shapes_prompts, summarise
+from dalle.feedback.losses import best_of_n_kl, sequence_kl, token_logprobs
+from dalle.generation import sample_codes
+from dalle.pipeline import Pipeline
+
+# (prompts, codes (B, N), images (B, 3, H, W) uint8) -> rewards (B,)
+Scorer = Callable[[Sequence[str], Tensor, Tensor], Tensor]
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    best_of: tuple[int, ...] = (4, 16, 64)  # N of the best-of-N rows
+    diversity: int = 16  # samples per prompt for the diversity figures and the Monte-Carlo KL
+    seed: int = 0  # candidate c of each prompt is sampled with seed + c
+    batch_size: int = 32  # images sampled together
+
+    def __post_init__(self) -> None:
+        if any(n < 1 for n in self.best_of) or self.diversity < 0 or self.batch_size < 1:
+            raise ValueError(f"need best_of >= 1, diversity >= 0 and batch_size >= 1, got {self.best_of}, "
+                             f"{self.diversity}, {self.batch_size}")
+
+
+def held_out_prompts(split: str, n: int, exclude: Iterable[str] = (), seed: int = 0, image_size: int = 64,
+                     ) -> list[Prompt]:
+    """The first `n` prompts of a shapes split whose caption is not in `exclude` (what fine-tuning saw)."""
+    exclude = set(exclude)
+    wanted = n + len(exclude)  # captions repeat, so at most this many indices can be excluded
+    out = [p for p in shapes_prompts(split, wanted, seed, image_size) if p.caption not in exclude][:n]
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} of the first {wanted} {split} prompts are held out; ask for fewer")
+    return out
+
+
+@torch.no_grad()
+def draw(pipe: Pipeline, prompts: Sequence[str], k: int, seed: int, batch_size: int,
+         progress: Progress | None = None) -> tuple[Tensor, Tensor]:
+    """k plain samples per prompt: codes (P, k, N) and images (P, k, 3, H, W) uint8, quantised as a PNG is.
+    progress(n) is called with the prompts whose k samples are complete."""
+    jobs = [(i, seed + c) for i in range(len(prompts)) for c in range(k)]
+    codes, images, done = [], [], 0
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        c, im = sample_codes(pipe, [prompts[i] for i, _ in chunk], [s for _, s in chunk])
+        codes.append(c)
+        images.append(im.clamp(0, 1).mul(255).add(0.5).floor().to(torch.uint8))
+        if progress is not None:
+            progress((start + len(chunk)) // k - done)
+            done = (start + len(chunk)) // k
+    codes_t, images_t = torch.cat(codes), torch.cat(images)
+    return codes_t.view(len(prompts), k, -1), images_t.view(len(prompts), k, *images_t.shape[1:])
+
+
+def diversity(codes: Tensor, images: Tensor) -> dict[str, float]:
+    """codes (P, k, N), images (P, k, 3, H, W) uint8 or in [0, 1] -> the mean over prompts of the share of
+    distinct code sequences among the k, and of the mean absolute pixel difference over their pairs."""
+    p, k = codes.shape[:2]
+    if k < 2:
+        raise ValueError(f"diversity needs at least 2 samples per prompt, got {k}")
+    distinct = sum(len({tuple(row.tolist()) for row in codes[i]}) for i in range(p)) / (p * k)
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    a, b = zip(*itertools.combinations(range(k), 2))
+    distance = (x[:, list(a)] - x[:, list(b)]).abs().mean().item()  # (P, pairs, 3, H, W) -> scalar
+    return {"distinct": distinct, "pixel_distance": distance}
+
+
+@torch.no_grad()
+def policy_kl(policy: Pipeline, ref: Pipeline, prompts: Sequence[str], codes: Tensor, batch_size: int) -> Tensor:
+    """Monte-Carlo KL(pi || pi_SFT) per sample (B,), in nats: sum over image tokens of log pi - log pi_SFT
+    for codes (B, N) sampled from the policy. Each model reads the prompt through its own tokenizer."""
+    out = []
+    for start in range(0, len(codes), batch_size):
+        texts, c = list(prompts[start : start + batch_size]), codes[start : start + batch_size]
+        logp = [token_logprobs(pipe.model(_text(pipe, texts), c.to(pipe.device))[1], c.to(pipe.device)).cpu()
+                for pipe in (policy, ref)]
+        out.append(sequence_kl(*logp))
+    return torch.cat(out)
+
+
+def _text(pipe: Pipeline, texts: list[str]) -> Tensor:
+    return pipe.tokenizer.encode_batch(texts, pipe.model.config.text_seq_len, truncate_warn=False)[0].to(pipe.device)
+
+
+def reward_scorer(model: Any, tokenizer: Any, batch_size: int = 64) -> Scorer:
+    """A RewardModel as a Scorer: pixels (resized to its reranker's size) or codes, as its body reads."""
+    cfg = model.config
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def score(prompts: Sequence[str], codes: Tensor, images: Tensor) -> Tensor:
+        out = []
+        for start in range(0, len(codes), batch_size):
+            part = slice(start, start + batch_size)
+            text = tokenizer.encode_batch(list(prompts[part]), cfg.text_seq_len, truncate_warn=False)[0]
+            image = codes[part]
+            if cfg.reads_pixels:
+                image, size = images[part].float() / 255, cfg.reranker.image_size
+                if image.shape[-1] != size:
+                    image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False,
+                                          antialias=True).clamp(0, 1)
+            out.append(model(text.to(device), image.to(device)).float().cpu())
+        return torch.cat(out)
+    return score
+
+
+def _judge(prompts: Sequence[Prompt], images: Tensor) -> dict[str, Any]:
+    """Compositional figures of one kept image per prompt, images (P, 3, H, W) uint8."""
+    summary = summarise(prompts, score_images(prompts, [im.permute(1, 2, 0).numpy() for im in images]))
+    return {"accuracy": summary["all"], "two_objects": summary.get("2 objects", {"n": 0})}
+
+
+def _sft_rows(sft: Pipeline, split: str, prompts: Sequence[Prompt], reward: Scorer, s: EvalSettings,
+              progress: Progress | None) -> list[dict[str, Any]]:
+    texts = [p.caption for p in prompts]
+    k = max([*s.best_of, s.diversity, 1])
+    codes, images = draw(sft, texts, k, s.seed, s.batch_size, progress)
+    scores = reward([t for t in texts for _ in range(k)], codes.flatten(0, 1), images.flatten(0, 1)).view(-1, k)
+    first = {"name": "sft", "selection": "first sample", "split": split, "kl": 0.0, "kl_estimate": "reference",
+             "reward": scores[:, 0].mean().item(), **_judge(prompts, images[:, 0])}
+    if s.diversity > 1:
+        first.update(diversity(codes[:, : s.diversity], images[:, : s.diversity]))
+    rows, every = [first], torch.arange(len(prompts))
+    for n in sorted(s.best_of):
+        pick = scores[:, :n].argmax(1)  # among the first n candidates, so the rows differ only in selection
+        rows.append({"name": f"sft best of {n}", "selection": f"best of {n} by the reward model", "split": split,
+                     "kl": best_of_n_kl(n), "kl_estimate": "analytic", "reward": scores[every, pick].mean().item(),
+                     **_judge(prompts, images[every, pick])})
+    return rows
+
+
+def _policy_row(name: str, policy: Pipeline, sft: Pipeline, split: str, prompts: Sequence[Prompt], reward: Scorer,
+                s: EvalSettings, progress: Progress | None) -> dict[str, Any]:
+    texts = [p.caption for p in prompts]
+    k = max(s.diversity, 1)
+    codes, images = draw(policy, texts, k, s.seed, s.batch_size, progress)
+    kl = policy_kl(policy, sft, [t for t in texts for _ in range(k)], codes.flatten(0, 1), s.batch_size)
+    row = {"name": name, "selection": "first sample", "split": split, "kl": kl.mean().item(),
+           "kl_estimate": f"monte carlo, {len(kl)} samples",
+           "reward": reward(texts, codes[:, 0], images[:, 0]).mean().item(), **_judge(prompts, images[:, 0])}
+    if k > 1:
+        row.update(diversity(codes, images))
+    return row
+
+
+def evaluate(sft: Pipeline, policies: Iterable[tuple[str, Pipeline]], prompts: dict[str, list[Prompt]],
+             reward: Scorer, settings: EvalSettings = EvalSettings(),
+             bar: Callable[[str, int], Progress | None] = lambda desc, total: None) -> list[dict[str, Any]]:
+    """One row per (model or N, split). `policies` may load each model lazily (a generator): one is held at a
+    time. bar(description, prompts) gives a progress callback for one model and split."""
+    rows = []
+    for split, ps in prompts.items():
+        rows += _sft_rows(sft, split, ps, reward, settings, bar(f"sft {split}", len(ps)))
+    for name, policy in policies:
+        for split, ps in prompts.items():
+            rows.append(_policy_row(name, policy, sft, split, ps, reward, settings, bar(f"{name} {split}", len(ps))))
+    return rows
+
+
+ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "count", "all_correct")
+
+
+def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per model or N, splits side by side: KL, reward and diversity averaged over the splits (each
+    has the same number of prompts), all-correct per split, overall and on two-object prompts."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        e = out.setdefault(r["name"], {"name": r["name"], "selection": r["selection"], "splits": {}})
+        e["splits"][r["split"]] = {"all_correct": r["accuracy"].get("all_correct"),
+                                   "two_objects_all_correct": r["two_objects"].get("all_correct")}
+    for name, e in out.items():
+        mine = [r for r in rows if r["name"] == name]
+        for key in ("kl", "reward", "distinct", "pixel_distance"):
+            values = [r[key] for r in mine if r.get(key) is not None]
+            e[key] = sum(values) / len(values) if len(values) == len(mine) else None
+    return list(out.values())
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The summary table (true accuracy against KL, with the reward beside it), then per split the accuracy of
+    each attribute."""
+    entries = summary(rows)
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    head = ["model", "KL (nats)", "reward"] + [f"{x}: {s}" for s in splits for x in ("all correct", "2 objects")]
+    lines = ["| " + " | ".join(head + ["distinct", "pixel distance"]) + " |", "|" + "---|" * (len(head) + 2)]
+    for e in entries:
+        cells = [e["name"], e["kl"], e["reward"]]
+        cells += [e["splits"][s][k] for s in splits for k in ("all_correct", "two_objects_all_correct")]
+        lines.append("| " + " | ".join(_cell(c) for c in cells + [e["distinct"], e["pixel_distance"]]) + " |")
+    for split in splits:
+        mine = [r for r in rows if r["split"] == split]
+        n = mine[0]["accuracy"].get("n", 0)
+        lines += ["", f"{split} ({n} prompts; two-object prompts: {mine[0]['two_objects'].get('n', 0)})", ""]
+        cols = [a for a in ATTRIBUTES if any(a in r["accuracy"] for r in mine)]
+        lines += ["| model | " + " | ".join(c.replace("_", " ") for c in cols) + " | 2 objects: all correct |",
+                  "|" + "---|" * (len(cols) + 2)]
+        for r in mine:
+            cells = [r["name"]] + [r["accuracy"].get(c) for c in cols] + [r["two_objects"].get("all_correct")]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,135 @@
+"""Policy evaluation after feedback (dalle/feedback/policy_eval.py, tools/eval_feedback.py) and the one-command
+loop (tools/feedback_loop.py), on the tiny models of conftest's tiny_parts."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dalle.checkpoint import load_pretrained, save_pretrained
+from dalle.feedback.losses import best_of_n_kl
+from dalle.feedback.policy_eval import EvalSettings, diversity, draw, evaluate, held_out_prompts, markdown
+from dalle.pipeline import load_pipeline
+from dalle_tools import eval_feedback
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_parts):
+    """A reward model on the tiny reranker's body, untrained (it ranks as the raw reranker does)."""
+    from dalle.feedback.reward import RewardConfig, RewardModel
+
+    reranker = load_pretrained(tiny_parts / "reranker", expect="reranker")
+    model = RewardModel(RewardConfig(body="reranker", reranker=reranker.config))
+    model.load_body(reranker)
+    out = tiny_parts / "reward"
+    if not out.exists():
+        save_pretrained(model, out, extra=lambda d: (d / "tokenizer.json").write_bytes(
+            (tiny_parts / "tokenizer.json").read_bytes()))
+    return out
+
+
+def low_codes(prompts, codes, images):
+    """A reward whose favourite is known: the lower an image's mean code, the better."""
+    return -codes.float().mean(-1)
+
+
+def test_best_of_n_kl_matches_the_exact_kl_of_a_fine_distribution():
+    # Best of n from M equally likely outcomes with distinct rewards: rank i is kept with probability
+    # ((i+1)/M)^n - (i/M)^n; as M grows its KL from the uniform tends to log n - (n-1)/n.
+    m = 200_000
+    for n in (1, 4, 16, 64):
+        edges = torch.arange(m + 1, dtype=torch.float64) / m
+        p = edges[1:] ** n - edges[:-1] ** n
+        exact = torch.special.xlogy(p, p * m).sum().item()  # 0 log 0 = 0 where p underflows
+        assert best_of_n_kl(n) == pytest.approx(exact, abs=1e-3)
+    assert best_of_n_kl(1) == 0 and best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+
+
+def test_diversity_on_hand_made_samples():
+    same = diversity(torch.zeros(2, 4, 16, dtype=torch.long), torch.full((2, 4, 3, 8, 8), 7, dtype=torch.uint8))
+    assert same == {"distinct": 0.25, "pixel_distance": 0.0}  # nothing above 1/k, no distance
+    codes = torch.tensor([[[1, 2], [1, 2], [3, 4]]])  # two of three equal
+    images = torch.stack([torch.zeros(3, 4, 4), torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])[None]
+    got = diversity(codes, images)
+    assert got["distinct"] == pytest.approx(2 / 3)
+    assert got["pixel_distance"] == pytest.approx(2 / 3)  # pairs: 0, 1, 1
+    as_uint8 = diversity(codes, (images * 255).to(torch.uint8))
+    assert as_uint8["pixel_distance"] == pytest.approx(2 / 3)
+
+
+def _prompts(n=3):
+    return {"train": held_out_prompts("train", n, image_size=32), "zeroshot": held_out_prompts("zeroshot", n,
+                                                                                                 image_size=32)}
+
+
+def test_the_supervised_model_against_itself_has_kl_zero(tiny_parts):
+    sft = load_pipeline(tiny_parts / "model")
+    settings = EvalSettings(best_of=(2,), diversity=3, batch_size=8)
+    rows = evaluate(sft, [("same", load_pipeline(tiny_parts / "model"))], _prompts(), low_codes, settings)
+    same = [r for r in rows if r["name"] == "same"]
+    first = [r for r in rows if r["name"] == "sft"]
+    assert len(same) == len(first) == 2
+    for a, b in zip(same, first):
+        assert a["kl"] == pytest.approx(0.0, abs=1e-4)
+        assert a["accuracy"] == b["accuracy"] and a["reward"] == pytest.approx(b["reward"])  # same seeds, same images
+        assert a["distinct"] == b["distinct"] and 1 / 3 <= a["distinct"] <= 1
+    # A perturbed copy samples differently and moves off 0 (a Monte-Carlo KL is >= 0 only on average).
+    moved = load_pipeline(tiny_parts / "model")
+    with torch.no_grad():
+        for p in moved.model.image_head.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    row = evaluate(sft, [("moved", moved)], {"train": _prompts()["train"]}, low_codes, settings)[-1]
+    assert row["kl"] > 0.1
+
+
+def test_best_of_n_keeps_what_the_reward_model_prefers(tiny_parts):
+    sft = load_pipeline(tiny_parts / "model")
+    prompts = {"train": held_out_prompts("train", 4, image_size=32)}
+    settings = EvalSettings(best_of=(1, 4, 8), diversity=0, batch_size=16)
+    rows = {r["name"]: r for r in evaluate(sft, [], prompts, low_codes, settings)}
+    codes, _ = draw(sft, [p.caption for p in prompts["train"]], 8, 0, 16)
+    means = codes.float().mean(-1)  # (P, 8)
+    for n in (1, 4, 8):
+        assert rows[f"sft best of {n}"]["reward"] == pytest.approx(-means[:, :n].min(1).values.mean().item())
+        assert rows[f"sft best of {n}"]["kl"] == pytest.approx(best_of_n_kl(n))
+    assert rows["sft best of 8"]["reward"] > rows["sft best of 1"]["reward"]
+    assert rows["sft best of 1"]["reward"] == pytest.approx(rows["sft"]["reward"])
+    table = markdown(list(rows.values()))
+    assert f"| sft best of 8 | {best_of_n_kl(8):.3f} |" in table
+
+
+def _cli(tiny_parts, reward_dir, out, *extra):
+    return eval_feedback.main(["--sft", str(tiny_parts / "model"), "--reward", str(reward_dir), "--model",
+                               f"copy={tiny_parts / 'model'}", "--n", "2", "--best-of", "2", "--diversity", "2",
+                               "--threads", "1", "--device", "cpu", "--no-progress", "--out", str(out), *extra])
+
+
+def test_eval_cli_writes_table_and_json_and_refuses_an_existing_out(tiny_parts, reward_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert _cli(tiny_parts, reward_dir, out) == 0
+    record = json.loads((out / "policy-eval.json").read_text())
+    names = [e["name"] for e in record["summary"]]
+    assert names == ["sft", "sft best of 2", "copy"]
+    assert len(record["rows"]) == 6  # three rows, two splits
+    assert record["summary"][2]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert all(isinstance(r["reward"], float) and math.isfinite(r["reward"]) for r in record["rows"])
+    table = (out / "policy-eval.md").read_text()
+    assert "| copy |" in table and "all correct: zeroshot" in table
+    assert "| copy |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        _cli(tiny_parts, reward_dir, out)
+    assert _cli(tiny_parts, reward_dir, out, "--overwrite") == 0
+
+
+def test_eval_cli_errors_are_one_line(tiny_parts, reward_dir, tmp_path, capsys):
+    for bad in (["--model", "nodir"], ["--best-of", "0"], ["--n", "x"]):
+        with pytest.raises(SystemExit) as e:
+            _cli(tiny_parts, reward_dir, tmp_path / "x", *bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err and "error: argument" in err.strip().splitlines()[-1]
+    with pytest.raises(SystemExit, match="cannot load"):
+        _cli(tiny_parts, reward_dir, tmp_path / "y", "--model", f"gone={tmp_path / 'missing'}")
+    with pytest.raises(SystemExit, match="cannot evaluate"):
+        eval_feedback.main(["--sft", str(tiny_parts / "model"), "--reward", str(tiny_parts / "model"),
+                            "--out", str(tmp_path / "z")])
