@@ -70,6 +70,7 @@ setup(
             "dalle-feedback=dalle_tools.console:feedback",
             "dalle-train-feedback=dalle_tools.console:train_feedback",
             "dalle-eval-feedback=dalle_tools.console:eval_feedback",
+            "dalle-feedback-loop=dalle_tools.console:feedback_loop",
             "dalle-train-all=dalle_tools.console:train_all",
         ]
     },

@@ -1,0 +1,156 @@
+"""The whole feedback loop on shapes prompts in one command, with the simulated rater in place of people.
+
+    python tools/feedback_loop.py --out runs/loop --prompts 50 --pairs-per-prompt 2 --threads 1 \
+        --set dpo.train.steps=40 --set grpo.train.steps=20
+
+Stages, each the existing command run in this process, each skipped once its output is complete (a marker
+in OUT/done/), so re-running the same command after a crash continues where it stopped (the training
+stages resume from their last checkpoint, as the engine does):
+
+    sample     pairs of the model's samples of the first --prompts shapes train captions  OUT/fb.db
+    simulate   the simulated rater (--noise of decided labels flipped) judges every pair   rater "sim"
+    reward     a reward model on those judgements (--reward-config)                        OUT/reward
+    dpo, grpo  fine-tuning of the model (--dpo-config, --grpo-config; --methods)           OUT/dpo, OUT/grpo
+    evaluate   tools/eval_feedback.py on held-out prompts (not in the store)               OUT/eval
+
+Config values of a training stage are changed with --set STAGE.SECTION.KEY=VALUE (e.g.
+--set reward.train.steps=50); the loop itself sets each stage's inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a source checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dalle import cli
+from dalle.cli import add_debug_flag, add_threads_flag, apply_threads
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "feedback"
+METHODS = ("dpo", "grpo")
+# What the store is made from: a run started with other values cannot continue with these.
+DATA_SETTINGS = ("model", "prompts", "pairs_per_prompt", "noise", "seed")
+
+
+def _override(text: str) -> tuple[str, str]:
+    stage, _, rest = text.partition(".")
+    if stage not in ("reward", *METHODS) or "=" not in rest or "." not in rest.split("=")[0]:
+        raise argparse.ArgumentTypeError(f"expected STAGE.SECTION.KEY=VALUE with STAGE reward, dpo or grpo, "
+                                         f"got {text!r}")
+    return stage, rest
+
+
+def parser() -> argparse.ArgumentParser:
+    from dalle.pipeline import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="run directory: the store, each stage's run, the evaluation")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="the supervised transformer the loop starts from")
+    p.add_argument("--reranker", default=None,
+                   help="reranker the reward model starts from (default: the model's reranker/ folder)")
+    p.add_argument("--prompts", type=cli.positive_int, default=50, help="shapes train captions sampled")
+    p.add_argument("--pairs-per-prompt", type=cli.positive_int, default=2, help="pairs sampled for each prompt")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="images sampled together")
+    p.add_argument("--noise", type=cli.float_range(0.0, 0.5), default=0.25,
+                   help="share of the simulated rater's decided labels flipped (0.25: human agreement)")
+    p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS), help="fine-tuning methods run")
+    for stage in ("reward", *METHODS):
+        p.add_argument(f"--{stage}-config", default=str(CONFIGS / f"{stage}-shapes.yaml"),
+                       help=f"config of the {stage} stage")
+    p.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
+                   metavar="STAGE.SECTION.KEY=VALUE", help="change one config value of a training stage (repeatable)")
+    p.add_argument("--eval-n", type=cli.positive_int, default=20, help="held-out prompts per split evaluated")
+    p.add_argument("--best-of", type=cli.positive_int, nargs="*", default=[4, 16, 64], help="N of best-of-N rows")
+    p.add_argument("--diversity", type=cli.non_negative_int, default=16, help="samples per prompt for diversity")
+    p.add_argument("--seed", type=cli.seed_int, default=0, help="seed of the samples and of the rater's noise")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_threads_flag(p)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_debug_flag(p)
+    return p
+
+
+def _settings(args: argparse.Namespace, out: Path) -> None:
+    """Record the data settings; refuse to continue a run made with others."""
+    mine = {k: getattr(args, k) for k in DATA_SETTINGS}
+    path = out / "loop.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in DATA_SETTINGS if before.get(k) != mine[k])
+        if changed:
+            raise SystemExit(f"{out} was started with other {', '.join(changed)}: use another --out, or the same "
+                             "values")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(mine, indent=2) + "\n")
+
+
+def _stage(out: Path, name: str, run, key: str = "") -> None:
+    """Run a stage unless its marker says it completed with the same `key` (what its output depends on)."""
+    marker = out / "done" / name
+    if marker.is_file() and marker.read_text() == key:
+        print(f"[{name}] done before, skipped", flush=True)
+        return
+    print(f"[{name}]", flush=True)
+    code = run()
+    if code:
+        raise SystemExit(f"stage {name} failed (exit code {code})")
+    marker.parent.mkdir(exist_ok=True)
+    marker.write_text(key)
+
+
+def _sample(args: argparse.Namespace, store: Path) -> int:
+    from dalle_tools import feedback
+
+    for leftover in (store, Path(f"{store}-wal"), Path(f"{store}-shm")):  # an interrupted sampling: start again
+        leftover.unlink(missing_ok=True)
+    return feedback.main(["sample", "--store", str(store), "--shapes", "train", "--n", str(args.prompts),
+                          "--pairs-per-prompt", str(args.pairs_per_prompt), "--model", args.model, "--seed",
+                          str(args.seed), "--batch-size", str(args.batch_size), "--device", args.device])
+
+
+def _train(args: argparse.Namespace, out: Path, stage: str, sets: dict[str, object]) -> int:
+    from dalle_tools import train_feedback
+
+    sets = [f"{k}={v}" for k, v in sets.items()] + [v for s, v in args.overrides if s == stage]
+    argv = [stage, "--config", getattr(args, f"{stage}_config"), "--out", str(out / stage), "--device", args.device,
+            "--threads", str(args.threads)] + [x for s in sets for x in ("--set", s)]
+    return train_feedback.main(argv + (["--no-progress"] if args.no_progress else []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dalle_tools import eval_feedback, feedback
+
+    args = parser().parse_args(argv)
+    apply_threads(args.threads)
+    out = Path(args.out)
+    _settings(args, out)
+    store = out / "fb.db"
+    reranker = args.reranker or str(Path(args.model) / "reranker")
+    _stage(out, "sample", lambda: _sample(args, store))
+    _stage(out, "simulate", lambda: feedback.main(["simulate", "--store", str(store), "--rater", "sim", "--noise",
+                                                   str(args.noise), "--seed", str(args.seed)]))
+    _stage(out, "reward", lambda: _train(args, out, "reward", {"inputs.store": store, "inputs.init": reranker,
+                                                               "objective.rater": "sim"}))
+    for method in args.methods:
+        sets = {"inputs.store": store, "inputs.init": args.model}
+        sets |= {"inputs.reward": out / "reward"} if method == "grpo" else {"objective.rater": "sim"}
+        _stage(out, method, partial(_train, args, out, method, sets))
+    models = [x for m in args.methods for x in ("--model", f"{m}={out / m}")]
+    evaluation = ["--sft", args.model, "--reward", str(out / "reward"), *models, "--exclude-store", str(store),
+                  "--n", str(args.eval_n), "--best-of", *map(str, args.best_of), "--diversity", str(args.diversity),
+                  "--seed", str(args.seed), "--device", args.device, "--threads", str(args.threads),
+                  "--out", str(out / "eval"), "--overwrite"] + (["--no-progress"] if args.no_progress else [])
+    _stage(out, "evaluate", lambda: eval_feedback.main(evaluation), key=json.dumps(evaluation))
+    print(f"table: {out / 'eval' / 'policy-eval.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
