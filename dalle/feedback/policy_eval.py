@@ -146,14 +146,16 @@ def _sft_rows(sft: Pipeline, split: str, prompts: Sequence[Prompt], reward: Scor
     k = max([*s.best_of, s.diversity, 1])
     codes, images = draw(sft, texts, k, s.seed, s.batch_size, progress)
     scores = reward([t for t in texts for _ in range(k)], codes.flatten(0, 1), images.flatten(0, 1)).view(-1, k)
-    first = {"name": "sft", "selection": "first sample", "split": split, "kl": 0.0, "kl_estimate": "reference",
+    first = {"name": "sft", "model_id": sft.model_id, "selection": "first sample", "split": split, "kl": 0.0,
+             "kl_estimate": "reference",
              "reward": scores[:, 0].mean().item(), **_judge(prompts, images[:, 0])}
     if s.diversity > 1:
         first.update(diversity(codes[:, : s.diversity], images[:, : s.diversity]))
     rows, every = [first], torch.arange(len(prompts))
     for n in sorted(s.best_of):
         pick = scores[:, :n].argmax(1)  # among the first n candidates, so the rows differ only in selection
-        rows.append({"name": f"sft best of {n}", "selection": f"best of {n} by the reward model", "split": split,
+        rows.append({"name": f"sft best of {n}", "model_id": sft.model_id, "selection": f"best of {n} by the reward "
+                     "model", "split": split,
                      "kl": best_of_n_kl(n), "kl_estimate": "analytic", "reward": scores[every, pick].mean().item(),
                      **_judge(prompts, images[every, pick])})
     return rows
@@ -165,7 +167,8 @@ def _policy_row(name: str, policy: Pipeline, sft: Pipeline, split: str, prompts:
     k = max(s.diversity, 1)
     codes, images = draw(policy, texts, k, s.seed, s.batch_size, progress)
     kl = policy_kl(policy, sft, [t for t in texts for _ in range(k)], codes.flatten(0, 1), s.batch_size)
-    row = {"name": name, "selection": "first sample", "split": split, "kl": kl.mean().item(),
+    row = {"name": name, "model_id": policy.model_id, "selection": "first sample", "split": split,
+           "kl": kl.mean().item(),
            "kl_estimate": f"monte carlo, {len(kl)} samples",
            "reward": reward(texts, codes[:, 0], images[:, 0]).mean().item(), **_judge(prompts, images[:, 0])}
     if k > 1:
@@ -195,7 +198,8 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     has the same number of prompts), all-correct per split, overall and on two-object prompts."""
     out: dict[str, dict[str, Any]] = {}
     for r in rows:
-        e = out.setdefault(r["name"], {"name": r["name"], "selection": r["selection"], "splits": {}})
+        e = out.setdefault(r["name"], {"name": r["name"], "model_id": r["model_id"], "selection": r["selection"],
+                                       "splits": {}})
         e["splits"][r["split"]] = {"all_correct": r["accuracy"].get("all_correct"),
                                    "two_objects_all_correct": r["two_objects"].get("all_correct")}
     for name, e in out.items():
