@@ -175,3 +175,14 @@ def test_the_loop_runs_end_to_end_and_resumes(tiny_parts, tmp_path, capsys, monk
     assert said.count("done before, skipped") == 6, said
     with pytest.raises(SystemExit, match="started with other noise"):
         _loop(tiny_parts, tmp_path / "run", "--noise", "0.1")
+    # A training stage that finished without its marker (killed just after) runs again from its last checkpoint.
+    (tmp_path / "run" / "done" / "grpo").unlink()
+    capsys.readouterr()
+    assert _loop(tiny_parts, tmp_path / "run", "--best-of", "3") == 0
+    said = capsys.readouterr().out
+    assert "[grpo]" in said and "[evaluate]" in said and said.count("done before, skipped") == 4, said
+    assert [e["name"] for e in json.loads((tmp_path / "run" / "eval" / "policy-eval.json").read_text())["summary"]] \
+        == ["sft", "sft best of 3", "dpo", "grpo"]  # the evaluation's flags changed: it ran again
+    with pytest.raises(SystemExit) as e:
+        _loop(tiny_parts, tmp_path / "other", "--set", "nope.train.steps=1")
+    assert e.value.code == 2

@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if not Path(args.exclude_store).is_file():
             raise SystemExit(f"--exclude-store {args.exclude_store} does not exist")
-        exclude = [r[0] for r in Store(args.exclude_store).db.execute("SELECT text FROM prompts")]
+        store = Store(args.exclude_store)
+        exclude = [r[0] for r in store.db.execute("SELECT text FROM prompts")]
+        store.close()
     sft = _load(args.sft, device)
     try:
         reward_model = load_pretrained(args.reward, expect="reward", map_location=device).eval()

@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sample k of a prompt uses seed SEED + k")
     s.add_argument("--cond-scale", type=float, default=3.0, help="classifier-free guidance scale")
     s.add_argument("--batch-size", type=int, default=16, help="images sampled together")
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_sampling_flags(s)
     v = sub.add_parser("serve", parents=[common, model], formatter_class=fmt, help="start the web app")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
@@ -89,7 +90,8 @@ def _sample(args: argparse.Namespace, store) -> None:
             raise SystemExit(f"cannot read --prompts {args.prompts}: {e}") from None
         split = ""
     pipe = _pipeline(args)
-    with tqdm(total=2 * len(prompts) * args.pairs_per_prompt, unit="img", desc="sampling") as bar:
+    with tqdm(total=2 * len(prompts) * args.pairs_per_prompt, unit="img", desc="sampling",
+              disable=args.no_progress) as bar:
         pairs = add_pairs(pipe, store, prompts, split=split, per_prompt=args.pairs_per_prompt, seed=args.seed,
                           batch_size=args.batch_size, progress=bar.update, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale)

@@ -112,7 +112,8 @@ def _sample(args: argparse.Namespace, store: Path) -> int:
         leftover.unlink(missing_ok=True)
     return feedback.main(["sample", "--store", str(store), "--shapes", "train", "--n", str(args.prompts),
                           "--pairs-per-prompt", str(args.pairs_per_prompt), "--model", args.model, "--seed",
-                          str(args.seed), "--batch-size", str(args.batch_size), "--device", args.device])
+                          str(args.seed), "--batch-size", str(args.batch_size), "--device", args.device]
+                         + (["--no-progress"] if args.no_progress else []))
 
 
 def _train(args: argparse.Namespace, out: Path, stage: str, sets: dict[str, object]) -> int:
