@@ -89,9 +89,12 @@ def diversity(codes: Tensor, images: Tensor) -> dict[str, float]:
     if k < 2:
         raise ValueError(f"diversity needs at least 2 samples per prompt, got {k}")
     distinct = sum(len({tuple(row.tolist()) for row in codes[i]}) for i in range(p)) / (p * k)
-    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    a, b = zip(*itertools.combinations(range(k), 2))
-    distance = (x[:, list(a)] - x[:, list(b)]).abs().mean().item()  # (P, pairs, 3, H, W) -> scalar
+    a, b = (list(x) for x in zip(*itertools.combinations(range(k), 2)))
+    per_prompt = []
+    for i in range(p):  # one prompt at a time: all pairs of all prompts at once would hold P x k^2 / 2 images
+        x = images[i].float() / 255 if images.dtype == torch.uint8 else images[i].float()  # (k, 3, H, W)
+        per_prompt.append((x[a] - x[b]).abs().mean().item())
+    distance = sum(per_prompt) / p
     return {"distinct": distinct, "pixel_distance": distance}
 
 
