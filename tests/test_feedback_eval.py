@@ -186,3 +186,11 @@ def test_the_loop_runs_end_to_end_and_resumes(tiny_parts, tmp_path, capsys, monk
     with pytest.raises(SystemExit) as e:
         _loop(tiny_parts, tmp_path / "other", "--set", "nope.train.steps=1")
     assert e.value.code == 2
+
+
+def test_held_out_prompts_leave_out_every_excluded_caption():
+    seen = {p.caption for p in held_out_prompts("train", 100)}
+    assert len(seen) < 100  # captions repeat within a split: excluded ones come back later in it
+    held = held_out_prompts("train", 50, seen)
+    assert len(held) == 50 and not seen & {p.caption for p in held}
+    assert [p.caption for p in held] == [p.caption for p in held_out_prompts("train", 50, seen)]  # fixed

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dalle.evaluation.compositional import Prompt, score_images, shapes_prompts, summarise
+from dalle.data.shapes import make_sample
+from dalle.evaluation.compositional import Prompt, score_images, summarise
 from dalle.feedback.losses import best_of_n_kl, sequence_kl, token_logprobs
 from dalle.generation import sample_codes
 from dalle.pipeline import Pipeline
@@ -55,11 +56,16 @@ class EvalSettings:
 def held_out_prompts(split: str, n: int, exclude: Iterable[str] = (), seed: int = 0, image_size: int = 64,
                      ) -> list[Prompt]:
     """The first `n` prompts of a shapes split whose caption is not in `exclude` (what fine-tuning saw)."""
-    exclude = set(exclude)
-    wanted = n + len(exclude)  # captions repeat, so at most this many indices can be excluded
-    out = [p for p in shapes_prompts(split, wanted, seed, image_size) if p.caption not in exclude][:n]
+    exclude, out = set(exclude), []
+    limit = 20 * (n + len(exclude))  # captions repeat across the split, so excluded ones come back later too
+    for i in range(limit):
+        if len(out) == n:
+            return out
+        sample = make_sample(i, split, seed, image_size)
+        if sample.caption not in exclude:
+            out.append(Prompt(sample.caption, sample))
     if len(out) < n:
-        raise ValueError(f"only {len(out)} of the first {wanted} {split} prompts are held out; ask for fewer")
+        raise ValueError(f"only {len(out)} of the first {limit} {split} prompts are held out; ask for fewer")
     return out
 
 
