@@ -58,8 +58,9 @@ def test_the_user_cases_run_at_tiny_sizes(monkeypatch):
     assert all(r[f"{name}_cpu_s"] > 0 for name in r["runs_s"])
 
     r = bench_cases.case_caption(0, 1, images=3)
-    assert r["images"] == 3 and r["images_per_s"] == 3 / r["median_s"] and r["mean_text_tokens"] > 0
+    assert r["images"] == 3 and r["captions_per_s"] == 3 / r["median_s"] and r["mean_text_tokens"] > 0
     assert "s for 3 images" in bench._figure(r)
+    assert "images/s" in bench._figure({"median_s": 0.5, "runs_s": [0.5], "images_per_s": 128.0})  # dvae cases
 
 
 def test_the_user_cases_verdicts():
