@@ -15,8 +15,9 @@ then timed runs until enough of them were "clean": other processes used under 0.
 from /proc/stat), as a 2-core machine's figures are worthless otherwise. `--compare-peer` also runs
 benchmarks/peer/peer_dalle_pytorch.py (DALLE-pytorch 1.6.6; benchmarks/peer/setup_venv.sh builds its venv)
 case by case in the same run, and prints the ratios next to the targets. The cases gen:candidates,
-paper:decode and paper:train (many candidates for one prompt; the paper's 256 + 32x32 stream with a narrow
-model, its masks against full attention) live in tools/bench_cases.py; the peer has nothing to match them.
+paper:decode, paper:train and caption:64 (many candidates for one prompt; the paper's 256 + 32x32 stream with
+a narrow model, its masks against full attention; captioning a batch of renders) live in tools/bench_cases.py;
+the peer has nothing to match them.
 """
 
 from __future__ import annotations
