@@ -7,32 +7,21 @@ import shutil
 
 import pytest
 import torch
-from tiny import tiny_config
+from tiny import save_joint_model
 
 import caption
 import generate
 from dalle.captioning import prompt_logprob
-from dalle.checkpoint import save_pretrained
 from dalle.data.shapes import make_sample
 from dalle.generation import sample_codes
 from dalle.pipeline import load_pipeline
-from dalle.transformer.model import DALLE
 
 
 @pytest.fixture(scope="module")
 def joint(tiny_parts, tmp_path_factory):
     """An untrained transformer with every layout, beside tiny_parts' text-to-image one, and two images."""
     root = tmp_path_factory.mktemp("joint")
-    t2i = tiny_parts / "model"
-    cfg = json.loads((t2i / "config.json").read_text())["config"]
-    torch.manual_seed(0)
-    model = DALLE(tiny_config("dalle", text_vocab_size=cfg["text_vocab_size"], n_layer=2, text_seq_len=32,
-                              layouts=("t2i", "caption", "qa")))
-
-    def extra(d):
-        shutil.copy(t2i / "tokenizer.json", d / "tokenizer.json")
-        shutil.copy(t2i / "dvae.json", d / "dvae.json")
-    save_pretrained(model, root / "model", extra=extra)
+    save_joint_model(tiny_parts / "model", root / "model")
     for i in range(2):
         make_sample(i, image_size=32).image.save(root / f"scene{i}.png")
     return root

@@ -1,35 +1,20 @@
 """tools/eval_captions.py: captions, answers, the cycle and self-reranking, judged without the model."""
 
 import json
-import shutil
 
 import pytest
-import torch
-from tiny import tiny_config
+from tiny import save_joint_model
 
 from dalle.captioning import Text
-from dalle.checkpoint import save_pretrained
 from dalle.data.qa import shapes_qa
 from dalle.evaluation.compositional import shapes_prompts
-from dalle.transformer.model import DALLE
 from dalle_tools import eval_captions
 
 
 @pytest.fixture(scope="module")
 def joint(tiny_parts, tmp_path_factory):
     """An untrained transformer with every layout, on tiny_parts' tokenizer and dVAE."""
-    root = tmp_path_factory.mktemp("joint-eval")
-    t2i = tiny_parts / "model"
-    cfg = json.loads((t2i / "config.json").read_text())["config"]
-    torch.manual_seed(0)
-    model = DALLE(tiny_config("dalle", text_vocab_size=cfg["text_vocab_size"], n_layer=2, text_seq_len=32,
-                              layouts=("t2i", "caption", "qa")))
-
-    def extra(d):
-        shutil.copy(t2i / "tokenizer.json", d / "tokenizer.json")
-        shutil.copy(t2i / "dvae.json", d / "dvae.json")
-    save_pretrained(model, root / "model", extra=extra)
-    return root / "model"
+    return save_joint_model(tiny_parts / "model", tmp_path_factory.mktemp("joint-eval") / "model")
 
 
 def test_the_tool_writes_every_table_and_keeps_an_earlier_one(joint, tiny_parts, tmp_path):
