@@ -35,6 +35,7 @@ from dalle.data.qa import QUESTION_KINDS, shapes_qa
 from dalle.evaluation.captions import CAPTION_ATTRIBUTES, answer_correct, judge_caption
 from dalle.evaluation.compositional import shapes_prompts, to_uint8
 from dalle.evaluation.detect import compare, detect
+from dalle.evaluation.report import markdown_table
 from dalle.generation import sample_codes
 from dalle.pipeline import DEFAULT_MODEL, Pipeline, load_pipeline, score
 
@@ -129,11 +130,7 @@ def _agrees(verdict, mentions) -> bool:
 
 
 def _table(rows: list[dict], cols: tuple[str, ...]) -> str:
-    def cell(v: object) -> str:
-        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(c.replace("_", " ") for c in cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]) + "\n"
+    return markdown_table([c.replace("_", " ") for c in cols], ([r.get(c) for c in cols] for r in rows))
 
 
 def markdown(result: dict) -> str:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from dalle import cli
 from dalle.cli import add_sampling_flags, add_threads_flag, apply_threads, resolve_device
 from dalle.evaluation.compositional import Prompt, score_images, shapes_prompts, summarise, to_uint8
+from dalle.evaluation.report import markdown_table
 from dalle.generation import sample_images
 from dalle.pipeline import DEFAULT_MODEL, Pipeline, load_pipeline, score
 
@@ -116,12 +117,8 @@ def evaluate_model(args: argparse.Namespace, out: Path) -> tuple[list[dict], str
 def markdown(rows: list[dict], keys: tuple[str, ...]) -> str:
     cols = keys + tuple(c for c in COLUMNS if any(c in r for r in rows)) + (
         ("clip_score",) if any("clip_score" in r for r in rows) else ())
-    lines = ["| " + " | ".join(c.replace("_", " ") for c in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) and c not in keys else str(r.get(c, "-"))
-                 for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table([c.replace("_", " ") for c in cols],
+                          ([str(r[c]) if c in keys else r.get(c) for c in cols] for r in rows))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from dalle.data.shapes import make_sample
 from dalle.evaluation.compositional import Prompt, score_images, summarise
+from dalle.evaluation.report import markdown_table
 from dalle.feedback.losses import best_of_n_kl, sequence_kl, token_logprobs
 from dalle.generation import sample_codes
 from dalle.pipeline import Pipeline
@@ -219,29 +220,22 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def _cell(value: Any) -> str:
-    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The summary table (true accuracy against KL, with the reward beside it), then per split the accuracy of
     each attribute."""
     entries = summary(rows)
     splits = list(dict.fromkeys(r["split"] for r in rows))
     head = ["model", "KL (nats)", "reward"] + [f"{x}: {s}" for s in splits for x in ("all correct", "2 objects")]
-    lines = ["| " + " | ".join(head + ["distinct", "pixel distance"]) + " |", "|" + "---|" * (len(head) + 2)]
-    for e in entries:
-        cells = [e["name"], e["kl"], e["reward"]]
-        cells += [e["splits"][s][k] for s in splits for k in ("all_correct", "two_objects_all_correct")]
-        lines.append("| " + " | ".join(_cell(c) for c in cells + [e["distinct"], e["pixel_distance"]]) + " |")
+    table = [[e["name"], e["kl"], e["reward"]]
+             + [e["splits"][s][k] for s in splits for k in ("all_correct", "two_objects_all_correct")]
+             + [e["distinct"], e["pixel_distance"]] for e in entries]
+    parts = [markdown_table(head + ["distinct", "pixel distance"], table)]
     for split in splits:
         mine = [r for r in rows if r["split"] == split]
         n = mine[0]["accuracy"].get("n", 0)
-        lines += ["", f"{split} ({n} prompts; two-object prompts: {mine[0]['two_objects'].get('n', 0)})", ""]
+        parts.append(f"{split} ({n} prompts; two-object prompts: {mine[0]['two_objects'].get('n', 0)})\n")
         cols = [a for a in ATTRIBUTES if any(a in r["accuracy"] for r in mine)]
-        lines += ["| model | " + " | ".join(c.replace("_", " ") for c in cols) + " | 2 objects: all correct |",
-                  "|" + "---|" * (len(cols) + 2)]
-        for r in mine:
-            cells = [r["name"]] + [r["accuracy"].get(c) for c in cols] + [r["two_objects"].get("all_correct")]
-            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+        parts.append(markdown_table(["model"] + [c.replace("_", " ") for c in cols] + ["2 objects: all correct"],
+                                    ([r["name"]] + [r["accuracy"].get(c) for c in cols]
+                                     + [r["two_objects"].get("all_correct")] for r in mine)))
+    return "\n".join(parts)
