@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from dalle.data.split import held_out_keys, split_shards
@@ -166,3 +167,55 @@ def test_twemoji_folder_writes_three_captions_per_emoji_and_tone(tmp_path) -> No
         twemoji_folder.main(["--package", str(pkg), "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="not an unpacked emoji-datasource-twitter"):
         twemoji_folder.main(["--package", str(tmp_path), "--out", str(tmp_path / "out2")])
+
+
+def test_shapes_world_trains_the_named_recipe_and_bundles_in_fp16(tmp_path) -> None:
+    """--data shapes:N --recipe NAME (what tools/train_default.sh runs for the default model): the named
+    configs with the run's paths, the shapes world's own splits, every scene pre-tokenised, an fp16 bundle."""
+    from safetensors import safe_open
+
+    from dalle.pipeline import load_pipeline
+    from dalle.train.config import load_yaml
+
+    out = tmp_path / "run"
+    argv = ["--data", "shapes:40", "--recipe", "tiny", "--out", str(out), "--max-steps", "6", "--threads", "1",
+            "--dtype", "fp16", "--no-progress", "--until", "bundle"]
+    assert train_all.main(argv) == 0
+    state = json.loads((out / "state.json").read_text())
+    assert state["data"] == "shapes:40" and state["recipe"] == "tiny"
+    assert state["split"]["n_train"] == 40 and state["split"]["n_val"] == 8
+    named = {k: load_yaml(f"configs/{k}/tiny.yaml") for k in ("dvae", "dalle", "reranker")}
+    planned = {k: load_yaml(out / "configs" / f"{k}.yaml") for k in named}
+    assert planned["dvae"]["model"] == named["dvae"]["model"] and planned["dvae"]["data"] == named["dvae"]["data"]
+    assert planned["reranker"]["objective"] == named["reranker"]["objective"]
+    grid = named["dvae"]["model"]["image_size"] // named["dvae"]["model"]["downsample"]
+    assert planned["dalle"]["model"]["image_grid_size"] == grid  # follows the dVAE, whatever tiny.yaml says
+    assert planned["dalle"]["data"] == {"source": "tokens", "path": str(out / "tok-train"),
+                                        "val_path": str(out / "tok-val")}
+    assert all(cfg["train"]["steps"] == 6 for cfg in planned.values())
+    for part, n in (("tok-train", 40), ("tok-val", 8)):
+        assert json.loads((out / part / "meta.json").read_text())["count"] == n
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    pipe = load_pipeline(str(out / "model"))
+    assert pipe.reranker is not None and pipe.dvae.config.image_size == named["dvae"]["model"]["image_size"]
+
+    with pytest.raises(SystemExit, match="planned with --recipe tiny"):
+        train_all.main([*argv[:2], "--recipe", "sized", *argv[4:]])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "shapes:5"], "shapes:N with N >= 20"),
+    (["--data", "shapes:many"], "shapes:N with N >= 20"),
+])
+def test_bad_shapes_data_is_a_one_line_error(tmp_path, args, message) -> None:
+    with pytest.raises(SystemExit) as e:
+        train_all.main([*args, "--out", str(tmp_path / "run")])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, message", [("nosuch", "does not exist"), ("../dvae/tiny", "is not a config name")])
+def test_unknown_recipe_is_a_usage_error(tmp_path, capsys, name, message) -> None:
+    with pytest.raises(SystemExit) as e:
+        train_all.main(["--data", "shapes", "--recipe", name, "--out", str(tmp_path / "run")])
+    assert e.value.code == 2 and message in capsys.readouterr().err

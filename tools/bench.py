@@ -77,7 +77,7 @@ CASES: dict[str, tuple[str, int, int]] = {
 }
 CPU_CASES = tuple(n for n in CASES if not n.startswith("gpu:"))
 PEER_CASES = ("train:full", "train:axial", "vae_train", "gen:full:nocache", "gen:full:manual_cache",
-              "gen:full:cfg3_nocache")
+              "gen:full:cfg3_nocache", "gen:full:manual_cache:64")
 # (label, our case, peer case, target speed-up or None): speed-ups are peer time / our time.
 COMPARISONS = (
     ("training step, fp32", "train:full:fp32", "train:full", 1.1),
@@ -86,6 +86,8 @@ COMPARISONS = (
     ("generate 4 images vs its generate.py path (no cache)", "gen:cached", "gen:full:nocache", 25.0),
     ("generate 4 images vs its cache really used", "gen:cached", "gen:full:manual_cache", 3.0),
     ("generate 4 images, cond_scale 3, vs its guided path", "gen:guided", "gen:full:cfg3_nocache", 40.0),
+    ("64 candidates for one prompt, reranked, vs its cache at batch 64 + its CLIP", "gen:candidates",
+     "gen:full:manual_cache:64", 1.5),
     ("dVAE training step (different architectures)", "dvae:train", "vae_train", None),
 )
 

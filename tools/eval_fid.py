@@ -12,9 +12,9 @@ the first N images by id). Real images are centre-cropped and resized to the mod
 Generated images are written to OUT/images/ as they are made, so a restarted run continues where it
 stopped. Real-image statistics are cached in --stats-cache, keyed by the data, the features and the blur.
 Writes OUT/fid.json and OUT/fid.md: FID for each blur radius, IS, Reranker score, N, settings and model id.
-With --reference-path (the training split, read like --path) it also writes the FID's floor (N real training
-images, drawn at random, against the held-out ones) and its stage-1 ceiling (the dVAE's reconstructions of
-those training images), so the model's number sits on a scale.
+With --reference-path (the training split, read like --path; for shapes, --reference-split train) it also
+writes the FID's floor (N real training images, drawn at random, against the held-out ones) and its stage-1
+ceiling (the dVAE's reconstructions of those training images), so the model's number sits on a scale.
 
 --features inception uses pytorch-fid's Inception-v3 (weights from torch's hub cache or
 --inception-weights, never downloaded); --features reranker uses the project's reranker instead: quick, no
@@ -169,7 +169,12 @@ def _read_cached(path: Path) -> tuple | None:
 
 def reference_distances(pipe, pairs, extractor, real: dict, args: argparse.Namespace) -> dict[str, dict[float, float]]:
     """The floor (training images) and ceiling (their dVAE reconstructions) of the FID, as many as held-out."""
-    train = load_pairs(args, pipe.dvae.config.image_size, path=args.reference_path, random_sample=True)[: len(pairs)]
+    if args.source == "shapes":  # another split of the same world; its scenes are independent draws
+        train = load_pairs(argparse.Namespace(**{**vars(args), "split": args.reference_split}),
+                           pipe.dvae.config.image_size)
+    else:
+        train = load_pairs(args, pipe.dvae.config.image_size, path=args.reference_path, random_sample=True)
+    train = train[: len(pairs)]
     if len(train) < 2:
         raise SystemExit(f"found {len(train)} readable pairs in --reference-path {args.reference_path}; need 2+")
     if len(train) < len(pairs):
@@ -191,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the training split, read like --path: also report the FID floor (N real training images "
                         "against the held-out ones) and the stage-1 ceiling (the dVAE's reconstructions of those "
                         "training images); N training images drawn at random with --seed; folder and webdataset")
+    p.add_argument("--reference-split", default="", choices=["", "train", "val", "zeroshot"],
+                   help="shapes: the split whose scenes give the floor and ceiling, as --reference-path does for a "
+                        "folder (train beside --split val)")
     cli.add_background_flag(p)
     p.add_argument("--split", default="zeroshot", choices=["train", "val", "zeroshot"], help="shapes split")
     p.add_argument("--n", type=cli.int_range(2), default=2000,
@@ -219,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.source != "shapes" and not args.path:
         p.error(f"--source {args.source} needs --path")
     if args.reference_path and args.source not in ("folder", "webdataset"):
-        p.error("--reference-path needs --source folder or webdataset")
+        p.error("--reference-path needs --source folder or webdataset (for shapes: --reference-split train)")
+    if args.reference_split and args.source != "shapes":
+        p.error("--reference-split is for --source shapes; pass --reference-path for folders and shards")
+    if args.reference_split and args.reference_split == args.split:
+        p.error(f"--reference-split {args.split} is the evaluated split: pick another (train beside --split val)")
     if args.source == "coco" and not args.captions:
         p.error("--source coco needs --captions (the captions JSON)")
     if 0 not in args.blur:
@@ -259,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                                       args.no_progress)
     fid = {r: frechet_distance(*statistics(feats[r]), *real[r]) for r in args.blur}
     is_mean, is_std = inception_score(probs)
-    refs = reference_distances(pipe, pairs, extractor, real, args) if args.reference_path else {}
+    with_refs = args.reference_path or args.reference_split
+    refs = reference_distances(pipe, pairs, extractor, real, args) if with_refs else {}
     clip_score = None
     if pipe.reranker is not None:
         clip_score = float(np.mean([float(score(pipe, c, torch.from_numpy(np.asarray(Image.open(

@@ -39,7 +39,7 @@ def held_out_pairs(run, args, image_size: int, n: int) -> list[tuple[str, torch.
     """n (caption, image) pairs of the held-out split, drawn with --seed."""
     s = run.state["split"]
     cfg = DataConfig(source=s["source"], path=s["train"], val_path=s["val"], background=args.background,
-                     seed=args.seed)
+                     seed=args.seed, val_size=s["n_val"])
     pairs = [(c, im) for b in eval_batches(build_dataset(cfg, "val", image_size, "eval"), 256)
              for c, im in zip(b["caption"], b["image"])]
     return random.Random(args.seed).sample(pairs, min(n, len(pairs)))
@@ -65,16 +65,24 @@ def evaluate(run, args, p: dict, common) -> dict:
     s = run.state["split"]
     out = Path(p["eval"])
     out.mkdir(parents=True, exist_ok=True)
-    n_val = s["n_val"]
-    _tool("eval_dvae").main(["--model", p["dvae"], "--source", s["source"], "--path", s["val"], "--n", str(n_val),
+    n_val, shapes = s["n_val"], s["source"] == "shapes"
+    # The shapes world's held-out scenes are its `val` split, and its detector can read reconstructions.
+    where = ["--source", "shapes"] if shapes else ["--source", s["source"], "--path", s["val"]]
+    _tool("eval_dvae").main(["--model", p["dvae"], *where, "--n", str(n_val),
                              "--grid", str(out / "reconstructions.png"), "--grid-images", str(min(16, n_val)),
                              "--grid-seed", str(args.seed), "--json", str(out / "dvae.json"),
+                             *(["--detector", str(min(500, n_val))] if shapes else []),
                              "--background", args.background, *common(args)])
     features = fid_features()
-    _tool("eval_fid").main(["--model", p["model"], "--source", s["source"], "--path", s["val"],
-                            "--reference-path", s["train"], "--n", str(min(n_val, 500)), "--features", features,
+    reference = ["--split", "val", "--reference-split", "train"] if shapes else ["--reference-path", s["train"]]
+    _tool("eval_fid").main(["--model", p["model"], *where, *reference, "--n", str(min(n_val, 500)),
+                            "--features", features,
                             "--blur", "0", "--out", str(out / "fid"), "--stats-cache", str(out / "fid-stats"),
                             "--background", args.background, "--seed", str(args.seed), *common(args, "fid")])
+    if shapes:  # compositional accuracy, as docs/evaluation.md reports it for the shipped model
+        _tool("eval_shapes").main(["--model", p["model"], "--split", "train", "zeroshot", "--n", str(min(100, n_val)),
+                                   "--candidates", "1", "8", "32", "--cond-scale", "1", "3", "--seed", str(args.seed),
+                                   "--out", str(out / "shapes"), *common(args, "fid")])
     pipe = load_pipeline(p["model"])
     held = held_out_pairs(run, args, pipe.dvae.config.image_size, GRID_CAPTIONS)
     sample_grid(pipe, [c for c, _ in held], out / "samples-held-out.png", args.seed, real=[im for _, im in held])
@@ -107,32 +115,41 @@ def write_report(run, args, p: dict) -> dict:
     samples = json.loads((ev / "samples.json").read_text())
     logs = {k: _last_eval(Path(p[k])) for k in ("dvae", "dalle", "reranker")}
     lines = [f"# train_all report: {Path(st['data']).name}", "",
-             f"Data: `{st['data']}` ({s['source']}), {s['n_train']} training and {s['n_val']} held-out images "
-             f"(split in `split.json`), typical shorter side {s['side']} px"
-             + (f", {s['skipped']} skipped" if s["skipped"] else "") + ".",
+             (f"Data: the built-in shapes world, {s['n_train']} training scenes and {s['n_val']} held-out ones (its "
+              f"`val` split), {s['side']} px." if s["source"] == "shapes" else
+              f"Data: `{st['data']}` ({s['source']}), {s['n_train']} training and {s['n_val']} held-out images "
+              f"(split in `split.json`), typical shorter side {s['side']} px"
+              + (f", {s['skipped']} skipped" if s["skipped"] else "") + "."),
              "Command" + ("s" if len(st["commands"]) > 1 else "") + ": "
              + ", then ".join(f"`{c}`" for c in st["commands"]),
              f"Machine: {machine()}, threads {args.threads or 'auto'}.", "",
              "## Recipe", "",
              f"{plan['image_size']} px images, {plan['grid']}x{plan['grid']} grid of {plan['codes']} dVAE codes, "
              f"{plan['text_seq_len']} text tokens (longest caption {plan['caption_tokens_max']}); configs in "
-             "`configs/`.", "",
+             "`configs/`" + (f", which are `configs/*/{plan['recipe']}.yaml` as they are" if plan.get("recipe")
+                             else ", planned for the data and the budget") + ".", "",
              "| stage | steps planned | s/step measured before | trained to step | held-out at the end |",
              "|---|---|---|---|---|"]
     for k in ("dvae", "dalle", "reranker"):
         step, metrics = logs[k]
-        lines.append(f"| {k} | {plan['steps'][k]} | {plan['step_seconds'][k]:.3f} | {step} | {metrics} |")
+        measured = f"{plan['step_seconds'][k]:.3f}" if plan.get("step_seconds") else "-"
+        lines.append(f"| {k} | {plan['steps'][k]} | {measured} | {step} | {metrics} |")
     lines += ["", "## Time each stage took", "", "| " + " | ".join(st["stages"]) + " | total |",
               "|" + "---|" * (len(st["stages"]) + 1),
               "| " + " | ".join(_fmt(v["seconds"]) for v in st["stages"].values()) + f" | {_fmt(run.elapsed())} |",
               "", "## Results", "",
               f"dVAE on {dvae['images']} held-out images: PSNR {dvae['psnr_db']:.2f} dB, "
-              f"{100 * dvae['codes_used']:.0f}% of the codes in use, perplexity {dvae['perplexity']:.1f}.", "",
+              f"{100 * dvae['codes_used']:.0f}% of the codes in use, perplexity {dvae['perplexity']:.1f}"
+              + (f"; the shapes detector reads colours / shapes right in {det['colour']:.1%} / {det['shape']:.1%} of "
+                 f"{det['n']} reconstructed scenes" if (det := dvae.get("detector_on_reconstructions")) else "")
+              + ".", "",
               f"FID ({fid['features']} features, {fid['n']} held-out captions, one sample each, no reranking):", "",
               "| model | floor: training vs held-out images | ceiling: dVAE reconstructions |", "|---|---|---|",
               f"| {fid['fid']['0']:.4g} | {fid['floor']['0']:.4g} | {fid['ceiling']['0']:.4g} |", "",
               "The floor is a second sample of real images (training images drawn at random): FID's own noise at "
-              "this N, what a model that drew new images as the data's own would score. The ceiling is the dVAE's "
+              "this N, what a model that drew new images as the data's own would score. A model can score under "
+              "it when captions pin much of an image down: its images are drawn for the held-out captions "
+              "themselves, which a second sample of images is not. The ceiling is the dVAE's "
               "reconstructions of those images: what a transformer that drew codes exactly like the data's would "
               "score, so the model's distance above it is stage 2's to close, and the gap below it stage 1's.", "",
               "Originals (top) over their dVAE reconstructions:", "",
@@ -141,6 +158,10 @@ def write_report(run, args, p: dict) -> dict:
               f"{samples['candidates']} samples:", ""]
     lines += [f"{i + 1}. {c}" for i, c in enumerate(samples["held_out_captions"])]
     lines += ["", "![held-out samples](eval/samples-held-out.png)", ""]
+    shapes_md = ev / "shapes" / "shapes-eval.md"
+    if shapes_md.is_file():
+        lines += ["Compositional accuracy (`tools/eval_shapes.py`; per attribute, and all of it right; best of k "
+                  "by the reranker):", "", shapes_md.read_text().split("\n\n", 1)[1].strip(), ""]
     if samples["prompts"]:
         lines += ["Free prompts:", ""] + [f"{i + 1}. {c}" for i, c in enumerate(samples["prompts"])]
         lines += ["", "![prompt samples](eval/samples-prompts.png)", ""]

@@ -39,6 +39,14 @@ def _paths(run) -> dict:
 def split(run, args, source) -> dict:
     from dalle.data.split import split_folder, split_shards
 
+    if source == "shapes":  # generated on the fly: its `train` and `val` splits are disjoint by construction
+        n_train = args.shapes_scenes
+        n_val = min(1024, max(8, n_train // 10))
+        run.state["split"] = {"source": "shapes", "train": "", "val": "", "captions": "", "n_train": n_train,
+                              "n_val": n_val, "skipped": 0, "side": 64}
+        print(f"shapes world: {n_train} training scenes and {n_val} held-out ones (its `val` split)")
+        return {"n_train": n_train, "n_val": n_val}
+
     out = run.dir / "data"
     if out.exists():  # an interrupted split: make it again, it only links or re-packs
         shutil.rmtree(out)
@@ -86,8 +94,17 @@ def _typical_side(record: dict, source: str, n: int = 256) -> int:
     return int(statistics.median(sides)) if sides else 32
 
 
+def _shapes_bpe_captions(n_train: int) -> int:
+    """Captions the shapes BPE learns from: the default model's 100,000 at 40,000 scenes, fewer for a trial."""
+    return min(100_000, max(2_000, 5 * n_train // 2))
+
+
 def _caption_lines(run) -> list[str]:
     s = run.state["split"]
+    if s["source"] == "shapes":
+        from dalle.data.shapes import make_sample
+
+        return [make_sample(i, "train", 0, 64).caption for i in range(min(2_000, s["n_train"]))]
     if s["source"] == "folder":
         files = sorted(Path(s["train"]).rglob("*.txt"))
         text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
@@ -101,6 +118,10 @@ def bpe(run, args, source) -> dict:
     images = s["n_train"] + s["n_val"]
     vocab = 1024 if images < 10_000 else 4096 if images < 100_000 else 16384
     Path(p["tokenizer"]).unlink(missing_ok=True)
+    if s["source"] == "shapes":  # the default model's tokenizer: shapes captions, room for any vocabulary
+        _tool("train_bpe").main(["--shapes", str(_shapes_bpe_captions(s["n_train"])), "--vocab", "16384",
+                                 "--out", p["tokenizer"]])
+        return {"vocab": 16384}
     where = ["--folder", s["train"]] if s["source"] == "folder" else ["--captions", s["captions"]]
     _tool("train_bpe").main([*where, "--vocab", str(vocab), "--out", p["tokenizer"]])
     return {"vocab": vocab}
@@ -115,6 +136,8 @@ def plan(run, args, source) -> dict:
     data = {"source": s["source"], "train": s["train"], "val": s["val"], "tokenizer": p["tokenizer"],
             "dvae": p["dvae"], "tok_train": p["tok_train"], "tok_val": p["tok_val"], "prompts": args.prompt[:6],
             "background": args.background, "preprocess": args.preprocess}
+    if args.recipe != "sized":
+        return _plan_named(run, args, recipes.named(args.recipe, data), lengths)
     cfgs = recipes.plan(images=s["n_train"] + s["n_val"], n_train=s["n_train"], n_val=s["n_val"], side=s["side"],
                         caption_lengths=lengths, budget_s=args.budget_s, data=data)
     print("timing a few training steps of each model on this machine ...", flush=True)
@@ -147,6 +170,26 @@ def plan(run, args, source) -> dict:
             "caption_tokens_max": max(lengths, default=0)}
 
 
+def _plan_named(run, args, cfgs: dict, lengths: list[int]) -> dict:
+    """Write the named configs with this run's paths; the report's figures come from the configs."""
+    folder = run.dir / "configs"
+    folder.mkdir(exist_ok=True)
+    for kind, cfg in cfgs.items():
+        if args.max_steps:
+            recipes.set_steps(cfg, min(cfg["train"]["steps"], args.max_steps), early_stop=0)
+        header = f"# configs/{kind}/{args.recipe}.yaml with the paths of this tools/train_all.py run\n"
+        (folder / f"{kind}.yaml").write_text(header + yaml.safe_dump(cfg, sort_keys=False))
+    d, m = cfgs["dvae"]["model"], cfgs["dalle"]["model"]
+    steps = {k: cfg["train"]["steps"] for k, cfg in cfgs.items()}
+    grid = d["image_size"] // d["downsample"]
+    print(f"recipe {args.recipe}: {d['image_size']} px images, {grid}x{grid} grid of {d['vocab_size']} codes, "
+          f"{m['text_seq_len']} text tokens, transformer {m['n_layer']}x{m['n_embd']}; steps dVAE {steps['dvae']}, "
+          f"transformer {steps['dalle']}, reranker {steps['reranker']} (configs in {folder})")
+    return {"recipe": args.recipe, "step_seconds": None, "steps": steps, "image_size": d["image_size"],
+            "grid": grid, "codes": d["vocab_size"], "text_seq_len": m["text_seq_len"],
+            "caption_tokens_max": max(lengths, default=0)}
+
+
 def _train(tool: str, kind: str):
     def stage(run, args, source) -> dict:
         p = _paths(run)
@@ -161,6 +204,10 @@ def pretokenize(run, args, source) -> dict:
     for part, out in (("train", p["tok_train"]), ("val", p["tok_val"])):
         if Path(out).exists():  # an interrupted encoding: encoding again is quicker than checking it
             shutil.rmtree(out)
+        if s["source"] == "shapes":
+            _tool("pretokenize").main(["--dvae", p["dvae"], "--source", "shapes", "--split", part,
+                                       "--n", str(s[f"n_{part}"]), "--out", out, *_common(args)])
+            continue
         _tool("pretokenize").main(["--dvae", p["dvae"], "--source", s["source"], "--path", s[part], "--out", out,
                                    "--background", args.background, *_common(args)])
     return {}
@@ -168,7 +215,8 @@ def pretokenize(run, args, source) -> dict:
 
 def bundle(run, args, source) -> dict:
     p = _paths(run)
-    _tool("bundle").main(["--dalle", p["dalle"], "--reranker", p["reranker"], "--out", p["model"], "--dtype", "fp32"])
+    _tool("bundle").main(["--dalle", p["dalle"], "--reranker", p["reranker"], "--out", p["model"],
+                          "--dtype", args.dtype])
     return {}
 
 

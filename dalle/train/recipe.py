@@ -107,6 +107,34 @@ def plan(*, images: int, n_train: int, n_val: int, side: int, caption_lengths: l
     return {"dvae": dvae, "dalle": dalle, "reranker": rer}
 
 
+def named_recipe_files(name: str) -> list[Path]:
+    """configs/{dvae,dalle,reranker}/NAME.yaml; ValueError for a name that is not a plain file stem."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"recipe {name!r} is not a config name such as shapes or tiny")
+    return [CONFIGS / kind / f"{name}.yaml" for kind in SHARES]
+
+
+def named(name: str, data: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The configs NAME.yaml as they are (models, objectives, steps) with this run's data and inputs, and
+    the transformer's grid and codes and the reranker's image size taken from the dVAE's config. Image data
+    stays the configs' own source when `data["source"]` is shapes, else it is the run's split."""
+    from dalle.train.config import load_yaml
+
+    cfgs = {kind: load_yaml(f) for kind, f in zip(SHARES, named_recipe_files(name))}
+    d = cfgs["dvae"]["model"]  # the transformer and reranker follow the dVAE's images and codes
+    cfgs["dalle"]["model"].update(image_vocab_size=d["vocab_size"], image_grid_size=d["image_size"] // d["downsample"])
+    cfgs["reranker"]["model"]["image_size"] = d["image_size"]
+    if data["source"] != "shapes":
+        images = {"source": data["source"], "path": data["train"], "val_path": data["val"],
+                  "background": data["background"], "preprocess": data["preprocess"]}
+        cfgs["dvae"]["data"] = dict(images)
+        cfgs["reranker"]["data"] = dict(images)
+    cfgs["dalle"]["data"] = {"source": "tokens", "path": data["tok_train"], "val_path": data["tok_val"]}
+    cfgs["dalle"]["inputs"] = {"tokenizer": data["tokenizer"], "dvae": data["dvae"]}
+    cfgs["reranker"]["inputs"] = {"tokenizer": data["tokenizer"]}
+    return cfgs
+
+
 def steps_for(seconds: float, step_s: float) -> int:
     """The steps that fit in `seconds` at `step_s` seconds a step (at least MIN_STEPS)."""
     return max(MIN_STEPS, int(seconds / max(step_s, 1e-6)))
