@@ -176,7 +176,9 @@ def reference_distances(pipe, pairs, extractor, real: dict, args: argparse.Names
         train = load_pairs(args, pipe.dvae.config.image_size, path=args.reference_path, random_sample=True)
     train = train[: len(pairs)]
     if len(train) < 2:
-        raise SystemExit(f"found {len(train)} readable pairs in --reference-path {args.reference_path}; need 2+")
+        where = f"--reference-split {args.reference_split}" if args.source == "shapes" else \
+            f"--reference-path {args.reference_path}"
+        raise SystemExit(f"found {len(train)} readable pairs in {where}; need 2+")
     if len(train) < len(pairs):
         print(f"note: the floor uses {len(train)} training images against {len(pairs)} held-out ones")
     return floor_and_ceiling(extractor, real, torch.stack([load() for _, load in train]), pipe.dvae,

@@ -67,9 +67,7 @@ def fmt(seconds: float) -> str:
 
 
 def data_source(data: str) -> str:
-    """shapes, folder or webdataset, or a one-line error saying what --data should be."""
-    if shapes_scenes(data) is not None:
-        return "shapes"
+    """folder or webdataset (`shapes` is told apart before), or a one-line error saying what --data should be."""
     if Path(data).is_dir():
         return "folder"
     if ".tar" in data:
@@ -92,7 +90,7 @@ class Run:
 
     def __init__(self, out: Path, args: argparse.Namespace) -> None:
         self.dir, self.file = out, out / "state.json"
-        data = args.data if shapes_scenes(args.data) is not None else os.path.abspath(args.data)
+        data = args.data if args.shapes_scenes is not None else os.path.abspath(args.data)
         if self.file.is_file():
             self.state = json.loads(self.file.read_text())
             if self.state["data"] != data:
@@ -192,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     functions = stage_functions()
     apply_threads(args.threads)
-    source = data_source(args.data)
     args.shapes_scenes = shapes_scenes(args.data)
+    source = "shapes" if args.shapes_scenes is not None else data_source(args.data)
     run = Run(Path(args.out), args)
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["python tools/train_all.py", *map(shlex.quote, given)])
