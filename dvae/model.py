@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 LOGIT_LAPLACE_EPS = 0.1  # the paper's epsilon for mapping pixels into (eps, 1 - eps), sec. A.3
+# `encode` and `decode` on a CPU run a batch in pieces whose widest activation is about this size
+CPU_CHUNK_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -219,9 +221,20 @@ class DiscreteVAE(nn.Module):
         logits = self.logits(images)
         return logits, self.pixel_stats(self.relax(logits, temperature, generator, noise, hard))
 
+    def _chunk(self, rows: int, device: torch.device, itemsize: int, pixels: int) -> int:
+        """Rows per piece of an inference batch of `rows` images of `pixels` pixels. On a CPU a piece's widest
+        activation (the decoder's upsampled input to its last group, 2 n_hid wide) stays about the size of
+        the last-level cache; a whole batch of 64 spills it and pages its activations in afresh on every
+        call (measured in docs/performance.md)."""
+        if device.type != "cpu":
+            return max(1, rows)
+        return max(1, CPU_CHUNK_BYTES // (2 * self.config.n_hid * pixels * itemsize))
+
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:  # (B, 3, H, W) in [0, 1] -> (B, h, w) int64
-        return self.logits(images).argmax(dim=1)
+        self._check_images(images)
+        n = self._chunk(len(images), images.device, images.element_size(), images.shape[2] * images.shape[3])
+        return torch.cat([self.logits(part).argmax(dim=1) for part in images.split(n)])
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:  # (B, h, w) int64 -> (B, 3, H, W) in [0, 1]
@@ -230,6 +243,11 @@ class DiscreteVAE(nn.Module):
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.config.vocab_size):
             raise ValueError(f"codes must lie in [0, {self.config.vocab_size}), got "
                              f"[{int(codes.min())}, {int(codes.max())}]")
-        dtype = next(self.decoder.parameters()).dtype
-        z = F.one_hot(codes.long(), self.config.vocab_size).permute(0, 3, 1, 2).to(dtype)
-        return self.stats_to_images(self.decoder(z))
+        # a one-hot code through the 1x1 codebook conv selects a column of its weight: look the column up
+        # instead (the same bits, without a (B, V, h, w) one-hot tensor)
+        codebook, rest = self.decoder.blocks[0], self.decoder.blocks[1:]
+        x = codebook.weight[:, :, 0, 0]  # (n_init, V)
+        f = self.config.downsample
+        n = self._chunk(len(codes), x.device, x.element_size(), codes.shape[1] * codes.shape[2] * f * f)
+        return torch.cat([self.stats_to_images(rest((F.embedding(part.long(), x.t()) + codebook.bias)
+                                                    .permute(0, 3, 1, 2))) for part in codes.split(n)])

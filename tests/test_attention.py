@@ -202,6 +202,17 @@ def test_decoding_step_reads_a_prefix_view_of_a_larger_cache(kind):
         torch.testing.assert_close(out, full[:, :, i : i + 1], atol=1e-5, rtol=1e-5)
 
 
+def test_unmasked_decoding_step_equals_sdpa():
+    # A full layer's step (bias None) takes two batched products instead of SDPA's fused kernel
+    q, k, v = qkv(19)
+    cache_k, cache_v = (torch.full((2, 2, 25, 8), 1e4) for _ in range(2))
+    cache_k[:, :, :19], cache_v[:, :, :19] = k, v
+    for i in (0, 5, 18):
+        out = attend_newest(q[:, :, i : i + 1], cache_k[:, :, : i + 1], cache_v[:, :, : i + 1], None)
+        ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1])
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_half_precision_cpu_path_matches_fp32(kind):
     # bf16 on the CPU takes two batched matmuls with an additive mask instead of the fused kernel.

@@ -22,6 +22,13 @@ def test_markdown_ratios_and_verdicts():
     assert "guided" not in table  # a comparison with a side missing is left out, not guessed
 
 
+def test_peak_is_the_best_library():
+    r = bench.case_peak("fp32", 0, 1)
+    libraries = {k: v for k, v in r.items() if k.endswith("_gflops")}
+    assert "torch.mm_gflops" in libraries and r["gflops"] == max(libraries.values())
+    assert r["library"] + "_gflops" in libraries and "GFLOP/s" in bench._figure(r)
+
+
 def test_peer_cases_run_next_to_the_cases_they_are_compared_with():
     order = bench.run_order(["train:full:fp32", "gen:uncached", "gen:cached"],
                             ["train:full", "gen:full:nocache", "gen:full:manual_cache", "train:axial"])

@@ -24,6 +24,27 @@ def test_encode_decode_shapes_and_range():
     assert 0 <= out.min() and out.max() <= 1
 
 
+def test_inference_in_pieces_equals_the_whole_batch(monkeypatch):
+    # encode/decode run a CPU batch in pieces, and decode looks codes up in the codebook conv instead of
+    # feeding it one-hot maps: the same codes, and the same images up to the last bit (oneDNN's convolutions
+    # pick their algorithm by batch size, as they always did)
+    import torch.nn.functional as F
+
+    import dvae.model
+
+    model = DiscreteVAE(TINY).eval()
+    codes = torch.randint(TINY.vocab_size, (7, 8, 8))
+    images = torch.rand(7, 3, 32, 32)
+    with torch.no_grad():
+        whole = model.stats_to_images(model.decoder(F.one_hot(codes, TINY.vocab_size).permute(0, 3, 1, 2).float()))
+        argmax = model.logits(images).argmax(dim=1)
+    monkeypatch.setattr(dvae.model, "CPU_CHUNK_BYTES", 1)  # one image per piece
+    assert model._chunk(7, torch.device("cpu"), 4, 32 * 32) == 1
+    torch.testing.assert_close(model.decode(codes), whole, atol=1e-6, rtol=0)
+    assert torch.equal(model.encode(images), argmax)
+    assert model.decode(codes[:0]).shape == (0, 3, 32, 32) and model.encode(images[:0]).shape == (0, 8, 8)
+
+
 def test_paper_config_on_meta_device():
     cfg = from_dict(DVAEConfig, load_yaml("configs/dvae/paper.yaml")["model"])
     assert (cfg.image_size, cfg.grid_size, cfg.vocab_size) == (256, 32, 8192)

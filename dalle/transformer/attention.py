@@ -106,16 +106,21 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
 def attend_newest(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
     """One decoding step: the newest slot's query (B, H, 1, D) against the cached keys and values (B, H, Lk, D);
     bias (Lk,) is the query's row of `additive_mask` (0: the layer's pattern reads that key, -inf: it skips
-    it), or None where it reads every key (a full layer). Keys and values may be prefix views of the cache.
+    it), or None where it reads every key (a full layer, or a sparse layer's window of its keys). Keys and
+    values may be prefix views of the cache.
 
-    Unmasked it takes SDPA's fused kernel; masked, one baddbmm scales the scores and adds the mask (the
-    faster of the two on a CPU; docs/performance.md has the A/B), and merging (B, H) keeps the keys a view."""
-    if bias is None:
+    Two batched products with (B, H) merged into one batch dimension, so that the keys stay a view of the
+    cache; masked, the first (baddbmm) also scales the scores and adds the mask. On a CPU these beat SDPA's
+    fused kernel for one query, most at many rows (docs/performance.md has the A/B); a GPU keeps it."""
+    if bias is None and q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, Dv)
     b, h, _, d = q.shape
     lk = k.shape[2]
-    scores = torch.baddbmm(bias, q.reshape(b * h, 1, d), k.reshape(b * h, lk, d).transpose(1, 2),
-                           alpha=d**-0.5)  # (B*H, 1, Lk)
+    qs, ks = q.reshape(b * h, 1, d), k.reshape(b * h, lk, d).transpose(1, 2)
+    if bias is None:
+        scores = torch.bmm(qs, ks).mul_(d**-0.5)  # (B*H, 1, Lk)
+    else:
+        scores = torch.baddbmm(bias, qs, ks, alpha=d**-0.5)  # (B*H, 1, Lk)
     return torch.bmm(scores.softmax(dim=-1).to(v.dtype), v.reshape(b * h, lk, -1)).view(b, h, 1, -1)
 
 
@@ -208,7 +213,7 @@ def attend(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, Lq, Dv)
     if lq == 1 and (kind == "full" or (first and q_offset >= grid * grid)):
         # the newest query reads the whole cache: a full layer's, or a text query after the image
-        return F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, Dv)
+        return attend_newest(q, k, v, None)  # (B, H, 1, Dv)
     if lq == 1 and not q.is_cuda:
         bias = _additive_mask(kind, text_len, grid, kernel, q.device, q.dtype, first)[q_offset, :lk]  # (Lk,)
         return attend_newest(q, k, v, bias)  # (B, H, 1, Dv)

@@ -106,7 +106,7 @@ class KVCache:
             # the ring's order is not the stream's: attention without positions inside does not care
             keys[:, :, self.text_len + slot % ring] = self.k[layer][:, :, self.length]
             values[:, :, self.text_len + slot % ring] = self.v[layer][:, :, self.length]
-            return F.scaled_dot_product_attention(q, keys, values)  # (B, H, 1, D)
+            return attend_newest(q, keys, values, None)  # (B, H, 1, D)
         if self.keys[layer] is not None:
             index = self.keys[layer][self.length - self.text_len]
             end = self.text_len + index.shape[0]
@@ -114,7 +114,7 @@ class KVCache:
             # straight into the window behind the text keys: one copy of at most M keys, no temporary
             torch.index_select(self.k[layer], 2, index, out=keys[:, :, self.text_len:])
             torch.index_select(self.v[layer], 2, index, out=values[:, :, self.text_len:])
-            return F.scaled_dot_product_attention(q, keys, values)  # (B, H, 1, D)
+            return attend_newest(q, keys, values, None)  # (B, H, 1, D)
         bias = self.bias[layer]
         return attend_newest(q, keys, values, None if bias is None else bias[self.length, :n])
 

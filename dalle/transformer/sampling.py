@@ -30,7 +30,8 @@ def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, t
         raise ValueError(f"temperature must be positive, got {temperature}")
     logits = logits.float() / temperature if temperature != 1.0 else logits.float()
     if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        # the k-th largest: the least of an unsorted top k, which skips topk's sort
+        kth = torch.topk(logits, top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
