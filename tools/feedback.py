@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=20, help="shapes prompts to take (with --shapes)")
     s.add_argument("--pairs-per-prompt", type=int, default=1, help="pairs sampled for each prompt")
     s.add_argument("--seed", type=int, default=0, help="sample k of a prompt uses seed SEED + k")
-    s.add_argument("--cond-scale", type=float, default=3.0, help="classifier-free guidance scale")
+    s.add_argument("--cond-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale; 1 (none) samples the model's own distribution, which "
+                        "DPO, GRPO and tools/eval_feedback.py all assume")
     s.add_argument("--batch-size", type=int, default=16, help="images sampled together")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_sampling_flags(s)
