@@ -16,6 +16,12 @@ SPARSE = ("row", "column", "conv")
 GEOMETRIES = [(0, 4, 5), (3, 5, 5), (7, 8, 11), (16, 8, 5), (5, 32, 11), (9, 32, 5)]
 
 
+@pytest.fixture(autouse=True)
+def route_short_streams(monkeypatch):
+    # the geometries here are small, so that the comparisons stay quick: let every length take the route
+    monkeypatch.setattr(blocksparse, "MIN_TOKENS", dict.fromkeys(SPARSE, 0))
+
+
 def values_and_grads(backend: str, q, k, v, **geometry):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     y = attend(q, k, v, backend=backend, **geometry)
@@ -54,6 +60,15 @@ def test_routing():
     assert not blocksparse.routes("column", 4, 8, 40, torch.float32)
     assert blocksparse.routes("column", 4, 8, 4, torch.float32)
     assert blocksparse.routes("column", 4, 8, 68, torch.float32)
+
+
+def test_short_streams_keep_the_dense_mask(monkeypatch):
+    monkeypatch.setattr(blocksparse, "MIN_TOKENS", {"row": 256, "column": 256, "conv": 512})
+    assert not blocksparse.routes("row", 32, 8, 96, torch.float32)
+    assert blocksparse.routes("row", 32, 16, 288, torch.float32)
+    assert blocksparse.routes("column", 32, 16, 288, torch.float32)
+    assert not blocksparse.routes("conv", 32, 16, 288, torch.float32)
+    assert blocksparse.routes("conv", 256, 16, 512, torch.float32)
 
 
 def test_auto_takes_the_block_sparse_path_and_sdpa_the_dense_mask(monkeypatch):

@@ -34,17 +34,23 @@ from dalle.transformer.masks import mask_mod
 _BLOCK = 64
 _OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
 _HAVE_OPS = all(hasattr(torch.ops.aten, op) for op in _OPS)  # SDPA's CPU kernel with its log-sum-exp
+# Shorter passes keep the dense mask: there the fused calls of every block and their merge cost more than the
+# masked scores save. Measured by benchmarks/blocksparse_crossover.py (docs/performance.md): at 96 tokens
+# every kind took about 1.8x the dense mask's time; at 288 row and column layers were faster and a conv layer,
+# whose window reaches r rows back, slower; from 512 every kind was faster.
+MIN_TOKENS = {"row": 256, "column": 256, "conv": 512}
 
 
 def routes(kind: str, text_len: int, grid: int, length: int, dtype: torch.dtype) -> bool:
-    """Whether a CPU full-sequence pass of `length` stream slots takes `attend` rather than the dense mask.
+    """Whether a CPU full-sequence pass of `length` stream slots takes `attend` rather than the dense mask:
+    at least MIN_TOKENS[kind] slots.
 
     Only fp32: in half precision `attention.attend` runs small passes as two batched matmuls, because the
     fused kernels' half-precision backward is slow on CPUs, and this path is made of those kernels. A
     column layer needs its whole grid to reorder it by columns; a partial grid (an image-to-image prompt
     pass) keeps the dense mask.
     """
-    if not _HAVE_OPS or kind not in ("row", "column", "conv") or dtype != torch.float32:
+    if not _HAVE_OPS or kind not in ("row", "column", "conv") or dtype != torch.float32 or length < MIN_TOKENS[kind]:
         return False
     image = length - text_len
     return not (kind == "column" and 0 < image < grid * grid)
