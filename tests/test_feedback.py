@@ -183,3 +183,41 @@ def test_kl_penalty_and_best_of_n_kl():
     assert best_of_n_kl(1) == 0.0 and best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
     logits = torch.tensor([[[0.0, math.log(3.0)]]])
     assert token_logprobs(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
+
+
+def test_what_decides_a_pair_and_the_accuracy_by_cause(tmp_path):
+    from dalle.feedback.evaluate import by_cause
+    from dalle.feedback.pairs import png_bytes
+    from dalle.feedback.raters import deciding, shapes_prompt
+
+    assert deciding((1, 5, 0.9), (0, 5, 0.9)) == "all_correct"
+    assert deciding((0, 4, 0.9), (0, 3, 0.95)) == "checks"
+    assert deciding((1, 5, 0.9), (1, 5, 0.8)) == "confidence"
+    assert deciding((1, 5, 0.9), (1, 5, 0.9)) is None
+    prompts = shapes_prompts("train", 6)
+    assert shapes_prompt("train", prompts[2].caption).sample.scene == prompts[2].sample.scene
+    with pytest.raises(ValueError, match="not among the first 20000"):
+        shapes_prompt("train", "a plaid dodecahedron")
+    with pytest.raises(ValueError, match="not a shapes split"):
+        shapes_prompt("mine", prompts[0].caption)
+    store = Store(tmp_path / "s.db")
+    judged = []
+    for i, p in enumerate(prompts):  # its own scene's render against another scene's: correctness decides
+        pid = store.prompt(p.caption, "train")
+        images = [render(p.sample.scene), render(prompts[(i + 1) % len(prompts)].sample.scene)]
+        ids = [store.add_sample(pid, "m@1", k, {}, [0], png_bytes(torch.from_numpy(np.array(im)).permute(2, 0, 1)
+                                                                 .float() / 255)) for k, im in enumerate(images)]
+        store.record(store.add_pair(*ids), ids[0], "left", "r")
+        judged.append(ids)
+    right = {a: 1.0 for a, _ in judged} | {b: 0.0 for _, b in judged}
+    out = by_cause(store, store.judgements(), {"right": right, "wrong": {k: -v for k, v in right.items()}})
+    assert out["correctness_scorer_accuracy"] == 1.0
+    decided = out["decided_by_all_correct"] + out["decided_by_checks"]
+    assert decided >= 5 and out["decided_by_confidence"] + decided == 6
+    assert out["right_accuracy_all_correct"] == 1.0 and out["wrong_accuracy_all_correct"] == 0.0
+    other = Store(tmp_path / "t.db")
+    pid = other.prompt("a plaid dodecahedron", "train")
+    ids = [other.add_sample(pid, "m@1", k, {}, [0], png_bytes(torch.zeros(3, 8, 8))) for k in range(2)]
+    other.record(other.add_pair(*ids), ids[0], "left", "r")
+    with pytest.raises(ValueError, match="dodecahedron"):
+        by_cause(other, other.judgements(), {})

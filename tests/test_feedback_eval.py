@@ -4,6 +4,7 @@ loop (tools/feedback_loop.py), on the tiny models of conftest's tiny_parts."""
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,6 +184,23 @@ def test_the_loop_runs_end_to_end_and_resumes(tiny_parts, tmp_path, capsys, monk
     assert "[grpo]" in said and "[evaluate]" in said and said.count("done before, skipped") == 4, said
     assert [e["name"] for e in json.loads((tmp_path / "run" / "eval" / "policy-eval.json").read_text())["summary"]] \
         == ["sft", "sft best of 3", "dpo", "grpo"]  # the evaluation's flags changed: it ran again
+    # A second DPO round: pairs of the same prompts sampled from the first round's model, DPO from it.
+    capsys.readouterr()
+    assert _loop(tiny_parts, tmp_path / "run", "--best-of", "3", "--rounds", "2") == 0
+    said = capsys.readouterr().out
+    assert all(f"[{s}]" in said for s in ("sample-r2", "simulate-r2", "dpo-r2", "evaluate")), said
+    assert [e["name"] for e in json.loads((tmp_path / "run" / "eval" / "policy-eval.json").read_text())["summary"]] \
+        == ["sft", "sft best of 3", "dpo", "dpo-r2", "grpo"]
+    second = Store(tmp_path / "run" / "fb-r2.db")
+    assert {r[0] for r in second.db.execute("SELECT text FROM prompts")} == stored
+    made_by = {r[0] for r in second.db.execute("SELECT DISTINCT model_id FROM samples")}
+    first_round = load_pretrained(tmp_path / "run" / "dpo", expect="dalle")
+    assert len(made_by) == 1 and made_by != {r[0] for r in store.db.execute("SELECT DISTINCT model_id FROM samples")}
+    run2 = json.loads((tmp_path / "run" / "dpo-r2" / "run.json").read_text())
+    assert Path(run2["inputs"]["init"]) == tmp_path / "run" / "dpo"
+    assert load_pretrained(tmp_path / "run" / "dpo-r2", expect="dalle").config == first_round.config
+    with pytest.raises(SystemExit, match="--rounds 2 repeats DPO"):
+        _loop(tiny_parts, tmp_path / "run", "--rounds", "2", "--methods", "grpo")
     with pytest.raises(SystemExit) as e:
         _loop(tiny_parts, tmp_path / "other", "--set", "nope.train.steps=1")
     assert e.value.code == 2

@@ -102,6 +102,17 @@ def test_reward_model_learns_a_known_preference(parts, tmp_path, body):
     assert saved.config == task.model.config and float(saved.offset) == pytest.approx(after["offset"])
 
 
+def test_a_frozen_body_keeps_its_weights_and_the_head_still_learns(parts, tmp_path):
+    task = reward_task(parts, freeze_body=True)
+    body = {k: v.clone() for k, v in task.model.body.state_dict().items()}
+    head = task.model.head.weight.detach().clone()
+    trainer = Trainer(task, TRAIN, tmp_path, progress=False)
+    before = trainer.evaluate()
+    after = trainer.fit()
+    assert all(torch.equal(v, trainer.model.body.state_dict()[k]) for k, v in body.items())
+    assert not torch.equal(head, trainer.model.head.weight) and after["val_loss"] < before["val_loss"]
+
+
 def test_reward_normalisation_gives_mean_zero_on_the_sft_samples(parts, tmp_path):
     shutil.copy(parts / "toy.db", tmp_path / "mixed.db")  # the toy store, plus samples of another model
     store = Store(tmp_path / "mixed.db")
@@ -229,6 +240,7 @@ class LowCodes(torch.nn.Module):
     config = SimpleNamespace(reads_pixels=False, text_seq_len=12)
 
     def forward(self, text, codes):
+        self.scored = len(codes)
         return -codes.float().mean(-1) / 8
 
 
@@ -236,12 +248,13 @@ def test_grpo_raises_a_known_reward_and_logs_its_kl(parts, tmp_path):
     torch.manual_seed(0)
     model = load_pretrained(parts / "dalle").train()
     prompts = PROMPTS * 4 + [f"a red circle {i}" for i in range(8)]
-    task = GRPOTask(model, GRPOObjective(beta=0.01, group_size=4, val_fraction=0.3, eval_prompts=8), task_tok(parts),
-                    prompts, LowCodes(), task_tok(parts))
+    task = GRPOTask(model, GRPOObjective(beta=0.01, group_size=4, val_fraction=0.3, eval_prompts=8, eval_samples=3),
+                    task_tok(parts), prompts, LowCodes(), task_tok(parts))
     trainer = Trainer(task, TrainConfig(steps=12, batch_size=4, lr=1e-2, lr_schedule="constant", log_every=4,
                                         eval_every=100, save_every=100), tmp_path, progress=False)
     start = trainer.evaluate()
     assert start["val_kl"] == 0.0  # policy == reference
+    assert task.reward_model.scored == 8 * 3  # eval_samples images for each of eval_prompts prompts
     end = trainer.fit()
     assert end["val_reward"] > start["val_reward"] + 0.3, (start, end)  # mean code down by more than 2.4
     assert end["val_kl"] > 0

@@ -15,6 +15,7 @@ otherwise; anyone who can reach it can add comparisons.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -104,27 +105,19 @@ def _simulate(args: argparse.Namespace, store) -> None:
     import numpy as np
     from PIL import Image
 
-    from dalle.evaluation.compositional import shapes_prompts
-    from dalle.feedback.raters import SimulatedRater
+    from dalle.feedback.raters import SimulatedRater, shapes_prompt
 
     rater = SimulatedRater(args.rater, args.noise, args.seed)
-    by_caption: dict[tuple[str, str], object] = {}
     made = 0
     while (pair_id := store.next_pair(rater.name)) is not None:
         pair = store.pair(pair_id)
-        key = (pair["split"], pair["prompt"])
-        if key not in by_caption:  # the scene behind a shapes caption: the split's prompts, searched once
-            split = pair["split"] if pair["split"] in ("train", "val", "zeroshot") else None
-            if split is None:
-                raise SystemExit(f"pair {pair_id}'s prompt is not from a shapes split: the simulated rater "
-                                 "judges shapes prompts only")
-            for p in shapes_prompts(split, 2000):
-                by_caption.setdefault((split, p.caption), p)
-            if key not in by_caption:
-                raise SystemExit(f"prompt {pair['prompt']!r} is not among the first 2000 of shapes {split}")
+        try:
+            prompt = shapes_prompt(pair["split"], pair["prompt"])
+        except ValueError as e:
+            raise SystemExit(f"pair {pair_id}: {e}") from None
         left, right = (pair["a_id"], pair["b_id"]) if made % 2 == 0 else (pair["b_id"], pair["a_id"])
-        images = [np.asarray(Image.open(__import__("io").BytesIO(store.png(s))).convert("RGB")) for s in (left, right)]
-        store.record(pair_id, left, rater.choose(by_caption[key], *images), rater.name)
+        images = [np.asarray(Image.open(io.BytesIO(store.png(s))).convert("RGB")) for s in (left, right)]
+        store.record(pair_id, left, rater.choose(prompt, *images), rater.name)
         made += 1
     print(f"{rater.name}: {made} comparisons added")
 

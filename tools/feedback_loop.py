@@ -11,6 +11,9 @@ stages resume from their last checkpoint, as the engine does):
     simulate   the simulated rater (--noise of decided labels flipped) judges every pair   rater "sim"
     reward     a reward model on those judgements (--reward-config)                        OUT/reward
     dpo, grpo  fine-tuning of the model (--dpo-config, --grpo-config; --methods)           OUT/dpo, OUT/grpo
+    round R    with --rounds > 1, DPO again: pairs of the same prompts sampled from the     OUT/fb-rR.db
+               previous round's model, rated by the same rater, DPO from that model (its    OUT/dpo-rR
+               reference), for R = 2 .. --rounds
     evaluate   tools/eval_feedback.py on held-out prompts (not in the store)               OUT/eval
 
 Config values of a training stage are changed with --set STAGE.SECTION.KEY=VALUE (e.g.
@@ -37,6 +40,10 @@ METHODS = ("dpo", "grpo")
 DATA_SETTINGS = ("model", "prompts", "pairs_per_prompt", "noise", "seed")
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the flags' help, and the epilog's table of stages as written."""
+
+
 def _override(text: str) -> tuple[str, str]:
     stage, _, rest = text.partition(".")
     if stage not in ("reward", *METHODS) or "=" not in rest or "." not in rest.split("=")[0]:
@@ -49,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     from dalle.pipeline import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_Formatter)
     p.add_argument("--out", required=True, help="run directory: the store, each stage's run, the evaluation")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="the supervised transformer the loop starts from")
     p.add_argument("--reranker", default=None,
@@ -60,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=cli.float_range(0.0, 0.5), default=0.25,
                    help="share of the simulated rater's decided labels flipped (0.25: human agreement)")
     p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS), help="fine-tuning methods run")
+    p.add_argument("--rounds", type=cli.positive_int, default=1,
+                   help="DPO rounds: each after the first learns from pairs sampled from the previous round's model "
+                        "(on-policy), with that model as its reference; every round is evaluated")
     for stage in ("reward", *METHODS):
         p.add_argument(f"--{stage}-config", default=str(CONFIGS / f"{stage}-shapes.yaml"),
                        help=f"config of the {stage} stage")
@@ -105,45 +115,64 @@ def _stage(out: Path, name: str, run, key: str = "") -> None:
     marker.write_text(key)
 
 
-def _sample(args: argparse.Namespace, store: Path) -> int:
+def _sample(args: argparse.Namespace, store: Path, model: str, seed: int) -> int:
     from dalle_tools import feedback
 
     for leftover in (store, Path(f"{store}-wal"), Path(f"{store}-shm")):  # an interrupted sampling: start again
         leftover.unlink(missing_ok=True)
     return feedback.main(["sample", "--store", str(store), "--shapes", "train", "--n", str(args.prompts),
-                          "--pairs-per-prompt", str(args.pairs_per_prompt), "--model", args.model, "--seed",
-                          str(args.seed), "--batch-size", str(args.batch_size), "--device", args.device]
+                          "--pairs-per-prompt", str(args.pairs_per_prompt), "--model", model, "--seed",
+                          str(seed), "--batch-size", str(args.batch_size), "--device", args.device]
                          + (["--no-progress"] if args.no_progress else []))
 
 
-def _train(args: argparse.Namespace, out: Path, stage: str, sets: dict[str, object]) -> int:
+def _simulate(args: argparse.Namespace, store: Path, seed: int) -> int:
+    from dalle_tools import feedback
+
+    return feedback.main(["simulate", "--store", str(store), "--rater", "sim", "--noise", str(args.noise),
+                          "--seed", str(seed)])
+
+
+def _train(args: argparse.Namespace, out: Path, stage: str, sets: dict[str, object], run: str = "") -> int:
     from dalle_tools import train_feedback
 
     sets = [f"{k}={v}" for k, v in sets.items()] + [v for s, v in args.overrides if s == stage]
-    argv = [stage, "--config", getattr(args, f"{stage}_config"), "--out", str(out / stage), "--device", args.device,
+    argv = [stage, "--config", getattr(args, f"{stage}_config"), "--out", str(out / (run or stage)), "--device",
+            args.device,
             "--threads", str(args.threads)] + [x for s in sets for x in ("--set", s)]
     return train_feedback.main(argv + (["--no-progress"] if args.no_progress else []))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dalle_tools import eval_feedback, feedback
+    from dalle_tools import eval_feedback
 
     args = parser().parse_args(argv)
+    if args.rounds > 1 and "dpo" not in args.methods:
+        raise SystemExit(f"--rounds {args.rounds} repeats DPO, but --methods leaves it out: add dpo, or drop --rounds")
     apply_threads(args.threads)
     out = Path(args.out)
     _settings(args, out)
     store = out / "fb.db"
     reranker = args.reranker or str(Path(args.model) / "reranker")
-    _stage(out, "sample", lambda: _sample(args, store))
-    _stage(out, "simulate", lambda: feedback.main(["simulate", "--store", str(store), "--rater", "sim", "--noise",
-                                                   str(args.noise), "--seed", str(args.seed)]))
+    _stage(out, "sample", lambda: _sample(args, store, args.model, args.seed))
+    _stage(out, "simulate", lambda: _simulate(args, store, args.seed))
     _stage(out, "reward", lambda: _train(args, out, "reward", {"inputs.store": store, "inputs.init": reranker,
                                                                "objective.rater": "sim"}))
     for method in args.methods:
         sets = {"inputs.store": store, "inputs.init": args.model}
         sets |= {"inputs.reward": out / "reward"} if method == "grpo" else {"objective.rater": "sim"}
         _stage(out, method, partial(_train, args, out, method, sets))
-    models = [x for m in args.methods for x in ("--model", f"{m}={out / m}")]
+    tuned = list(args.methods)
+    if "dpo" in args.methods:
+        for r in range(2, args.rounds + 1):
+            before, run, store_r = tuned[tuned.index("dpo") + r - 2], f"dpo-r{r}", out / f"fb-r{r}.db"
+            seed = args.seed + 1000 * (r - 1)  # new seeds as well as a new model
+            _stage(out, f"sample-r{r}", partial(_sample, args, store_r, str(out / before), seed))
+            _stage(out, f"simulate-r{r}", partial(_simulate, args, store_r, seed))
+            sets = {"inputs.store": store_r, "inputs.init": out / before, "objective.rater": "sim"}
+            _stage(out, run, partial(_train, args, out, "dpo", sets, run))
+            tuned.insert(tuned.index("dpo") + r - 1, run)
+    models = [x for m in tuned for x in ("--model", f"{m}={out / m}")]
     evaluation = ["--sft", args.model, "--reward", str(out / "reward"), *models, "--exclude-store", str(store),
                   "--n", str(args.eval_n), "--best-of", *map(str, args.best_of), "--diversity", str(args.diversity),
                   "--seed", str(args.seed), "--device", args.device, "--threads", str(args.threads),

@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="held-out share of prompts (default: the reward run's run.json, else 0.2)")
     e.add_argument("--split-seed", type=int, default=None,
                    help="seed of the held-out split (default: the reward run's run.json, else 0)")
+    e.add_argument("--by-cause", action="store_true",
+                   help="shapes stores: split each accuracy by what decided a pair for the detector (all correct, "
+                        "checks right, its confidence only), and give the accuracy of a scorer that knows each "
+                        "image's correctness exactly but not the confidence")
     e.add_argument("--device", default="auto", help="cpu, cuda or auto")
     e.add_argument("--threads", type=cli.non_negative_int, default=0, help="CPU threads for torch (0: auto)")
     e.add_argument("--json", default=None, help="also write the figures to this JSON file (refused if it exists)")

@@ -5,13 +5,16 @@
     noise ceiling        how often the training rater agrees with a reference rater (the noiseless simulated
                          one) on the same held-out pairs: a reward model that knew the truth would score that
 
-Each accuracy is also given against the reference rater's labels. The held-out pairs are those of training
+Each accuracy is also given against the reference rater's labels. With `--by-cause` (shapes stores), each is
+split by what decided a pair for the detector, beside the accuracy of a scorer that knows correctness exactly.
+The held-out pairs are those of training
 (the same `val_fraction` and `split_seed`, read from the reward run's run.json unless given).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,34 @@ def figures(val: list[Judgement], reference: list[Judgement], scores: dict[str, 
     return out
 
 
+def by_cause(store: Store, val: list[Judgement], scores: dict[str, dict[int, float]]) -> dict[str, Any]:
+    """For shapes prompts judged by the simulated rater: each scorer's accuracy on the held-out pairs split by what
+    decided them for the detector (`raters.CAUSES`), and the accuracy of a scorer that knows each image's
+    correctness exactly (all correct, then checks right) but not the detector's confidence, the most a reward
+    model can reach from correctness alone. Against `val`'s labels; raises ValueError for a non-shapes prompt."""
+    import numpy as np
+    from PIL import Image
+
+    from dalle.feedback.raters import CAUSES, correctness, deciding, shapes_prompt
+
+    found: dict[int, tuple[int, int, float]] = {}
+    cause: dict[int, str | None] = {}
+    for pair_id in sorted({j.pair_id for j in val}):
+        pair = store.pair(pair_id)
+        prompt = shapes_prompt(pair["split"], pair["prompt"])
+        for s in (pair["a_id"], pair["b_id"]):
+            found[s] = correctness(prompt, np.asarray(Image.open(io.BytesIO(store.png(s))).convert("RGB")))
+        cause[pair_id] = deciding(found[pair["a_id"]], found[pair["b_id"]])
+    knows = {s: 1000.0 * c[0] + c[1] for s, c in found.items()}  # lexicographic: all correct, then checks
+    out: dict[str, Any] = {"correctness_scorer_accuracy": pairwise_accuracy(knows, val)[0]}
+    for c in CAUSES:
+        mine = [j for j in val if cause[j.pair_id] == c and not j.tie]
+        out[f"decided_by_{c}"] = len(mine)
+        for name, s in scores.items():
+            out[f"{name}_accuracy_{c}"] = pairwise_accuracy(s, mine)[0]
+    return out
+
+
 def _training_split(reward: str | None) -> dict[str, Any]:
     """The held-out split a reward run trained with (its run.json's objective), so evaluation uses the same."""
     for folder in ([Path(reward), *Path(reward).parents[:2]] if reward else []):
@@ -108,4 +139,10 @@ def evaluate_command(store: Store, args: argparse.Namespace, device: str) -> dic
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot load a model: {e}") from None
     scores["reranker"] = reranker_scores(reranker, tokenizer, store, ids)
-    return figures(val, reference, scores)
+    out = figures(val, reference, scores)
+    if args.by_cause:
+        try:
+            out.update(by_cause(store, val, scores))
+        except ValueError as e:
+            raise SystemExit(f"--by-cause: {e}") from None
+    return out

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
 
-from dalle.evaluation.compositional import Prompt, to_uint8
+from dalle.evaluation.compositional import Prompt, shapes_prompts, to_uint8
 from dalle.evaluation.detect import compare, detect
+
+SPLITS = ("train", "val", "zeroshot")
+SEARCHED = (2000, 20000)  # prompts of a split searched for a caption's scene: most stores use the first few
 
 
 def detect_correctness(prompt: Prompt, image: torch.Tensor | np.ndarray) -> tuple[int, int, float]:
@@ -32,6 +36,36 @@ def detect_correctness(prompt: Prompt, image: torch.Tensor | np.ndarray) -> tupl
 
 
 correctness = detect_correctness  # what a rater judges by (tests may memoise it)
+
+# What tells two images apart for the rater, in the order it looks: one is all correct and the other not, then
+# more checks right, then only the detector's confidence (how cleanly the shapes are drawn).
+CAUSES = ("all_correct", "checks", "confidence")
+
+
+def deciding(a: tuple[int, int, float], b: tuple[int, int, float]) -> str | None:
+    """The first of CAUSES on which two `detect_correctness` results differ; None when they are equal (a tie)."""
+    return next((cause for cause, x, y in zip(CAUSES, a, b) if x != y), None)
+
+
+@lru_cache(maxsize=4)
+def _split_prompts(split: str, n: int) -> dict[str, Prompt]:
+    out: dict[str, Prompt] = {}
+    for p in shapes_prompts(split, n):
+        out.setdefault(p.caption, p)
+    return out
+
+
+def shapes_prompt(split: str, caption: str) -> Prompt:
+    """The scene behind a shapes caption of `split` (the rater needs the scene, the store keeps only the text),
+    searched among the split's first 2,000 prompts, then its first 20,000 (5 s more). Raises ValueError."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not a shapes split {SPLITS}: the simulated rater judges shapes "
+                         "prompts only")
+    for n in SEARCHED:
+        found = _split_prompts(split, n).get(caption)
+        if found is not None:
+            return found
+    raise ValueError(f"prompt {caption!r} is not among the first {SEARCHED[-1]} of shapes {split}")
 
 
 @dataclass

@@ -41,14 +41,18 @@ class GRPOObjective:
     group_size: int = 4  # samples per prompt in a step; each is judged against the others of its prompt
     val_fraction: float = 0.2  # share of the store's prompts held out for evaluation
     split_seed: int = 0
-    eval_prompts: int = 32  # held-out prompts sampled at each evaluation (one image each)
+    eval_prompts: int = 32  # held-out prompts sampled at each evaluation
+    # Images per held-out prompt: one image's reward is noisy enough that checkpoints/best, which follows the
+    # held-out objective, would pick among checkpoints by chance.
+    eval_samples: int = 1
     eval_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.beta < 0 or self.group_size < 2 or not 0 < self.val_fraction < 1 or self.eval_prompts < 1:
-            raise ValueError(f"need beta >= 0, group_size >= 2 (a group baseline), val_fraction in (0, 1) and "
-                             f"eval_prompts >= 1; got {self.beta}, {self.group_size}, {self.val_fraction}, "
-                             f"{self.eval_prompts}")
+        if self.beta < 0 or self.group_size < 2 or not 0 < self.val_fraction < 1 or min(self.eval_prompts,
+                                                                                            self.eval_samples) < 1:
+            raise ValueError(f"need beta >= 0, group_size >= 2 (a group baseline), val_fraction in (0, 1), "
+                             f"eval_prompts >= 1 and eval_samples >= 1; got {self.beta}, {self.group_size}, "
+                             f"{self.val_fraction}, {self.eval_prompts}, {self.eval_samples}")
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ class GRPOTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int, sink: EvalSink) -> dict[str, float]:
         o, device = self.objective, next(model.parameters()).device
-        rows = torch.tensor(self.val)
+        rows = torch.tensor(self.val).repeat_interleave(o.eval_samples)
         text = self.text[rows].to(device)
         codes = self._sample(model, text, torch.Generator(device=device).manual_seed(o.eval_seed))
         reward = self.rewards(rows, codes)

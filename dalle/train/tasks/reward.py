@@ -34,6 +34,9 @@ class RewardObjective(Selection):
     reference_rater: str = ""  # also report held-out accuracy against this rater's labels ("": none)
     sft_model: str = ""  # model id of the supervised model's samples ("": the store's first sample's model)
     eval_batch_size: int = 64  # samples scored at once in evaluation
+    # Train the head only: the body keeps what it learned (the reranker's sense of which image fits the text),
+    # which a few thousand comparisons, most decided by small differences, otherwise wear away.
+    freeze_body: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class RewardTask:
     def __init__(self, model: RewardModel, objective: RewardObjective, tokenizer: TextTokenizer, store: Store) -> None:
         self.model, self.objective, self.tokenizer = model, objective, tokenizer
         self.pixels = model.config.reads_pixels
+        if objective.freeze_body:
+            model.body.requires_grad_(False)
         self.train_judgements, self.val_judgements = select(store, objective)
         self.reference: list[Judgement] = []
         if objective.reference_rater:
