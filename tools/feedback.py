@@ -15,7 +15,6 @@ otherwise; anyone who can reach it can add comparisons.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
@@ -102,9 +101,7 @@ def _sample(args: argparse.Namespace, store) -> None:
 
 
 def _simulate(args: argparse.Namespace, store) -> None:
-    import numpy as np
-    from PIL import Image
-
+    from dalle.feedback.data import png_rgb
     from dalle.feedback.raters import SimulatedRater, shapes_prompt
 
     rater = SimulatedRater(args.rater, args.noise, args.seed)
@@ -116,8 +113,7 @@ def _simulate(args: argparse.Namespace, store) -> None:
         except ValueError as e:
             raise SystemExit(f"pair {pair_id}: {e}") from None
         left, right = (pair["a_id"], pair["b_id"]) if made % 2 == 0 else (pair["b_id"], pair["a_id"])
-        images = [np.asarray(Image.open(io.BytesIO(store.png(s))).convert("RGB")) for s in (left, right)]
-        store.record(pair_id, left, rater.choose(prompt, *images), rater.name)
+        store.record(pair_id, left, rater.choose(prompt, *(png_rgb(store.png(s)) for s in (left, right))), rater.name)
         made += 1
     print(f"{rater.name}: {made} comparisons added")
 

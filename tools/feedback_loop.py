@@ -137,9 +137,8 @@ def _train(args: argparse.Namespace, out: Path, stage: str, sets: dict[str, obje
     from dalle_tools import train_feedback
 
     sets = [f"{k}={v}" for k, v in sets.items()] + [v for s, v in args.overrides if s == stage]
-    argv = [stage, "--config", getattr(args, f"{stage}_config"), "--out", str(out / (run or stage)), "--device",
-            args.device,
-            "--threads", str(args.threads)] + [x for s in sets for x in ("--set", s)]
+    argv = [stage, "--config", getattr(args, f"{stage}_config"), "--out", str(out / (run or stage)),
+            "--device", args.device, "--threads", str(args.threads)] + [x for s in sets for x in ("--set", s)]
     return train_feedback.main(argv + (["--no-progress"] if args.no_progress else []))
 
 
@@ -162,16 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         sets = {"inputs.store": store, "inputs.init": args.model}
         sets |= {"inputs.reward": out / "reward"} if method == "grpo" else {"objective.rater": "sim"}
         _stage(out, method, partial(_train, args, out, method, sets))
-    tuned = list(args.methods)
-    if "dpo" in args.methods:
-        for r in range(2, args.rounds + 1):
-            before, run, store_r = tuned[tuned.index("dpo") + r - 2], f"dpo-r{r}", out / f"fb-r{r}.db"
-            seed = args.seed + 1000 * (r - 1)  # new seeds as well as a new model
-            _stage(out, f"sample-r{r}", partial(_sample, args, store_r, str(out / before), seed))
-            _stage(out, f"simulate-r{r}", partial(_simulate, args, store_r, seed))
-            sets = {"inputs.store": store_r, "inputs.init": out / before, "objective.rater": "sim"}
-            _stage(out, run, partial(_train, args, out, "dpo", sets, run))
-            tuned.insert(tuned.index("dpo") + r - 1, run)
+    dpo_runs = ["dpo"] + [f"dpo-r{r}" for r in range(2, args.rounds + 1)]
+    for r, (before, run) in enumerate(zip(dpo_runs, dpo_runs[1:]), start=2):
+        store_r, seed = out / f"fb-r{r}.db", args.seed + 1000 * (r - 1)  # new seeds as well as a new model
+        _stage(out, f"sample-r{r}", partial(_sample, args, store_r, str(out / before), seed))
+        _stage(out, f"simulate-r{r}", partial(_simulate, args, store_r, seed))
+        sets = {"inputs.store": store_r, "inputs.init": out / before, "objective.rater": "sim"}
+        _stage(out, run, partial(_train, args, out, "dpo", sets, run))
+    tuned = [run for m in args.methods for run in (dpo_runs if m == "dpo" else [m])]
     models = [x for m in tuned for x in ("--model", f"{m}={out / m}")]
     evaluation = ["--sft", args.model, "--reward", str(out / "reward"), *models, "--exclude-store", str(store),
                   "--n", str(args.eval_n), "--best-of", *map(str, args.best_of), "--diversity", str(args.diversity),

@@ -92,6 +92,11 @@ def _rows(store: Store, ids: Sequence[int]) -> list[tuple[Any, ...]]:
     return out
 
 
+def png_rgb(data: bytes) -> np.ndarray:
+    """A stored sample's PNG as an (H, W, 3) uint8 array."""
+    return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
 def load_samples(store: Store, ids: Iterable[int], tokenizer: TextTokenizer, text_len: int, *,
                  pixels: bool) -> SampleTable:
     """Read samples `ids`; every sample's codes must have one length (one model's grid)."""
@@ -106,8 +111,7 @@ def load_samples(store: Store, ids: Iterable[int], tokenizer: TextTokenizer, tex
     ids_by_prompt = dict(zip(unique, tokenizer.encode_batch(unique, text_len, truncate_warn=False)[0]))
     images = None
     if pixels:
-        images = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(r[4])).convert("RGB")).copy())
-                              .permute(2, 0, 1) for r in rows])
+        images = torch.stack([torch.from_numpy(png_rgb(r[4])).permute(2, 0, 1) for r in rows])
     return SampleTable({r[0]: i for i, r in enumerate(rows)}, torch.stack([ids_by_prompt[p] for p in prompts]),
                        torch.tensor(codes, dtype=torch.long), images, [r[2] for r in rows], prompts)
 

@@ -7,14 +7,13 @@
 
 Each accuracy is also given against the reference rater's labels. With `--by-cause` (shapes stores), each is
 split by what decided a pair for the detector, beside the accuracy of a scorer that knows correctness exactly.
-The held-out pairs are those of training
-(the same `val_fraction` and `split_seed`, read from the reward run's run.json unless given).
+The held-out pairs are those of training (the same `val_fraction` and `split_seed`, read from the reward run's
+run.json unless given).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dalle.feedback.data import Selection, agreement, images_of, load_samples, pairwise_accuracy, select
+from dalle.feedback.data import (
+    Selection,
+    agreement,
+    images_of,
+    load_samples,
+    pairwise_accuracy,
+    png_rgb,
+    select,
+)
 from dalle.feedback.store import Judgement, Store
 
 
@@ -74,9 +81,6 @@ def by_cause(store: Store, val: list[Judgement], scores: dict[str, dict[int, flo
     decided them for the detector (`raters.CAUSES`), and the accuracy of a scorer that knows each image's
     correctness exactly (all correct, then checks right) but not the detector's confidence, the most a reward
     model can reach from correctness alone. Against `val`'s labels; raises ValueError for a non-shapes prompt."""
-    import numpy as np
-    from PIL import Image
-
     from dalle.feedback.raters import CAUSES, correctness, deciding, shapes_prompt
 
     found: dict[int, tuple[int, int, float]] = {}
@@ -85,7 +89,7 @@ def by_cause(store: Store, val: list[Judgement], scores: dict[str, dict[int, flo
         pair = store.pair(pair_id)
         prompt = shapes_prompt(pair["split"], pair["prompt"])
         for s in (pair["a_id"], pair["b_id"]):
-            found[s] = correctness(prompt, np.asarray(Image.open(io.BytesIO(store.png(s))).convert("RGB")))
+            found[s] = correctness(prompt, png_rgb(store.png(s)))
         cause[pair_id] = deciding(found[pair["a_id"]], found[pair["b_id"]])
     knows = {s: 1000.0 * c[0] + c[1] for s, c in found.items()}  # lexicographic: all correct, then checks
     out: dict[str, Any] = {"correctness_scorer_accuracy": pairwise_accuracy(knows, val)[0]}

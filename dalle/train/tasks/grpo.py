@@ -48,8 +48,8 @@ class GRPOObjective:
     eval_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.beta < 0 or self.group_size < 2 or not 0 < self.val_fraction < 1 or min(self.eval_prompts,
-                                                                                            self.eval_samples) < 1:
+        evals = min(self.eval_prompts, self.eval_samples)
+        if self.beta < 0 or self.group_size < 2 or not 0 < self.val_fraction < 1 or evals < 1:
             raise ValueError(f"need beta >= 0, group_size >= 2 (a group baseline), val_fraction in (0, 1), "
                              f"eval_prompts >= 1 and eval_samples >= 1; got {self.beta}, {self.group_size}, "
                              f"{self.val_fraction}, {self.eval_prompts}, {self.eval_samples}")
