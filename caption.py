@@ -27,6 +27,7 @@ from dalle.cli import (
     add_sampling_flags,
     add_threads_flag,
     apply_threads,
+    non_negative_float,
     positive_int,
     resolve_device,
     run,
@@ -53,6 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=seed_int, default=0,
                    help=f"with --sample: the k-th text written of the run uses seed SEED + k (0..{SEED_MAX})")
     add_sampling_flags(p)
+    p.add_argument("--prior-scale", type=non_negative_float, default=0.0,
+                   help="captions: weigh each word against the model's own caption prior, choosing by "
+                        "(1 + s) log p(word | image) - s log p(word); helps on what training captions never "
+                        "described, such as an unseen colour/shape pair (0: off; docs/evaluation.md)")
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="images read and written together (>= 1); results print as each batch ends")
     p.add_argument("--json", action="store_true", help="also write IMAGE.caption.json beside each image")
@@ -68,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--beam and --sample exclude each other: search or sample")
     if not args.sample and (args.temperature, args.top_k, args.top_p) != (1.0, 0, 1.0):
         p.error("--temperature, --top-k and --top-p shape sampling: add --sample")
+    if args.prior_scale and args.question:
+        p.error("--prior-scale guides captions; answers have no caption prior: leave it out with --question")
     if args.seed + len(args.images) * max(1, len(args.question)) * args.num > SEED_MAX + 1:
         p.error(f"--seed {args.seed}: the seeds of this run's texts must stay <= {SEED_MAX}; choose a smaller seed")
     return args
@@ -104,20 +111,23 @@ def read_images(pipe: Pipeline, args: argparse.Namespace, paths: list[Path], fir
                     batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     results: list[dict] = [{"image": str(p), "model": pipe.model_id, "texts": []} for p in paths]
     if not args.question:
-        for result, texts in zip(results, caption(pipe, images, seed=args.seed + first * args.num, **decoding)):
+        for result, texts in zip(results, caption(pipe, images, seed=args.seed + first * args.num,
+                                                  prior_scale=args.prior_scale, **decoding)):
             result["texts"] = [{"caption": t.text, "logprob": round(t.logprob, 4)} for t in texts]
     for q, question in enumerate(args.question):
         seed = args.seed + (q * len(args.images) + first) * args.num
         for result, texts in zip(results, answer(pipe, images, [question] * len(paths), seed=seed, **decoding)):
             result["texts"] += [{"question": question, "answer": t.text, "logprob": round(t.logprob, 4)}
                                 for t in texts]
-    settings = {k: getattr(args, k) for k in ("beam", "sample", "seed", "temperature", "top_k", "top_p", "dtype")}
+    settings = {k: getattr(args, k) for k in ("beam", "sample", "seed", "temperature", "top_k", "top_p", "prior_scale",
+                                              "dtype")}
     return [{**r, "settings": settings} for r in results]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from dalle.captioning import require_reading
+    from dalle.transformer.reading import check_prior
 
     if not Path(args.model).exists():
         raise SystemExit(f"--model {args.model} does not exist (check the path)")
@@ -135,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"cannot load the model: {e}") from None
     try:
         require_reading(pipe, layout)
+        check_prior(pipe.model, layout, args.prior_scale)
     except ValueError as e:  # a text-to-image model: one line saying so, and how to train one that reads
         raise SystemExit(str(e)) from None
     chunks = range(0, len(paths), args.batch_size)

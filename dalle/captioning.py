@@ -21,7 +21,7 @@ from torch import Tensor
 
 from dalle.pipeline import Pipeline
 from dalle.transformer.layouts import CAPTION, QA, pack_qa
-from dalle.transformer.reading import text_logprob, write
+from dalle.transformer.reading import check_prior, text_logprob, write
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ def _decoding(num: int, beam: int, sample: bool) -> None:
 
 
 def _write(pipe: Pipeline, codes: Tensor, prompt: Tensor, layout: str, answer_at: int, *, num: int, beam: int,
-           sample: bool, seed: int, batch_size: int, **filters: float) -> list[list[Text]]:
+           sample: bool, seed: int, batch_size: int, prior_scale: float = 0.0,
+           **filters: float) -> list[list[Text]]:
     _decoding(num, beam, sample)
     out: list[list[Text]] = []
     for start in range(0, len(codes), batch_size):
@@ -70,29 +71,34 @@ def _write(pipe: Pipeline, codes: Tensor, prompt: Tensor, layout: str, answer_at
         gens = ([torch.Generator(device=pipe.device).manual_seed(seed + (start + i) * num + j)
                  for i in range(n) for j in range(num)] if sample else None)
         written = write(pipe.model, codes[rows].to(pipe.device), prompt[rows].to(pipe.device), layout, answer_at,
-                        beam=max(beam, num) if not sample else 1, num=num, sample=sample, generator=gens, **filters)
+                        beam=max(beam, num) if not sample else 1, num=num, sample=sample, generator=gens,
+                        prior_scale=prior_scale, **filters)
         out += [[Text(pipe.tokenizer.decode(ids[answer_at:]).strip(), lp) for ids, lp in texts] for texts in written]
     return out
 
 
 def caption_codes(pipe: Pipeline, codes: Tensor, *, num: int = 1, beam: int = 1, sample: bool = False,
                   seed: int = 0, batch_size: int = 64, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> list[list[Text]]:
+                  top_p: float = 1.0, prior_scale: float = 0.0) -> list[list[Text]]:
     """`caption` for images given as (B, N) dVAE codes."""
     require_reading(pipe, CAPTION)
+    check_prior(pipe.model, CAPTION, prior_scale)
     cfg = pipe.model.config
     empty = cfg.text_vocab_size + torch.arange(cfg.text_seq_len).expand(len(codes), -1)
     return _write(pipe, codes, empty, CAPTION, 0, num=num, beam=beam, sample=sample, seed=seed,
-                  batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p)
+                  batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p, prior_scale=prior_scale)
 
 
 def caption(pipe: Pipeline, images: Tensor, *, num: int = 1, beam: int = 1, sample: bool = False, seed: int = 0,
-            batch_size: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[list[Text]]:
+            batch_size: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+            prior_scale: float = 0.0) -> list[list[Text]]:
     """Captions of images (B, 3, H, W) in [0, 1]: per image `num` texts, best first. Greedy by default; `beam`
     hypotheses kept by beam search (at least num); `sample` draws num texts (seed + k for the k-th written row
-    of the call) with temperature/top_k/top_p."""
+    of the call) with temperature/top_k/top_p. `prior_scale` > 0 weighs each word against the model's own
+    caption prior (`dalle.transformer.reading.write`), for images the training captions never described."""
     return caption_codes(pipe, encode_images(pipe, images), num=num, beam=beam, sample=sample, seed=seed,
-                         batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p)
+                         batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p,
+                         prior_scale=prior_scale)
 
 
 def answer(pipe: Pipeline, images: Tensor, questions: Sequence[str], *, num: int = 1, beam: int = 1,

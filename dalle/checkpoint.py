@@ -202,7 +202,11 @@ def read_config(directory: str | Path) -> tuple[str, dict[str, Any]]:
                          f"project reads up to {FORMAT_VERSION}: upgrade the package")
     model_type = LEGACY_TYPES.get(data["model_type"], data["model_type"])
     renamed = LEGACY_KEYS.get(model_type, {})
-    return model_type, {renamed.get(k, k): v for k, v in data["config"].items()}
+    config = {renamed.get(k, k): v for k, v in data["config"].items()}
+    if model_type == "dalle" and set(config.get("layouts", ["t2i"])) - {"t2i"}:
+        # joint transformers saved before the key existed read each image token at its own cell
+        config.setdefault("reading_image", "cells")
+    return model_type, config
 
 
 def load_pretrained(directory: str | Path, *, expect: str | None = None,

@@ -59,6 +59,24 @@ def test_sampled_texts_do_not_depend_on_the_batch_size(joint, capsys):
     assert outs[0] == outs[1] and len(outs[0].splitlines()) == 6
 
 
+def test_prior_guided_captions_are_written_and_recorded(joint, tmp_path, capsys):
+    image = tmp_path / "scene.png"
+    shutil.copy(joint / "scene0.png", image)
+    assert caption.main([str(image), "--model", str(joint / "model"), "--prior-scale", "2", "--json"]) == 0
+    record = json.loads((tmp_path / "scene.caption.json").read_text())
+    assert record["settings"]["prior_scale"] == 2.0
+    pipe = load_pipeline(joint / "model")
+    from PIL import Image
+
+    from dalle.captioning import caption as write_caption
+    from dalle.data.transforms import EvalTransform, to_rgb
+
+    with Image.open(image) as im:
+        pixels = EvalTransform(pipe.dvae.config.image_size)(to_rgb(im), None)[None]
+    want = write_caption(pipe, pixels, prior_scale=2.0)[0][0]
+    assert record["texts"][0] == {"caption": want.text, "logprob": round(want.logprob, 4)}
+
+
 def test_json_sidecars_never_replace_a_file_unasked(joint, tmp_path):
     image = tmp_path / "scene.png"
     shutil.copy(joint / "scene0.png", image)
@@ -73,7 +91,9 @@ def test_json_sidecars_never_replace_a_file_unasked(joint, tmp_path):
 
 
 def test_bad_flags_are_parser_errors(joint, capsys):
-    for extra, message in ((["--beam", "2", "--sample"], "exclude each other"), (["--top-k", "3"], "add --sample")):
+    for extra, message in ((["--beam", "2", "--sample"], "exclude each other"), (["--top-k", "3"], "add --sample"),
+                           (["--prior-scale", "1", "--question", "how many?"], "answers have no caption prior"),
+                           (["--prior-scale", "-1"], "expected a finite number >= 0")):
         with pytest.raises(SystemExit):
             caption.main([str(joint / "scene0.png"), "--model", str(joint / "model"), *extra])
         assert message in capsys.readouterr().err

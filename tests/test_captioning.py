@@ -4,6 +4,7 @@ uncached stream, an old text-to-image checkpoint unchanged, and a tiny model tha
 import dataclasses
 import hashlib
 import json
+import math
 import random
 
 import pytest
@@ -52,15 +53,34 @@ def test_positions_belong_to_the_token_kind():
     text = torch.randint(0, CFG.text_vocab_size, (2, CFG.text_seq_len))
     layout, answer_at = torch.tensor([CAPTION, QA]), torch.tensor([0, 2])
     x = model.embed_reading(text, image, layout, answer_at)  # (2, N + T, d)
+    n, t = CFG.image_seq_len, CFG.text_seq_len
+    # the image slots are the text-to-image stream's, whichever side of the text the image sits on
+    torch.testing.assert_close(x[:, :n], model.embed_image(image, 0))
+    torch.testing.assert_close(x[:, :n], torch.cat([model.embed_text(text), model.embed_image(image, 0)], 1)[:, t:])
+    # the last image token rides on the start slot, with the layout's start token and text slot 0's position
+    torch.testing.assert_close(x[0, n], model.soc + model.text_pos[0] + model.image_emb(image[0, -1]))
+    torch.testing.assert_close(x[1, n], model.soq + model.text_pos[0] + model.image_emb(image[1, -1]))
+
+
+def test_a_joint_checkpoint_saved_before_reading_image_keeps_reading_each_token_at_its_cell(tmp_path):
+    torch.manual_seed(0)
+    old = DALLE(dataclasses.replace(CFG, reading_image="cells")).eval()
+    save_pretrained(old, tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["config"]["reading_image"]  # as written before the option
+    path.write_text(json.dumps(saved))
+    loaded = load_pretrained(tmp_path / "m")
+    assert loaded.config.reading_image == "cells"
+    image, text = codes(2), torch.randint(0, CFG.text_vocab_size, (2, CFG.text_seq_len))
+    x = loaded.embed_reading(text, image, torch.tensor([CAPTION, CAPTION]), torch.zeros(2, dtype=torch.long))
     g = CFG.image_grid_size
-    for k in (0, 5, CFG.image_seq_len - 1):  # the token of cell (r, c) gets row r's and column c's embedding
-        want = model.image_emb(image[:, k]) + model.row_pos[k // g] + model.col_pos[k % g]
+    for k in (0, 5, CFG.image_seq_len - 1):  # the token of cell (r, c) with row r's and column c's embedding
+        want = loaded.image_emb(image[:, k]) + loaded.row_pos[k // g] + loaded.col_pos[k % g]
         torch.testing.assert_close(x[:, k], want)
-    n = CFG.image_seq_len
-    torch.testing.assert_close(x[0, n], model.soc + model.text_pos[0])  # start tokens at text slot 0
-    torch.testing.assert_close(x[1, n], model.soq + model.text_pos[0])
-    torch.testing.assert_close(x[1, n + 2], model.text_emb(text[1, 1]) + model.text_pos[2] + model.soa)
-    torch.testing.assert_close(x[1, n + 3], model.text_emb(text[1, 2]) + model.text_pos[3])
+    torch.testing.assert_close(x[0, CFG.image_seq_len], loaded.soc + loaded.text_pos[0])
+    with pytest.raises(ValueError, match="reading_image"):
+        dataclasses.replace(CFG, reading_image="sideways")
 
 
 @pytest.mark.parametrize("schedule", ["paper", "full"])
@@ -120,6 +140,58 @@ def test_cached_writing_equals_uncached(schedule, how):
         best = torch.stack([texts[0][0] for texts in outs[0]])
         torch.testing.assert_close(text_logprob(model, image, best, layout, torch.full((3,), at)),
                                    torch.tensor([texts[0][1] for texts in outs[0]]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("how", [{}, {"beam": 3, "num": 2}, {"sample": True, "num": 2, "top_k": 5}])
+def test_prior_guided_captions_cached_equal_uncached_and_keep_the_unguided_score(how):
+    model = model_for()
+    image = codes(3)
+    prompt = CFG.text_vocab_size + torch.arange(CFG.text_seq_len).expand(3, -1).clone()
+    outs = []
+    for cached in (True, False):
+        gens = [torch.Generator().manual_seed(i) for i in range(6)] if how.get("sample") else None
+        outs.append(write(model, image, prompt, "caption", 0, generator=gens, use_cache=cached, prior_scale=2.0,
+                          **how))
+    for a, b in zip(*outs):
+        assert [ids.tolist() for ids, _ in a] == [ids.tolist() for ids, _ in b]
+        assert [lp for _, lp in a] == pytest.approx([lp for _, lp in b], abs=1e-4)
+    # the score returned is the model's own log p of the text, not the guided one
+    best = torch.stack([texts[0][0] for texts in outs[0]])
+    torch.testing.assert_close(text_logprob(model, image, best, "caption", torch.zeros(3, dtype=torch.long)),
+                               torch.tensor([texts[0][1] for texts in outs[0]]), atol=1e-4, rtol=1e-4)
+
+
+def test_prior_guidance_picks_by_the_guided_score_and_refuses_answers():
+    from dalle.transformer.decoding import KVCache, decode_text_step, prefill_text_prior
+
+    model, s = model_for(), 3.0
+    image = codes(4, seed=1)
+    prompt = CFG.text_vocab_size + torch.arange(CFG.text_seq_len).expand(4, -1).clone()
+    # greedy's first word maximises (1 + s) log p(w | image) - s log p(w), the prior read from <sot> alone
+    reading = model(prompt, image, torch.full((4,), CAPTION))[0][:, 0].log_softmax(-1)
+    cache = KVCache(CFG, 4, "cpu", torch.float32, text_only=True)
+    prior = prefill_text_prior(model, 4, cache).log_softmax(-1)
+    torch.testing.assert_close(prior, model(prompt, image)[0][:, 0].log_softmax(-1))  # t2i text slot 0
+    allowed = slice(0, CFG.text_vocab_size + 1)  # words, and the end token of text slot 0
+    reading, prior = reading[:, allowed], prior[:, allowed]
+    contrast = (1 + s) * reading - s * prior
+    for plausible in (1e-6, 0.9):  # only words within that factor of the image-conditioned best may win
+        first = [texts[0][0][0].item() for texts in write(model, image, prompt, "caption", 0, prior_scale=s,
+                                                         plausible=plausible)]
+        keep = reading >= reading.amax(-1, keepdim=True) + math.log(plausible)
+        assert first == contrast.masked_fill(~keep, float("-inf")).argmax(-1).tolist()
+    assert contrast.argmax(-1).tolist() != reading.argmax(-1).tolist()  # guidance changes a choice here
+    assert first != contrast.argmax(-1).tolist()  # and the constraint changes one back
+    assert decode_text_step(model, torch.tensor(first), cache).shape == (4, CFG.text_vocab_total)  # text slot 1 follows
+    with pytest.raises(ValueError, match="answers have no such prior"):
+        write(model, image, prompt, "qa", 2, prior_scale=1.0)
+    with pytest.raises(ValueError, match="plausible must be in"):
+        write(model, image, prompt, "caption", 0, prior_scale=1.0, plausible=0.0)
+    with pytest.raises(ValueError, match="prior_scale must be >= 0"):
+        write(model, image, prompt, "caption", 0, prior_scale=-1.0)
+    reader = DALLE(dataclasses.replace(CFG, layouts=("caption",))).eval()  # reads, never drew: no prior
+    with pytest.raises(ValueError, match="layouts with 't2i'"):
+        write(reader, image, prompt, "caption", 0, prior_scale=1.0)
 
 
 # sha256 of the int64 codes that dalle/default_model (weights 470f1981cab2) sampled for two prompts (below)

@@ -10,8 +10,9 @@ from tiny import tiny_config
 
 from dalle.checkpoint import load_pretrained, save_pretrained
 from dalle.data.qa import parse_qa, qa_for_sample, shapes_qa
-from dalle.data.shapes import HELDOUT_PAIRS, Scene, make_sample
+from dalle.data.shapes import HELDOUT_PAIRS, Scene, converse_caption, make_sample
 from dalle.data.tokens import TokenShards
+from dalle.evaluation.captions import judge_caption
 from dalle.tokenizer import TextTokenizer
 from dalle.train.config import TrainConfig
 from dalle.train.engine import Trainer
@@ -91,6 +92,35 @@ def test_each_sample_is_drawn_in_one_direction_from_its_own_seed(assets):
     assert caption["text"][: len(ids) + 1].tolist() == ids + [tok.vocab_size + len(ids)]
     with pytest.raises(ValueError, match="no 'caption' layout.*shapes-joint.yaml"):
         DALLETask(DALLE(tiny_config("dalle", text_vocab_size=tok.vocab_size)), obj, tok, data, data)
+
+
+def test_caption_rows_may_name_two_objects_in_either_order(assets):
+    tok = TextTokenizer.from_file(assets / "tokenizer.json")
+    two = "a large red circle to the left of a blue square"
+    converse = "a blue square to the right of a large red circle"
+    assert converse_caption(two) == converse and converse_caption(converse) == two
+    assert converse_caption("a red circle on the left") is None and converse_caption("two cats") is None
+    scene = Scene.from_dict(json.loads(make_sample(1).to_json()))
+    assert judge_caption(converse_caption(make_sample(1).caption), scene).all_correct  # the same picture
+    data = [{"codes": torch.zeros(16, dtype=torch.long), "caption": c, "key": str(i)}
+            for i, c in enumerate([two] * 60 + ["a red circle on the left"] * 10)]
+
+    def written(obj, train=True):
+        view = Captioned(data, tok, 16, obj, train)
+        rows = [view[(i, i)] for i in range(len(data))]
+        return [(tok.decode([t for t in r["text"].tolist() if t < tok.vocab_size]).strip(), r["layout"].item())
+                for r in rows]
+
+    either = DALLEObjective(mix_t2i=0.5, mix_caption=0.5, caption_either_order=True, bpe_dropout=False)
+    rows, plain = written(either), written(DALLEObjective(mix_t2i=0.5, mix_caption=0.5, bpe_dropout=False))
+    caption = LAYOUTS.index("caption")
+    said = {text for text, layout in rows[:60] if layout == caption}
+    assert said == {two, converse}  # both namings of the same image
+    assert {text for text, layout in rows[60:] if layout == caption} == {"a red circle on the left"}
+    # text-to-image rows, and every row of a run without the option, are what they were
+    assert [r for r in rows if r[1] != caption] == [r for r in plain if r[1] != caption]
+    assert {text for text, layout in plain if layout == caption} <= {two, "a red circle on the left"}
+    assert {text for text, _ in written(either, train=False)} <= {two, "a red circle on the left", ""}
 
 
 def test_joint_config_trains_in_bf16_with_every_directions_losses(assets):

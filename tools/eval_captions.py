@@ -38,6 +38,7 @@ from dalle.evaluation.detect import compare, detect
 from dalle.evaluation.report import markdown_table
 from dalle.generation import sample_codes
 from dalle.pipeline import DEFAULT_MODEL, Pipeline, load_pipeline, score
+from dalle.transformer.reading import check_prior
 
 NAMES = ("captions-eval.json", "captions-eval.md")
 
@@ -54,11 +55,12 @@ def _rate(values: list[bool | None]) -> float | None:
     return sum(said) / len(said) if said else None
 
 
-def eval_captions(pipe: Pipeline, split: str, args: argparse.Namespace) -> dict:
+def eval_captions(pipe: Pipeline, split: str, args: argparse.Namespace, prior_scale: float) -> dict:
     prompts, images = _renders(pipe, split, args)
-    texts = caption(pipe, images, beam=args.beam, batch_size=args.batch_size)
+    texts = caption(pipe, images, beam=args.beam, batch_size=args.batch_size, prior_scale=prior_scale)
     verdicts = [judge_caption(t[0].text, p.sample.scene) for t, p in zip(texts, prompts)]
-    row = {"split": split, "n": len(prompts), "parsed": _rate([v.parsed for v in verdicts])}
+    row = {"split": split, "prior_scale": prior_scale, "n": len(prompts),
+           "parsed": _rate([v.parsed for v in verdicts])}
     row |= {a: _rate([v.attributes[a] for v in verdicts]) for a in CAPTION_ATTRIBUTES}
     row["all_correct"] = _rate([v.all_correct for v in verdicts])
     row["examples"] = [{"caption": t[0].text, "truth": p.caption, "logprob": round(t[0].logprob, 4)}
@@ -102,7 +104,7 @@ def eval_cycle_and_rerank(pipe: Pipeline, split: str, args: argparse.Namespace) 
                 for p, im in zip(prompts, chosen)]
 
     first = images[:, 0]
-    texts = caption(pipe, first, beam=args.beam, batch_size=args.batch_size)
+    texts = caption(pipe, first, beam=args.beam, batch_size=args.batch_size, prior_scale=args.prior_scale[0])
     agrees = [_agrees(judge_caption(t[0].text, p.sample.scene), p.sample.mentions) for t, p in zip(texts, prompts)]
     judged = detector(first)
     cycle = {"split": split, "n": len(prompts), "caption_agrees": _rate(agrees), "detector_correct": _rate(judged),
@@ -136,7 +138,7 @@ def _table(rows: list[dict], cols: tuple[str, ...]) -> str:
 def markdown(result: dict) -> str:
     parts = [f"Model: {result['model']}, {result['settings']['n']} scenes/prompts per split\n"]
     if result["captions"]:
-        parts += ["## Captions of renders\n", _table(result["captions"], ("split", "n", "parsed")
+        parts += ["## Captions of renders\n", _table(result["captions"], ("split", "prior_scale", "n", "parsed")
                                                      + CAPTION_ATTRIBUTES + ("all_correct",))]
     if result["answers"]:
         parts += ["## Answers\n", _table(result["answers"], ("split", "questions", "all") + QUESTION_KINDS)]
@@ -160,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", nargs="+", default=["captions", "answers", "cycle"],
                    choices=["captions", "answers", "cycle"], help="what to evaluate (cycle includes reranking)")
     p.add_argument("--beam", type=cli.positive_int, default=1, help="beam width for captions and answers (1: greedy)")
+    p.add_argument("--prior-scale", type=cli.non_negative_float, nargs="+", default=[0.0],
+                   help="captions: guidance against the model's caption prior (caption.py --prior-scale), one row "
+                        "of the table per scale; the cycle reads with the first")
     p.add_argument("--candidates", type=cli.positive_int, nargs="+", default=[1, 8, 32],
                    help="reranking: best of the first k samples for each k (1: the first sample)")
     p.add_argument("--cond-scale", type=cli.finite_float, default=1.0, help="guidance scale of the sampled images")
@@ -181,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_pipeline(args.model, reranker_dir=args.reranker, device=resolve_device(args.device),
                              dtype=DTYPES[args.dtype])
         require_reading(pipe, "caption")
+        check_prior(pipe.model, "caption", max(args.prior_scale))
         if "answers" in args.parts:
             require_reading(pipe, "qa")
     except (FileNotFoundError, ValueError) as e:
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for split in tqdm(args.split, desc="splits", disable=args.no_progress):
             if "captions" in args.parts:
-                result["captions"].append(eval_captions(pipe, split, args))
+                result["captions"] += [eval_captions(pipe, split, args, s) for s in args.prior_scale]
             if "answers" in args.parts:
                 result["answers"].append(eval_answers(pipe, split, args))
             if "cycle" in args.parts:

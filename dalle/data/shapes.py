@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import operator
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -372,6 +373,13 @@ def render(scene: Scene, image_size: int = 64) -> Image.Image:
     return img.resize((image_size, image_size), Image.Resampling.BOX)
 
 
+# An object as `_describe` writes it (size, colour and shape captured), and make_caption's two-object template
+OBJECT_PATTERN = rf"an? (?:({'|'.join(SIZES)}) )?({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+_PHRASE_RELATIONS = {phrase: rel for rel, phrase in _RELATION_PHRASES.items()}
+_ONE_OBJECT = rf"an? (?:(?:{'|'.join(SIZES)}) )?(?:{'|'.join(COLOURS)}) (?:{'|'.join(SHAPES)})"  # capturing nothing
+_TWO_OBJECTS = re.compile(rf"({_ONE_OBJECT}) ({'|'.join(_PHRASE_RELATIONS)}) ({_ONE_OBJECT})")
+
+
 def _describe(o: ShapeObject, with_size: bool) -> str:
     phrase = f"{o.size} {o.colour} {o.shape}" if with_size else f"{o.colour} {o.shape}"
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase  # "an orange circle"
@@ -395,6 +403,17 @@ def make_caption(scene: Scene, rng: random.Random) -> tuple[str, Mentions]:
     text = f"{_describe(a, with_size)} {_RELATION_PHRASES[scene.relation]} {_describe(b, with_size)}"
     m = ("colour", "shape", "size") if with_size else ("colour", "shape")
     return text, (m, m)
+
+
+def converse_caption(caption: str) -> str | None:
+    """A two-object caption of the shapes grammar with its objects named the other way round ("a red circle
+    to the left of a blue square" -> "a blue square to the right of a red circle", the same picture); None
+    for any other text."""
+    m = _TWO_OBJECTS.fullmatch(caption)
+    if m is None:
+        return None
+    first, phrase, second = m.groups()
+    return f"{second} {_RELATION_PHRASES[CONVERSE[_PHRASE_RELATIONS[phrase]]]} {first}"
 
 
 def sample_key(index: int, split: str = "train", seed: int = 0) -> str:

@@ -13,11 +13,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dalle.data.shapes import _POSITION_PHRASES, _RELATION_PHRASES, COLOURS, CONVERSE, SHAPES, SIZES, Scene
+from dalle.data.shapes import _POSITION_PHRASES, _RELATION_PHRASES, CONVERSE, OBJECT_PATTERN, Scene
 
 CAPTION_ATTRIBUTES = ("colour", "shape", "size", "position", "relation")
 
-_OBJECT = (rf"an? (?:({'|'.join(SIZES)}) )?({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})")
+_OBJECT = OBJECT_PATTERN
 _POSITIONS = {phrase: pos for pos, phrase in _POSITION_PHRASES.items()}
 _RELATIONS = {phrase: rel for rel, phrase in _RELATION_PHRASES.items()}
 _ONE = re.compile(rf"{_OBJECT}(?: ({'|'.join(_POSITIONS)}))?")

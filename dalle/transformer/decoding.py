@@ -50,14 +50,17 @@ class KVCache:
     apply): weights cannot change while a cache lives, since sampling runs under inference mode."""
 
     def __init__(self, cfg: DALLEConfig, batch: int, device: torch.device | str, dtype: torch.dtype,
-                 sparse: bool = True, image_first: bool = False) -> None:
+                 sparse: bool = True, image_first: bool = False, text_only: bool = False) -> None:
         shape = (batch, cfg.n_head, cfg.seq_len, cfg.n_embd // cfg.n_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.text_len, self.length, self.staged = cfg.text_seq_len, 0, False
-        self.image_first = image_first
-        # a reading stream decodes text only, whose queries read every cached key: no key sets, windows or masks
-        kinds = ("full",) * cfg.n_layer if image_first else layer_kinds(cfg.n_layer, cfg.attn_schedule)
+        self.image_first, self.text_only = image_first, text_only
+        # where text slot 0 sits in the stream: after the image in a reading stream, first in a text-only one
+        self.text_start = cfg.image_seq_len if image_first else 0
+        # A reading stream decodes text only, whose queries read every cached key, and so does a text-only
+        # stream (the caption prior of guided reading): no key sets, windows or masks
+        kinds = ("full",) * cfg.n_layer if image_first or text_only else layer_kinds(cfg.n_layer, cfg.attn_schedule)
         geometry = (cfg.text_seq_len, cfg.image_grid_size, cfg.conv_kernel, device)
         # one tuple of index tensors per kind, shared by that kind's layers (and by caches of one geometry)
         self.keys = [None if kind == "full" or not sparse else image_keys(kind, *geometry) for kind in kinds]
@@ -75,9 +78,9 @@ class KVCache:
 
     def reorder(self, rows: Tensor) -> None:
         """Keep the cached rows `rows` (B',) long, in that order: a beam's parents, or each row repeated. Only
-        for a reading cache, whose text steps keep no windows."""
-        if not self.image_first:
-            raise ValueError("only a reading cache (image_first=True) can be reordered")
+        for a reading or text-only cache, whose text steps keep no windows."""
+        if not (self.image_first or self.text_only):
+            raise ValueError("only a reading (image_first=True) or text-only cache can be reordered")
         batch = self.k[0].shape[0]
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
@@ -197,18 +200,31 @@ def prefill_reading(model: DALLE, image: Tensor, text: Tensor, layout: str, answ
     return row_linear(model.text_head, model.backbone(x, cache, image_first=True)[:, -1], cache)
 
 
-@torch.inference_mode()
-def decode_text_step(model: DALLE, token: Tensor, cache: KVCache) -> Tensor:
-    """Feed text token (B,) into the next text slot of a reading stream; returns the logits (B, Vt + T) for
-    the token after it."""
-    cfg, pos = model.config, cache.length
-    if pos >= cfg.seq_len:
-        raise RuntimeError(f"the cache is full ({pos} of {cfg.seq_len} slots): no text slot is left")
-    x = model.text_emb(token) + model.text_pos[pos - cfg.image_seq_len]
+def _text_slot(model: DALLE, x: Tensor, cache: KVCache) -> Tensor:
+    """Input (B, d) of the next text slot through every layer; the logits (B, Vt + T) of the token after it."""
+    end = cache.text_start + model.config.text_seq_len
+    if cache.length >= end:
+        raise RuntimeError(f"the cache is full ({cache.length} of {end} slots): no text slot is left")
     for i, block in enumerate(model.blocks):
         x = block_step(block, x, cache, i)
     cache.length += 1
     return row_linear(model.text_head, model.ln_f(x), cache)
+
+
+@torch.inference_mode()
+def prefill_text_prior(model: DALLE, batch: int, cache: KVCache) -> Tensor:
+    """Start the text-to-image stream's text alone in an empty text-only cache (`KVCache(..., text_only=True)`):
+    its <sot> slot. Returns the logits (B, Vt + T) of text slot 0: the model's caption before any image."""
+    if not cache.text_only or cache.length:
+        raise ValueError("the text prior needs an empty text-only cache (KVCache(..., text_only=True))")
+    return _text_slot(model, (model.sot + model.text_pos[0]).expand(batch, -1), cache)  # embed_text's slot 0
+
+
+@torch.inference_mode()
+def decode_text_step(model: DALLE, token: Tensor, cache: KVCache) -> Tensor:
+    """Feed text token (B,) into the next text slot of a reading or text-only stream; returns the logits
+    (B, Vt + T) for the token after it."""
+    return _text_slot(model, model.text_emb(token) + model.text_pos[cache.length - cache.text_start], cache)
 
 
 def sampling_flops(cfg: DALLEConfig, sparse: bool = True) -> float:

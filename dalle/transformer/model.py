@@ -13,15 +13,18 @@ are learned; image positions are a row embedding plus a column embedding, broadc
 Logits at text slots cover the text vocabulary only and at image slots the image vocabulary only.
 
 Reading layouts (`DALLEConfig.layouts`; the stream orders and their loss masks are in `dalle.transformer.layouts`):
-"caption" puts the image first and the caption after it, "qa" the image, then a question, then its answer:
+"caption" puts the image first and the caption after it, "qa" the image, then a question, then its answer.
+The image part is the text-to-image stream's own (`reading_image: drawn`, the default): each image slot holds
+the token before its cell, so the shared layers see one image whichever side of the text it sits on, and the
+last image token rides on the text's start slot:
 
-    slot    0 .. N-1      N                    N+1 .. N+T-1
-    holds   i_0 .. i_N-1  <soc> or <soq>       t_0 .. t_{T-2}   (qa: <soa> added where the answer starts)
-    learns  (nothing)     t_0                  t_1 .. t_{T-1}
+    slot    0      1 .. N-1         N                              N+1 .. N+T-1
+    holds   <soi>  i_0 .. i_{N-2}   i_{N-1} + (<soc> or <soq>)     t_0 .. t_{T-2}   (qa: <soa> where the answer starts)
+    learns  (nothing)               t_0                            t_1 .. t_{T-1}
 
-Positions belong to the token kind: the text slot j gets text_pos[j], the image token of grid cell (r, c)
-row_pos[r] + col_pos[c], whichever comes first in the stream (in text-to-image order each image slot
-carries the cell it predicts, the token before it feeding it).
+Positions belong to the token kind: text slot j gets text_pos[j], image slot k (grid cell (r, c))
+row_pos[r] + col_pos[c] in both orders. (`reading_image: cells`, that of joint checkpoints written before the
+option, feeds i_k at slot k instead, one cell off the text-to-image stream.)
 
 Attention masks per layer (row, column, conv, full) live in `dalle.transformer.attention`; the key/value-
 cached prompt pass and decoding step, with their CPU fast path, in `dalle.transformer.decoding`.
@@ -39,6 +42,8 @@ from torch.utils.checkpoint import checkpoint
 
 from dalle.transformer.attention import attend, dense_mask, layer_kinds
 from dalle.transformer.layouts import CAPTION, LAYOUTS, QA, T2I
+
+READING_IMAGE = ("drawn", "cells")
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,15 @@ class DALLEConfig:
     # stream layouts the model has start tokens for: "t2i" (text then image), "caption" (image then text),
     # "qa" (image, question, answer); a config without the key is a text-to-image model
     layouts: tuple[str, ...] = ("t2i",)
+    # How a reading layout feeds the image: "drawn", as the text-to-image stream does (each image slot holds
+    # the token before its cell, the last token rides on the text's start slot), so both directions give the
+    # shared layers the same image; or "cells" (each token at its own cell), what joint checkpoints written
+    # before this option read (the loader sets it for them)
+    reading_image: str = "drawn"
 
     def __post_init__(self) -> None:
+        if self.reading_image not in READING_IMAGE:
+            raise ValueError(f"reading_image {self.reading_image!r}: expected one of {list(READING_IMAGE)}")
         unknown = [x for x in self.layouts if x not in LAYOUTS]
         if unknown or not self.layouts or len(set(self.layouts)) != len(self.layouts):
             raise ValueError(f"layouts {list(self.layouts)}: give distinct names from {list(LAYOUTS)}")
@@ -86,7 +98,7 @@ class DALLEConfig:
         # A text-to-image model's config.json stays what it was before the reading layouts existed, so a run
         # started then resumes (its saved config must equal this one) and its files are unchanged.
         if self.layouts == (T2I,):
-            del d["layouts"]
+            del d["layouts"], d["reading_image"]
         else:
             d["layouts"] = list(self.layouts)  # as JSON gives it back
         return d
@@ -235,8 +247,13 @@ class DALLE(nn.Module):
             start = start + wanted[QA][:, None] * self.soq
             at = (torch.arange(t, device=text.device)[None] == answer_at[:, None]) & wanted[QA][:, None]  # (B, T)
             answer = at[..., None] * self.soa
+        if self.config.reading_image == "drawn":  # the text-to-image stream's image slots; the last token is left
+            pixels = self.embed_image(image, 0)
+            start = start + self.image_emb(image[:, -1])
+        else:
+            pixels = self.image_emb(image) + self.image_pos(0, image.shape[1])
         words = torch.cat([start[:, None], self.text_emb(text[:, :-1])], dim=1) + self.text_pos + answer
-        return torch.cat([self.image_emb(image) + self.image_pos(0, image.shape[1]), words], dim=1)
+        return torch.cat([pixels, words], dim=1)
 
     # -- forward ---------------------------------------------------------------------------
     def backbone(self, x: Tensor, cache: Cache | None = None,

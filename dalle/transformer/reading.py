@@ -10,11 +10,13 @@ other pad ids, which never follow a text, are never chosen.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from dalle.transformer.decoding import KVCache, decode_text_step, prefill_reading
-from dalle.transformer.layouts import LAYOUTS, T2I, generated_mask, layout_index
+from dalle.transformer.decoding import KVCache, decode_text_step, prefill_reading, prefill_text_prior
+from dalle.transformer.layouts import CAPTION, LAYOUTS, T2I, generated_mask, layout_index
 from dalle.transformer.model import DALLE
 from dalle.transformer.sampling import _draw, filter_logits
 
@@ -37,6 +39,18 @@ def text_logprob(model: DALLE, image: Tensor, text: Tensor, layout: str, answer_
     return torch.where(mask, picked, 0.0).sum(dim=1)
 
 
+def check_prior(model: DALLE, layout: str, prior_scale: float) -> None:
+    """ValueError unless guidance by the caption prior (see `write`) applies: a caption, from a model that
+    also has the text-to-image stream whose text is the prior."""
+    if not prior_scale:
+        return
+    if not prior_scale > 0:
+        raise ValueError(f"prior_scale must be >= 0, got {prior_scale}")
+    if layout != CAPTION or T2I not in model.config.layouts:
+        raise ValueError("prior guidance is for captions from a model that also draws (layouts with 't2i'): its "
+                         "text-to-image stream's text is the caption prior; answers have no such prior")
+
+
 def _allowed(logp: Tensor, slot: int, vocab: int, finished: Tensor) -> Tensor:
     """Log-probs (R, V) with every pad id but text slot `slot`'s end token at -inf; a finished row may only
     pad on, at no cost."""
@@ -50,15 +64,25 @@ def _allowed(logp: Tensor, slot: int, vocab: int, finished: Tensor) -> Tensor:
 @torch.inference_mode()
 def write(model: DALLE, image: Tensor, prompt: Tensor, layout: str, answer_at: int, *, beam: int = 1,
           num: int = 1, sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-          generator: torch.Generator | list[torch.Generator] | None = None,
-          use_cache: bool = True) -> list[list[tuple[Tensor, float]]]:
+          generator: torch.Generator | list[torch.Generator] | None = None, prior_scale: float = 0.0,
+          plausible: float = 0.1, use_cache: bool = True) -> list[list[tuple[Tensor, float]]]:
     """Write the text of a reading layout for each image: image (B, N) codes, prompt (B, T) ids whose slots
     before answer_at hold the question (the rest is ignored). Returns per image `num` (ids (T,), log p) pairs,
     best first, log p being the model's own (temperature 1, unfiltered) over the written slots.
 
     Greedy: beam=1. Beam search keeps `beam` >= num hypotheses. sample=True draws `num` texts per image with
-    temperature/top_k/top_p (generator: one, or one per written row, B * num)."""
+    temperature/top_k/top_p (generator: one, or one per written row, B * num).
+
+    prior_scale s > 0 guides a caption against the model's own caption prior, the text of its text-to-image
+    stream read before any image: each token is chosen by (1 + s) log p(t | image, ...) - s log p(t | ...),
+    so a word the image shows outweighs the word the training captions made likely (an unseen colour/shape
+    pair). Only plausible tokens compete, those the image-conditioned model gives at least `plausible` times its
+    top probability (contrastive decoding's constraint): a word neither model expects, which the difference
+    alone would favour, cannot win. The log p returned stays the unguided one."""
     check_reads(model, layout)
+    check_prior(model, layout, prior_scale)
+    if not 0 < plausible <= 1:
+        raise ValueError(f"plausible must be in (0, 1], got {plausible}")
     cfg = model.config
     b, t, vocab = image.shape[0], cfg.text_seq_len, cfg.text_vocab_size
     if not 0 <= answer_at < t:
@@ -73,11 +97,15 @@ def write(model: DALLE, image: Tensor, prompt: Tensor, layout: str, answer_at: i
     scores = torch.zeros(len(rows), device=image.device)
     if not sample:  # one live hypothesis per image at first: the others would only repeat it
         scores.view(b, width)[:, 1:] = float("-inf")
+    own = scores.clone()  # the unguided log p of each row's text; `scores` ranks and may be guided
     finished = torch.zeros(len(rows), dtype=torch.bool, device=image.device)
-    keep, cache = torch.arange(len(rows), device=image.device), None
+    keep, cache, prior_cache, prior = torch.arange(len(rows), device=image.device), None, None, None
 
     def uncached(slot: int) -> Tensor:
         return model(seqs, image[rows], layout_rows, starts[rows])[0][:, slot]
+
+    def uncached_prior(slot: int) -> Tensor:  # the text-to-image stream: text slot j reads text slots < j only
+        return model(seqs, image[rows])[0][:, slot]
 
     if use_cache:
         dtype = next(model.parameters()).dtype
@@ -85,27 +113,41 @@ def write(model: DALLE, image: Tensor, prompt: Tensor, layout: str, answer_at: i
         logits = prefill_reading(model, image, prompt, layout, starts, answer_at + 1, cache)[rows]
         if width > 1:
             cache.reorder(rows)
+        if prior_scale:
+            prior_cache = KVCache(cfg, len(rows), image.device, dtype, text_only=True)
+            prior = prefill_text_prior(model, len(rows), prior_cache)
     else:
         logits = uncached(answer_at)
+        prior = uncached_prior(answer_at) if prior_scale else None
     for slot in range(answer_at, t):
         logp = _allowed(logits.float().log_softmax(dim=-1), slot, vocab, finished)  # (R, Vt + T)
+        guided = logp
+        if prior is not None:  # a finished row only pads on, unguided, so its score stays put
+            keep = logp >= logp.amax(dim=-1, keepdim=True) + math.log(plausible)
+            contrast = (1 + prior_scale) * logp - prior_scale * prior.float().log_softmax(dim=-1)
+            guided = torch.where(finished[:, None], logp, contrast.masked_fill(~keep, float("-inf")))
         if sample:
-            masked = _allowed(logits.float(), slot, vocab, finished)
+            masked = _allowed(logits.float(), slot, vocab, finished) if prior is None else guided
             probs = filter_logits(masked, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
             token = _draw(probs, generator)
-            scores = scores + logp.gather(1, token[:, None]).squeeze(1)
+            scores = scores + guided.gather(1, token[:, None]).squeeze(1)
         else:
-            best, index = (scores[:, None] + logp).view(b, -1).topk(width, dim=1)  # (B, W) over W x V
+            best, index = (scores[:, None] + guided).view(b, -1).topk(width, dim=1)  # (B, W) over W x V
             parent = (index // logp.shape[1] + torch.arange(b, device=image.device)[:, None] * width).flatten()
             token, scores = (index % logp.shape[1]).flatten(), best.flatten()
-            seqs, finished = seqs[parent], finished[parent]
-            if cache is not None and not torch.equal(parent, keep):  # greedy, or every beam kept its own
-                cache.reorder(parent)
+            seqs, finished, own, logp = seqs[parent], finished[parent], own[parent], logp[parent]
+            if not torch.equal(parent, keep):  # greedy, or every beam kept its own
+                for c in (cache, prior_cache):
+                    if c is not None:
+                        c.reorder(parent)
+        own = own + logp.gather(1, token[:, None]).squeeze(1)
         seqs[:, slot] = token
         finished = finished | (token >= vocab)
         if slot == t - 1 or bool(finished.all()):
             break
         logits = decode_text_step(model, token, cache) if cache is not None else uncached(slot + 1)
+        if prior_scale:
+            prior = decode_text_step(model, token, prior_cache) if prior_cache is not None else uncached_prior(slot + 1)
     # slots after a text's end hold their own pads, as a padded prompt does
     slots = torch.arange(t, device=image.device)[None]
     ended = (seqs >= vocab) & (slots >= answer_at)
@@ -114,5 +156,5 @@ def write(model: DALLE, image: Tensor, prompt: Tensor, layout: str, answer_at: i
     out = []
     for i in range(b):
         mine = sorted(range(i * width, (i + 1) * width), key=lambda r: -scores[r].item())[:num]
-        out.append([(seqs[r].cpu(), scores[r].item()) for r in mine])
+        out.append([(seqs[r].cpu(), own[r].item()) for r in mine])
     return out

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 
 from dalle.data.qa import qa_for_sample
+from dalle.data.shapes import converse_caption
 from dalle.data.sources import eval_batches
 from dalle.tokenizer import TextTokenizer
 from dalle.train.engine import matrix_decay_groups
@@ -55,6 +56,10 @@ class DALLEObjective:
     mix_caption: float = 0.0
     mix_qa: float = 0.0  # a sample without questions is captioned instead
     reading_loss_weight: float = 1.0  # a caption or answer row's loss against a text-to-image row's
+    # Caption rows write a two-object shapes caption in either order, the stored one or its converse ("a
+    # circle left of a square", "a square right of a circle"), half each: the same image named both ways is
+    # what teaches which relation word follows which object. Other captions are written as stored.
+    caption_either_order: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.caption_drop < 1:
@@ -125,8 +130,11 @@ class Captioned(Dataset):
                                            rng=rng, truncate_warn=False)
             text = ids[0]
         elif layout == CAPTION:
+            caption = sample["caption"]
+            if self.train and self.obj.caption_either_order and rng.random() < 0.5:
+                caption = converse_caption(caption) or caption
             # No BPE dropout on written text: the model is to write (and score) the canonical tokens.
-            text = self.tok.encode_batch([sample["caption"]], self.text_len, truncate_warn=False)[0][0]
+            text = self.tok.encode_batch([caption], self.text_len, truncate_warn=False)[0][0]
         else:
             question, answer = pairs[rng.randrange(len(pairs))]
             row, answer_at = pack_qa(self.tok.encode(question), self.tok.encode(answer), self.text_len,
