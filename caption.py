@@ -35,7 +35,10 @@ from dalle.cli import (
 )
 from dalle.data.transforms import EvalTransform, to_rgb
 from dalle.pipeline import DEFAULT_MODEL, Pipeline, load_pipeline
-from dalle.transformer.layouts import CAPTION, QA
+from dalle.transformer.layouts import CAPTION, QA, T2I
+
+# caption.py's guidance when the model also draws: the best of the scales measured on shapes (docs/evaluation.md)
+PRIOR_SCALE = 2.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,10 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=seed_int, default=0,
                    help=f"with --sample: the k-th text written of the run uses seed SEED + k (0..{SEED_MAX})")
     add_sampling_flags(p)
-    p.add_argument("--prior-scale", type=non_negative_float, default=0.0,
+    p.add_argument("--prior-scale", type=non_negative_float, default=None,
                    help="captions: weigh each word against the model's own caption prior, choosing by "
-                        "(1 + s) log p(word | image) - s log p(word); helps on what training captions never "
-                        "described, such as an unseen colour/shape pair (0: off; docs/evaluation.md)")
+                        "(1 + s) log p(word | image) - s log p(word) among the plausible words; helps on what "
+                        f"training captions never described, such as an unseen colour/shape pair (default: "
+                        f"{PRIOR_SCALE:g} for a model that also draws, else 0 (off); docs/evaluation.md)")
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="images read and written together (>= 1); results print as each batch ends")
     p.add_argument("--json", action="store_true", help="also write IMAGE.caption.json beside each image")
@@ -73,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--beam and --sample exclude each other: search or sample")
     if not args.sample and (args.temperature, args.top_k, args.top_p) != (1.0, 0, 1.0):
         p.error("--temperature, --top-k and --top-p shape sampling: add --sample")
-    if args.prior_scale and args.question:
+    if args.prior_scale is not None and args.question:
         p.error("--prior-scale guides captions; answers have no caption prior: leave it out with --question")
     if args.seed + len(args.images) * max(1, len(args.question)) * args.num > SEED_MAX + 1:
         p.error(f"--seed {args.seed}: the seeds of this run's texts must stay <= {SEED_MAX}; choose a smaller seed")
@@ -143,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                              dtype=DTYPES[args.dtype])
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot load the model: {e}") from None
+    if args.prior_scale is None:
+        args.prior_scale = PRIOR_SCALE if layout == CAPTION and T2I in pipe.model.config.layouts else 0.0
     try:
         require_reading(pipe, layout)
         check_prior(pipe.model, layout, args.prior_scale)

@@ -75,6 +75,10 @@ def test_prior_guided_captions_are_written_and_recorded(joint, tmp_path, capsys)
         pixels = EvalTransform(pipe.dvae.config.image_size)(to_rgb(im), None)[None]
     want = write_caption(pipe, pixels, prior_scale=2.0)[0][0]
     assert record["texts"][0] == {"caption": want.text, "logprob": round(want.logprob, 4)}
+    # a model that also draws is guided by default; answers never are
+    for extra, scale in (([], caption.PRIOR_SCALE), (["--question", "how many objects?"], 0.0)):
+        assert caption.main([str(image), "--model", str(joint / "model"), "--json", "--overwrite", *extra]) == 0
+        assert json.loads((tmp_path / "scene.caption.json").read_text())["settings"]["prior_scale"] == scale
 
 
 def test_json_sidecars_never_replace_a_file_unasked(joint, tmp_path):
