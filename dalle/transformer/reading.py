@@ -123,9 +123,9 @@ def write(model: DALLE, image: Tensor, prompt: Tensor, layout: str, answer_at: i
         logp = _allowed(logits.float().log_softmax(dim=-1), slot, vocab, finished)  # (R, Vt + T)
         guided = logp
         if prior is not None:  # a finished row only pads on, unguided, so its score stays put
-            keep = logp >= logp.amax(dim=-1, keepdim=True) + math.log(plausible)
+            likely = logp >= logp.amax(dim=-1, keepdim=True) + math.log(plausible)
             contrast = (1 + prior_scale) * logp - prior_scale * prior.float().log_softmax(dim=-1)
-            guided = torch.where(finished[:, None], logp, contrast.masked_fill(~keep, float("-inf")))
+            guided = torch.where(finished[:, None], logp, contrast.masked_fill(~likely, float("-inf")))
         if sample:
             masked = _allowed(logits.float(), slot, vocab, finished) if prior is None else guided
             probs = filter_logits(masked, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
