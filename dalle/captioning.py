@@ -21,7 +21,7 @@ from torch import Tensor
 
 from dalle.pipeline import Pipeline
 from dalle.transformer.layouts import CAPTION, QA, pack_qa
-from dalle.transformer.reading import check_prior, text_logprob, write
+from dalle.transformer.reading import text_logprob, write
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,6 @@ def caption_codes(pipe: Pipeline, codes: Tensor, *, num: int = 1, beam: int = 1,
                   top_p: float = 1.0, prior_scale: float = 0.0) -> list[list[Text]]:
     """`caption` for images given as (B, N) dVAE codes."""
     require_reading(pipe, CAPTION)
-    check_prior(pipe.model, CAPTION, prior_scale)
     cfg = pipe.model.config
     empty = cfg.text_vocab_size + torch.arange(cfg.text_seq_len).expand(len(codes), -1)
     return _write(pipe, codes, empty, CAPTION, 0, num=num, beam=beam, sample=sample, seed=seed,

@@ -55,17 +55,21 @@ def _rate(values: list[bool | None]) -> float | None:
     return sum(said) / len(said) if said else None
 
 
-def eval_captions(pipe: Pipeline, split: str, args: argparse.Namespace, prior_scale: float) -> dict:
+def eval_captions(pipe: Pipeline, split: str, args: argparse.Namespace) -> list[dict]:
+    """One row per --prior-scale, all over the same renders."""
     prompts, images = _renders(pipe, split, args)
-    texts = caption(pipe, images, beam=args.beam, batch_size=args.batch_size, prior_scale=prior_scale)
-    verdicts = [judge_caption(t[0].text, p.sample.scene) for t, p in zip(texts, prompts)]
-    row = {"split": split, "prior_scale": prior_scale, "n": len(prompts),
-           "parsed": _rate([v.parsed for v in verdicts])}
-    row |= {a: _rate([v.attributes[a] for v in verdicts]) for a in CAPTION_ATTRIBUTES}
-    row["all_correct"] = _rate([v.all_correct for v in verdicts])
-    row["examples"] = [{"caption": t[0].text, "truth": p.caption, "logprob": round(t[0].logprob, 4)}
-                       for t, p in list(zip(texts, prompts))[:8]]
-    return row
+    rows = []
+    for prior_scale in args.prior_scale:
+        texts = caption(pipe, images, beam=args.beam, batch_size=args.batch_size, prior_scale=prior_scale)
+        verdicts = [judge_caption(t[0].text, p.sample.scene) for t, p in zip(texts, prompts)]
+        row = {"split": split, "prior_scale": prior_scale, "n": len(prompts),
+               "parsed": _rate([v.parsed for v in verdicts])}
+        row |= {a: _rate([v.attributes[a] for v in verdicts]) for a in CAPTION_ATTRIBUTES}
+        row["all_correct"] = _rate([v.all_correct for v in verdicts])
+        row["examples"] = [{"caption": t[0].text, "truth": p.caption, "logprob": round(t[0].logprob, 4)}
+                           for t, p in list(zip(texts, prompts))[:8]]
+        rows.append(row)
+    return rows
 
 
 def eval_answers(pipe: Pipeline, split: str, args: argparse.Namespace) -> dict:
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for split in tqdm(args.split, desc="splits", disable=args.no_progress):
             if "captions" in args.parts:
-                result["captions"] += [eval_captions(pipe, split, args, s) for s in args.prior_scale]
+                result["captions"] += eval_captions(pipe, split, args)
             if "answers" in args.parts:
                 result["answers"].append(eval_answers(pipe, split, args))
             if "cycle" in args.parts:

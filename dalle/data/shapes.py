@@ -376,8 +376,7 @@ def render(scene: Scene, image_size: int = 64) -> Image.Image:
 # An object as `_describe` writes it (size, colour and shape captured), and make_caption's two-object template
 OBJECT_PATTERN = rf"an? (?:({'|'.join(SIZES)}) )?({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
 _PHRASE_RELATIONS = {phrase: rel for rel, phrase in _RELATION_PHRASES.items()}
-_ONE_OBJECT = rf"an? (?:(?:{'|'.join(SIZES)}) )?(?:{'|'.join(COLOURS)}) (?:{'|'.join(SHAPES)})"  # capturing nothing
-_TWO_OBJECTS = re.compile(rf"({_ONE_OBJECT}) ({'|'.join(_PHRASE_RELATIONS)}) ({_ONE_OBJECT})")
+_TWO_OBJECTS = re.compile(rf"({OBJECT_PATTERN}) ({'|'.join(_PHRASE_RELATIONS)}) ({OBJECT_PATTERN})")
 
 
 def _describe(o: ShapeObject, with_size: bool) -> str:
@@ -412,7 +411,7 @@ def converse_caption(caption: str) -> str | None:
     m = _TWO_OBJECTS.fullmatch(caption)
     if m is None:
         return None
-    first, phrase, second = m.groups()
+    first, phrase, second = m.group(1, 5, 6)  # groups 2-4 and 7-9 are each object's words
     return f"{second} {_RELATION_PHRASES[CONVERSE[_PHRASE_RELATIONS[phrase]]]} {first}"
 
 

@@ -17,11 +17,10 @@ from dalle.data.shapes import _POSITION_PHRASES, _RELATION_PHRASES, CONVERSE, OB
 
 CAPTION_ATTRIBUTES = ("colour", "shape", "size", "position", "relation")
 
-_OBJECT = OBJECT_PATTERN
 _POSITIONS = {phrase: pos for pos, phrase in _POSITION_PHRASES.items()}
 _RELATIONS = {phrase: rel for rel, phrase in _RELATION_PHRASES.items()}
-_ONE = re.compile(rf"{_OBJECT}(?: ({'|'.join(_POSITIONS)}))?")
-_TWO = re.compile(rf"{_OBJECT} ({'|'.join(_RELATIONS)}) {_OBJECT}")
+_ONE = re.compile(rf"{OBJECT_PATTERN}(?: ({'|'.join(_POSITIONS)}))?")
+_TWO = re.compile(rf"{OBJECT_PATTERN} ({'|'.join(_RELATIONS)}) {OBJECT_PATTERN}")
 
 
 @dataclass(frozen=True)
