@@ -5,7 +5,8 @@
 
 Prints each image's caption(s) (or answers), each with the model's log-probability of it (natural log, its
 end-of-text token included). Decoding is greedy by default, beam search with --beam N, or sampling with
---sample (--num texts per image, --seed, --temperature, --top-k, --top-p). With --json, also writes
+--sample (--num texts per image, --seed, --temperature, --top-k, --top-p). A model that also draws writes
+--candidates captions and keeps the one under which it finds the image most likely. With --json, also writes
 IMAGE.caption.json beside each image (never replacing one without --overwrite). The model must have been
 trained with the caption (and, for --question, qa) layout: configs/dalle/shapes-joint.yaml.
 """
@@ -37,8 +38,10 @@ from dalle.data.transforms import EvalTransform, to_rgb
 from dalle.pipeline import DEFAULT_MODEL, Pipeline, load_pipeline
 from dalle.transformer.layouts import CAPTION, QA, T2I
 
-# caption.py's guidance when the model also draws: the best of the scales measured on shapes (docs/evaluation.md)
+# caption.py's defaults when the model also draws (docs/evaluation.md): the best of the guidance scales measured
+# on shapes, and the fewest candidates that gave its best captions there (64 captions in under 2 s on a 2-core CPU)
 PRIOR_SCALE = 2.0
+CANDIDATES = 4
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,6 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(1 + s) log p(word | image) - s log p(word) among the plausible words; helps on what "
                         f"training captions never described, such as an unseen colour/shape pair (default: "
                         f"{PRIOR_SCALE:g} for a model that also draws, else 0 (off); docs/evaluation.md)")
+    p.add_argument("--candidates", type=positive_int, default=None,
+                   help="captions: write this many per image (beam search, or --sample) and print the --num with "
+                        "the highest log p(caption | image) + log p(image | caption), the second by the model's "
+                        "own text-to-image stream; finds which object is where when greedy reading does not "
+                        f"(default: {CANDIDATES} for a model that also draws, else 1 (off); docs/evaluation.md)")
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="images read and written together (>= 1); results print as each batch ends")
     p.add_argument("--json", action="store_true", help="also write IMAGE.caption.json beside each image")
@@ -79,7 +87,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--temperature, --top-k and --top-p shape sampling: add --sample")
     if args.prior_scale is not None and args.question:
         p.error("--prior-scale guides captions; answers have no caption prior: leave it out with --question")
-    if args.seed + len(args.images) * max(1, len(args.question)) * args.num > SEED_MAX + 1:
+    if args.candidates is not None and args.question:
+        p.error("--candidates reranks captions by the image's likelihood; answers have no such score: leave it out "
+                "with --question")
+    per_image = args.num if args.question else max(args.num, args.candidates or CANDIDATES)  # seeds each uses
+    if args.seed + len(args.images) * max(1, len(args.question)) * per_image > SEED_MAX + 1:
         p.error(f"--seed {args.seed}: the seeds of this run's texts must stay <= {SEED_MAX}; choose a smaller seed")
     return args
 
@@ -115,22 +127,25 @@ def read_images(pipe: Pipeline, args: argparse.Namespace, paths: list[Path], fir
                     batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     results: list[dict] = [{"image": str(p), "model": pipe.model_id, "texts": []} for p in paths]
     if not args.question:
-        for result, texts in zip(results, caption(pipe, images, seed=args.seed + first * args.num,
-                                                  prior_scale=args.prior_scale, **decoding)):
-            result["texts"] = [{"caption": t.text, "logprob": round(t.logprob, 4)} for t in texts]
+        for result, texts in zip(results, caption(pipe, images, seed=args.seed + first * max(args.num, args.candidates),
+                                                  prior_scale=args.prior_scale, candidates=args.candidates,
+                                                  **decoding)):
+            result["texts"] = [{"caption": t.text, "logprob": round(t.logprob, 4)}
+                               | ({} if t.image_logprob is None else {"image_logprob": round(t.image_logprob, 2)})
+                               for t in texts]
     for q, question in enumerate(args.question):
         seed = args.seed + (q * len(args.images) + first) * args.num
         for result, texts in zip(results, answer(pipe, images, [question] * len(paths), seed=seed, **decoding)):
             result["texts"] += [{"question": question, "answer": t.text, "logprob": round(t.logprob, 4)}
                                 for t in texts]
     settings = {k: getattr(args, k) for k in ("beam", "sample", "seed", "temperature", "top_k", "top_p", "prior_scale",
-                                              "dtype")}
+                                              "candidates", "dtype")}
     return [{**r, "settings": settings} for r in results]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from dalle.captioning import require_reading
+    from dalle.captioning import check_candidates, require_reading
     from dalle.transformer.reading import check_prior
 
     if not Path(args.model).exists():
@@ -149,9 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"cannot load the model: {e}") from None
     if args.prior_scale is None:
         args.prior_scale = PRIOR_SCALE if layout == CAPTION and T2I in pipe.model.config.layouts else 0.0
+    if args.candidates is None:
+        args.candidates = CANDIDATES if layout == CAPTION and T2I in pipe.model.config.layouts else 1
     try:
         require_reading(pipe, layout)
         check_prior(pipe.model, layout, args.prior_scale)
+        check_candidates(pipe, args.candidates)
     except ValueError as e:  # a text-to-image model: one line saying so, and how to train one that reads
         raise SystemExit(str(e)) from None
     chunks = range(0, len(paths), args.batch_size)
@@ -162,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                 tqdm.write(result["image"])
                 for t in result["texts"]:
                     said = t["caption"] if "caption" in t else f"{t['question']} -> {t['answer']}"
-                    tqdm.write(f"  {printable(said)}  (log p {t['logprob']:.2f})")
+                    image = f", log p(image | caption) {t['image_logprob']:.1f}" if "image_logprob" in t else ""
+                    tqdm.write(f"  {printable(said)}  (log p {t['logprob']:.2f}{image})")
                 if args.json:
                     sidecar(Path(result["image"])).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
             bar.update(len(results))

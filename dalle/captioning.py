@@ -2,32 +2,38 @@
 
     texts = caption(pipe, images)                          # one list per image, best first
     texts[0][0].text, texts[0][0].logprob
+    caption(pipe, images, candidates=8)                    # 8 written, reranked by log p(image | caption)
     answer(pipe, images, ["how many objects?"] * len(images))
     prompt_logprob(pipe, codes, ["a red circle"] * len(codes))   # generate.py --rerank self
 
 The same transformer that draws images reads them, in the caption and qa layouts of
 `dalle.transformer.layouts` (a model trained with those in `model.layouts`). Decoding is greedy (beam 1),
 beam search (`beam` > 1) or sampled (`sample=True`), on the key/value cache; each text comes with the
-model's log-probability of it, its end-of-text token included.
+model's log-probability of it, its end-of-text token included. A model that also draws can check its
+captions against the image: `candidates` captions are written and the best kept by log p(caption | image) +
+log p(image | caption), the second from its text-to-image stream (the noisy channel of machine translation).
+Reading alone names the objects but often not which is where; drawing places them, so the image's likelihood
+tells the right relation and colour binding from the wrong one (docs/evaluation.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from dalle.pipeline import Pipeline
-from dalle.transformer.layouts import CAPTION, QA, pack_qa
-from dalle.transformer.reading import text_logprob, write
+from dalle.transformer.layouts import CAPTION, QA, T2I, pack_qa
+from dalle.transformer.reading import image_logprob, text_logprob, write
 
 
 @dataclass(frozen=True)
 class Text:
     text: str
     logprob: float  # natural log of the model's probability of the text's tokens and its end-of-text token
+    image_logprob: float | None = None  # log p(image | text) by the text-to-image stream, when reranked by it
 
 
 def reads(pipe: Pipeline, layout: str = CAPTION) -> bool:
@@ -61,9 +67,10 @@ def _decoding(num: int, beam: int, sample: bool) -> None:
 
 def _write(pipe: Pipeline, codes: Tensor, prompt: Tensor, layout: str, answer_at: int, *, num: int, beam: int,
            sample: bool, seed: int, batch_size: int, prior_scale: float = 0.0,
-           **filters: float) -> list[list[Text]]:
+           **filters: float) -> list[list[tuple[Tensor, Text]]]:
+    """Per image `num` (ids (T,) on the CPU, Text) pairs, best first."""
     _decoding(num, beam, sample)
-    out: list[list[Text]] = []
+    out: list[list[tuple[Tensor, Text]]] = []
     for start in range(0, len(codes), batch_size):
         rows = slice(start, start + batch_size)
         n = len(codes[rows])
@@ -73,31 +80,68 @@ def _write(pipe: Pipeline, codes: Tensor, prompt: Tensor, layout: str, answer_at
         written = write(pipe.model, codes[rows].to(pipe.device), prompt[rows].to(pipe.device), layout, answer_at,
                         beam=max(beam, num) if not sample else 1, num=num, sample=sample, generator=gens,
                         prior_scale=prior_scale, **filters)
-        out += [[Text(pipe.tokenizer.decode(ids[answer_at:]).strip(), lp) for ids, lp in texts] for texts in written]
+        out += [[(ids, Text(pipe.tokenizer.decode(ids[answer_at:]).strip(), lp)) for ids, lp in texts]
+                for texts in written]
+    return out
+
+
+def check_candidates(pipe: Pipeline, candidates: int) -> None:
+    """ValueError unless `candidates` captions per image can be reranked: at least 1, and above 1 only for a
+    model that also draws (its text-to-image stream gives log p(image | caption))."""
+    if candidates < 1:
+        raise ValueError(f"candidates must be at least 1, got {candidates}")
+    if candidates > 1 and T2I not in pipe.model.config.layouts:
+        raise ValueError(f"reranking captions by log p(image | caption) needs a model that also draws, and "
+                         f"{pipe.model_id} has no text-to-image layout: write one caption (candidates 1)")
+
+
+@torch.no_grad()
+def _rerank(pipe: Pipeline, codes: Tensor, written: list[list[tuple[Tensor, Text]]], num: int,
+            batch_size: int) -> list[list[Text]]:
+    """Each image's written captions ordered by log p(caption | image) + log p(image | caption), the first num."""
+    ids = torch.stack([i for texts in written for i, _ in texts]).to(pipe.device)
+    image = torch.cat([codes[i].expand(len(texts), -1) for i, texts in enumerate(written)]).to(pipe.device)
+    step = batch_size * max(len(t) for t in written)  # the rows the beams of one batch held
+    lp = torch.cat([image_logprob(pipe.model, image[s : s + step], ids[s : s + step]).cpu()
+                    for s in range(0, len(ids), step)]).tolist()
+    out, at = [], 0
+    for texts in written:
+        scored = [replace(t, image_logprob=lp[at + k]) for k, (_, t) in enumerate(texts)]
+        at += len(texts)
+        out.append(sorted(scored, key=lambda t: -(t.logprob + t.image_logprob))[:num])
     return out
 
 
 def caption_codes(pipe: Pipeline, codes: Tensor, *, num: int = 1, beam: int = 1, sample: bool = False,
                   seed: int = 0, batch_size: int = 64, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, prior_scale: float = 0.0) -> list[list[Text]]:
+                  top_p: float = 1.0, prior_scale: float = 0.0, candidates: int = 1) -> list[list[Text]]:
     """`caption` for images given as (B, N) dVAE codes."""
     require_reading(pipe, CAPTION)
+    check_candidates(pipe, candidates)
     cfg = pipe.model.config
     empty = cfg.text_vocab_size + torch.arange(cfg.text_seq_len).expand(len(codes), -1)
-    return _write(pipe, codes, empty, CAPTION, 0, num=num, beam=beam, sample=sample, seed=seed,
-                  batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p, prior_scale=prior_scale)
+    k = max(num, candidates)
+    written = _write(pipe, codes, empty, CAPTION, 0, num=k, beam=max(beam, k) if not sample else 1, sample=sample,
+                     seed=seed, batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p,
+                     prior_scale=prior_scale)
+    if candidates == 1:
+        return [[t for _, t in texts] for texts in written]
+    return _rerank(pipe, codes, written, num, batch_size)
 
 
 def caption(pipe: Pipeline, images: Tensor, *, num: int = 1, beam: int = 1, sample: bool = False, seed: int = 0,
             batch_size: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-            prior_scale: float = 0.0) -> list[list[Text]]:
+            prior_scale: float = 0.0, candidates: int = 1) -> list[list[Text]]:
     """Captions of images (B, 3, H, W) in [0, 1]: per image `num` texts, best first. Greedy by default; `beam`
     hypotheses kept by beam search (at least num); `sample` draws num texts (seed + k for the k-th written row
     of the call) with temperature/top_k/top_p. `prior_scale` > 0 weighs each word against the model's own
-    caption prior (`dalle.transformer.reading.write`), for images the training captions never described."""
+    caption prior (`dalle.transformer.reading.write`), for images the training captions never described.
+    `candidates` > 1 writes that many (by beam search, or sampled) and keeps the num with the highest
+    log p(caption | image) + log p(image | caption), the latter in each Text's image_logprob; it needs a
+    model that also draws."""
     return caption_codes(pipe, encode_images(pipe, images), num=num, beam=beam, sample=sample, seed=seed,
                          batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p,
-                         prior_scale=prior_scale)
+                         prior_scale=prior_scale, candidates=candidates)
 
 
 def answer(pipe: Pipeline, images: Tensor, questions: Sequence[str], *, num: int = 1, beam: int = 1,
@@ -125,7 +169,7 @@ def answer(pipe: Pipeline, images: Tensor, questions: Sequence[str], *, num: int
                        sample=sample, seed=seed, batch_size=batch_size, temperature=temperature, top_k=top_k,
                        top_p=top_p)
         for i, t in zip(rows, texts):
-            out[i] = t
+            out[i] = [text for _, text in t]
     return out  # type: ignore[return-value]
 
 

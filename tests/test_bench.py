@@ -67,6 +67,7 @@ def test_the_user_cases_run_at_tiny_sizes(monkeypatch):
     r = bench_cases.case_caption(0, 1, images=3)
     assert r["images"] == 3 and r["captions_per_s"] == 3 / r["median_s"] and r["mean_text_tokens"] > 0
     assert r["guided_s"] > 0 and "guided by the caption prior" in bench_cases.figure(r)
+    assert r["reranked_s"] > 0 and "candidates reranked" in bench_cases.figure(r)
     assert "s for 3 images" in bench._figure(r)
     assert "images/s" in bench._figure({"median_s": 0.5, "runs_s": [0.5], "images_per_s": 128.0})  # dvae cases
 

@@ -39,7 +39,8 @@ def test_a_text_to_image_model_refuses_in_one_line(tiny_parts, joint):
 
 def test_captions_and_answers_print_with_log_probabilities(joint, capsys):
     images = [str(joint / "scene0.png"), str(joint / "scene1.png")]
-    assert caption.main([*images, "--model", str(joint / "model"), "--beam", "3", "--num", "2"]) == 0
+    assert caption.main([*images, "--model", str(joint / "model"), "--beam", "3", "--num", "2", "--candidates",
+                         "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == images[0] and lines[3] == images[1] and len(lines) == 6
     scores = [float(line.rsplit("log p ", 1)[1].rstrip(")")) for line in lines[1:3]]
@@ -62,7 +63,8 @@ def test_sampled_texts_do_not_depend_on_the_batch_size(joint, capsys):
 def test_prior_guided_captions_are_written_and_recorded(joint, tmp_path, capsys):
     image = tmp_path / "scene.png"
     shutil.copy(joint / "scene0.png", image)
-    assert caption.main([str(image), "--model", str(joint / "model"), "--prior-scale", "2", "--json"]) == 0
+    assert caption.main([str(image), "--model", str(joint / "model"), "--prior-scale", "2", "--candidates", "1",
+                         "--json"]) == 0
     record = json.loads((tmp_path / "scene.caption.json").read_text())
     assert record["settings"]["prior_scale"] == 2.0
     pipe = load_pipeline(joint / "model")
@@ -88,7 +90,7 @@ def test_json_sidecars_never_replace_a_file_unasked(joint, tmp_path):
     assert caption.main(args) == 0
     record = json.loads((tmp_path / "scene.caption.json").read_text())
     assert record["image"] == str(image) and record["model"].startswith("model@")
-    assert set(record["texts"][0]) == {"caption", "logprob"}
+    assert set(record["texts"][0]) == {"caption", "logprob", "image_logprob"}  # a model that draws reranks
     with pytest.raises(SystemExit, match="already exists.*--overwrite"):
         caption.main(args)
     assert caption.main([*args, "--overwrite"]) == 0
@@ -97,7 +99,9 @@ def test_json_sidecars_never_replace_a_file_unasked(joint, tmp_path):
 def test_bad_flags_are_parser_errors(joint, capsys):
     for extra, message in ((["--beam", "2", "--sample"], "exclude each other"), (["--top-k", "3"], "add --sample"),
                            (["--prior-scale", "1", "--question", "how many?"], "answers have no caption prior"),
-                           (["--prior-scale", "-1"], "expected a finite number >= 0")):
+                           (["--prior-scale", "-1"], "expected a finite number >= 0"),
+                           (["--candidates", "2", "--question", "how many?"], "answers have no such score"),
+                           (["--candidates", "0"], "expected an integer >= 1")):
         with pytest.raises(SystemExit):
             caption.main([str(joint / "scene0.png"), "--model", str(joint / "model"), *extra])
         assert message in capsys.readouterr().err
@@ -113,3 +117,50 @@ def test_self_reranking_keeps_the_best_by_the_models_own_score(joint, tmp_path):
     scores = prompt_logprob(pipe, codes, ["a red circle"] * 4)
     assert [m["candidate"] for m in metas] == torch.argsort(scores, descending=True)[:2].tolist()
     assert metas[0]["reranker"] == "self" and metas[0]["score"] == pytest.approx(scores.max().item(), abs=1e-4)
+
+
+def _pixels(pipe, *paths):
+    from PIL import Image
+
+    from dalle.data.transforms import EvalTransform, to_rgb
+
+    out = []
+    for path in paths:
+        with Image.open(path) as im:
+            out.append(EvalTransform(pipe.dvae.config.image_size)(to_rgb(im), None))
+    return torch.stack(out)
+
+
+def test_candidates_are_reranked_by_both_directions(joint, tmp_path, capsys):
+    from dalle.captioning import caption as write_caption
+    from dalle.captioning import encode_images
+    from dalle.transformer.reading import image_logprob, write
+
+    pipe = load_pipeline(joint / "model")
+    pixels = _pixels(pipe, joint / "scene0.png", joint / "scene1.png")
+    codes = encode_images(pipe, pixels)
+    beams = write_caption(pipe, pixels, num=4, beam=4)
+    reranked = write_caption(pipe, pixels, num=4, candidates=4)
+    # the same four texts written, each with the text-to-image stream's log p(image | its ids)
+    cfg = pipe.model.config
+    empty = cfg.text_vocab_size + torch.arange(cfg.text_seq_len).expand(2, -1)
+    written = write(pipe.model, codes, empty, "caption", 0, beam=4, num=4)
+    for i, (b, r, w) in enumerate(zip(beams, reranked, written)):
+        assert sorted(t.text for t in b) == sorted(t.text for t in r) and len(r) == 4
+        assert all(t.image_logprob is None for t in b)
+        direct = image_logprob(pipe.model, codes[i].expand(4, -1), torch.stack([ids for ids, _ in w]))
+        by_text = {pipe.tokenizer.decode(ids).strip(): lp.item() for (ids, _), lp in zip(w, direct)}
+        assert [t.image_logprob for t in r] == pytest.approx([by_text[t.text] for t in r], abs=1e-3)
+        both = [t.logprob + t.image_logprob for t in r]
+        assert both == sorted(both, reverse=True)
+    assert [t[0] for t in write_caption(pipe, pixels, candidates=4)] == [r[0] for r in reranked]
+    # caption.py reranks 4 by default for a model that draws, and records both scores
+    image = tmp_path / "scene.png"
+    shutil.copy(joint / "scene0.png", image)
+    assert caption.main([str(image), "--model", str(joint / "model"), "--json", "--prior-scale", "0"]) == 0
+    record = json.loads((tmp_path / "scene.caption.json").read_text())
+    best = reranked[0][0]
+    assert record["settings"]["candidates"] == caption.CANDIDATES == 4
+    assert record["texts"] == [{"caption": best.text, "logprob": round(best.logprob, 4),
+                                "image_logprob": round(best.image_logprob, 2)}]
+    assert "log p(image | caption)" in capsys.readouterr().out

@@ -192,6 +192,10 @@ def test_prior_guidance_picks_by_the_guided_score_and_refuses_answers():
     reader = DALLE(dataclasses.replace(CFG, layouts=("caption",))).eval()  # reads, never drew: no prior
     with pytest.raises(ValueError, match="layouts with 't2i'"):
         write(reader, image, prompt, "caption", 0, prior_scale=1.0)
+    with pytest.raises(ValueError, match="needs a model that also draws"):  # nor log p(image | caption)
+        caption_codes(Pipeline(reader, None, None, "reader"), image, candidates=2)
+    with pytest.raises(ValueError, match="candidates must be at least 1"):
+        caption_codes(Pipeline(model, None, None, "joint"), image, candidates=0)
 
 
 # sha256 of the int64 codes that dalle/default_model (weights 470f1981cab2) sampled for two prompts (below)
@@ -252,6 +256,7 @@ def test_a_tiny_model_learns_to_caption_a_handful_of_scenes():
     stack = torch.stack([d["codes"] for d in data])
     written = caption_codes(pipe, stack, beam=2)
     assert [texts[0].text for texts in written] == captions
+    assert [texts[0].text for texts in caption_codes(pipe, stack, candidates=3)] == captions  # both directions agree
     assert all(isinstance(t[0], Text) and t[0].logprob > -1.0 for t in written)
     # the model's own score prefers each image's caption to the other images' captions
     scores = torch.stack([prompt_logprob(pipe, stack, [c] * len(data)) for c in captions])  # (caption, image)

@@ -58,20 +58,22 @@ def test_true_captions_and_answers_score_full_marks(joint, tmp_path, monkeypatch
     assert ans["all"] == 1.0 and ans["count"] == 1.0
 
 
-def test_one_captions_row_per_prior_scale(joint, tmp_path, monkeypatch):
-    scales = []
+def test_one_captions_row_per_prior_scale_and_candidates(joint, tmp_path, monkeypatch):
+    settings = []
 
     def recording_caption(pipe, images, **kw):
-        scales.append(kw["prior_scale"])
+        settings.append((kw["prior_scale"], kw["candidates"]))
         return [[Text("a red circle", 0.0)] for _ in images]
 
     monkeypatch.setattr(eval_captions, "caption", recording_caption)
     out = tmp_path / "scales"
     assert eval_captions.main(["--model", str(joint), "--split", "train", "--n", "2", "--parts", "captions",
-                               "--prior-scale", "0", "1.5", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+                               "--prior-scale", "0", "1.5", "--caption-candidates", "1", "4", "--out", str(out),
+                               "--no-progress", "--device", "cpu"]) == 0
     result = json.loads((out / "captions-eval.json").read_text())
-    assert scales == [0.0, 1.5] == [r["prior_scale"] for r in result["captions"]]
-    assert "| prior scale |" in (out / "captions-eval.md").read_text()
+    assert settings == [(0.0, 1), (0.0, 4), (1.5, 1), (1.5, 4)] == [(r["prior_scale"], r["candidates"])
+                                                                     for r in result["captions"]]
+    assert "| prior scale | candidates |" in (out / "captions-eval.md").read_text()
 
 
 def test_a_text_to_image_model_is_refused_in_one_line(tiny_parts, tmp_path):

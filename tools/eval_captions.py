@@ -3,7 +3,8 @@ self-reranking against the CLIP-style reranker, on shapes, judged without the mo
 
     python tools/eval_captions.py --model runs/joint --split train zeroshot --n 200 --out runs/eval-captions
 
-- captions: renders of the first n scenes of each split, captioned (greedy, or --beam); each caption is
+- captions: renders of the first n scenes of each split, captioned (greedy, or --beam; guided by the caption
+  prior per --prior-scale; reranked by log p(image | caption) per --caption-candidates); each caption is
   read back with the shapes grammar and judged against its scene (`dalle.evaluation.captions`): every
   stated attribute true and every object named with its colour and shape.
 - answers: every question `dalle.data.qa.shapes_qa` asks of those scenes, exact match per question kind.
@@ -29,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dalle import cli
-from dalle.captioning import answer, caption, prompt_logprob, require_reading
+from dalle.captioning import answer, caption, check_candidates, prompt_logprob, require_reading
 from dalle.cli import DTYPES, add_threads_flag, apply_threads, resolve_device
 from dalle.data.qa import QUESTION_KINDS, shapes_qa
 from dalle.evaluation.captions import CAPTION_ATTRIBUTES, answer_correct, judge_caption
@@ -56,13 +57,14 @@ def _rate(values: list[bool | None]) -> float | None:
 
 
 def eval_captions(pipe: Pipeline, split: str, args: argparse.Namespace) -> list[dict]:
-    """One row per --prior-scale, all over the same renders."""
+    """One row per --prior-scale and --caption-candidates, all over the same renders."""
     prompts, images = _renders(pipe, split, args)
     rows = []
-    for prior_scale in args.prior_scale:
-        texts = caption(pipe, images, beam=args.beam, batch_size=args.batch_size, prior_scale=prior_scale)
+    for prior_scale, k in [(s, k) for s in args.prior_scale for k in args.caption_candidates]:
+        texts = caption(pipe, images, beam=args.beam, batch_size=args.batch_size, prior_scale=prior_scale,
+                        candidates=k)
         verdicts = [judge_caption(t[0].text, p.sample.scene) for t, p in zip(texts, prompts)]
-        row = {"split": split, "prior_scale": prior_scale, "n": len(prompts),
+        row = {"split": split, "prior_scale": prior_scale, "candidates": k, "n": len(prompts),
                "parsed": _rate([v.parsed for v in verdicts])}
         row |= {a: _rate([v.attributes[a] for v in verdicts]) for a in CAPTION_ATTRIBUTES}
         row["all_correct"] = _rate([v.all_correct for v in verdicts])
@@ -108,7 +110,8 @@ def eval_cycle_and_rerank(pipe: Pipeline, split: str, args: argparse.Namespace) 
                 for p, im in zip(prompts, chosen)]
 
     first = images[:, 0]
-    texts = caption(pipe, first, beam=args.beam, batch_size=args.batch_size, prior_scale=args.prior_scale[0])
+    texts = caption(pipe, first, beam=args.beam, batch_size=args.batch_size, prior_scale=args.prior_scale[0],
+                    candidates=args.caption_candidates[0])
     agrees = [_agrees(judge_caption(t[0].text, p.sample.scene), p.sample.mentions) for t, p in zip(texts, prompts)]
     judged = detector(first)
     cycle = {"split": split, "n": len(prompts), "caption_agrees": _rate(agrees), "detector_correct": _rate(judged),
@@ -142,8 +145,8 @@ def _table(rows: list[dict], cols: tuple[str, ...]) -> str:
 def markdown(result: dict) -> str:
     parts = [f"Model: {result['model']}, {result['settings']['n']} scenes/prompts per split\n"]
     if result["captions"]:
-        parts += ["## Captions of renders\n", _table(result["captions"], ("split", "prior_scale", "n", "parsed")
-                                                     + CAPTION_ATTRIBUTES + ("all_correct",))]
+        cols = ("split", "prior_scale", "candidates", "n", "parsed") + CAPTION_ATTRIBUTES + ("all_correct",)
+        parts += ["## Captions of renders\n", _table(result["captions"], cols)]
     if result["answers"]:
         parts += ["## Answers\n", _table(result["answers"], ("split", "questions", "all") + QUESTION_KINDS)]
     if result["cycle"]:
@@ -169,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior-scale", type=cli.non_negative_float, nargs="+", default=[0.0],
                    help="captions: guidance against the model's caption prior (caption.py --prior-scale), one row "
                         "of the table per scale; the cycle reads with the first")
+    p.add_argument("--caption-candidates", type=cli.positive_int, nargs="+", default=[1],
+                   help="captions: write k per image and keep the best by log p(caption | image) + "
+                        "log p(image | caption) (caption.py --candidates), one row of the table per k; the cycle "
+                        "reads with the first")
     p.add_argument("--candidates", type=cli.positive_int, nargs="+", default=[1, 8, 32],
                    help="reranking: best of the first k samples for each k (1: the first sample)")
     p.add_argument("--cond-scale", type=cli.finite_float, default=1.0, help="guidance scale of the sampled images")
@@ -191,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                              dtype=DTYPES[args.dtype])
         require_reading(pipe, "caption")
         check_prior(pipe.model, "caption", max(args.prior_scale))
+        check_candidates(pipe, max(args.caption_candidates))
         if "answers" in args.parts:
             require_reading(pipe, "qa")
     except (FileNotFoundError, ValueError) as e:

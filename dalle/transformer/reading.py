@@ -39,6 +39,17 @@ def text_logprob(model: DALLE, image: Tensor, text: Tensor, layout: str, answer_
     return torch.where(mask, picked, 0.0).sum(dim=1)
 
 
+@torch.inference_mode()
+def image_logprob(model: DALLE, image: Tensor, text: Tensor) -> Tensor:
+    """log p(image | text) by the text-to-image stream: (B, N) codes, (B, T) ids (padded as the tokenizer pads,
+    or as `write` returns them) -> (B,) summed over the image's tokens, fp32. Reading's counterpart: how likely
+    the model, drawing, finds the image given a text it wrote about it."""
+    if T2I not in model.config.layouts:
+        raise ValueError(f"the model has no text-to-image stream (its layouts: {list(model.config.layouts)})")
+    logp = model(text, image)[1].float().log_softmax(dim=-1)  # (B, N, Vi)
+    return logp.gather(-1, image[..., None]).squeeze(-1).sum(dim=1)
+
+
 def check_prior(model: DALLE, layout: str, prior_scale: float) -> None:
     """ValueError unless guidance by the caption prior (see `write`) applies: a caption, from a model that
     also has the text-to-image stream whose text is the prior."""
