@@ -1,7 +1,7 @@
 """Nothing is executed on load: a pickle whose unpickling would run code (here: create a marker file) is
 refused, with one line naming the file, wherever a file of a checkpoint or of the FID weights is read:
 a DeepSpeed shard on export and on resume, the --inception-weights file, a model.safetensors that is
-really a pickle, and a plain run's optimizer state."""
+really a pickle, and a plain run's optimizer state of the old format (the new one is safetensors)."""
 
 import os
 import shutil
@@ -142,10 +142,44 @@ def test_a_pickle_posing_as_safetensors_is_one_clear_error(tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
-def test_a_planted_optimizer_state_is_refused(tmp_path):
+def test_a_planted_optimizer_state_of_the_old_format_is_refused(tmp_path):
+    """Checkpoints from before the safetensors optimizer state hold optimizer.pt: still read, weights only."""
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
-    plant(tmp_path / "optimizer.pt", tmp_path / "ran")
+    plant(tmp_path / ckpt.LEGACY_OPTIMIZER, tmp_path / "ran")
     with pytest.raises(ValueError) as e:
-        ckpt.load_optimizer(opt, tmp_path / "optimizer.pt")
+        ckpt.load_optimizer(opt, tmp_path)
     assert not (tmp_path / "ran").exists()
-    one_line_naming(str(e.value), tmp_path / "optimizer.pt")
+    one_line_naming(str(e.value), tmp_path / ckpt.LEGACY_OPTIMIZER)
+
+
+def test_a_plain_run_writes_no_pickle_and_resumes_its_optimizer_exactly(tmp_path):
+    """A checkpoint's optimizer state is safetensors + JSON: no file of a plain run's checkpoint is a pickle
+    or a torch.save zip, and the state read back equals the state written (AdamW steps on identically)."""
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(4, 3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.AdamW([{"params": [m.weight], "weight_decay": 0.1}, {"params": [m.bias]}], lr=1e-2,
+                              betas=(0.9, 0.96)) for m in models]
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        models[0](x).square().sum().backward()
+        opts[0].step()
+        opts[0].zero_grad()
+    models[1].load_state_dict(models[0].state_dict())
+    ckpt.save_optimizer(opts[0], tmp_path)
+    for f in tmp_path.iterdir():
+        head = f.read_bytes()[:2]
+        assert head not in (b"PK", b"\x80\x02", b"\x80\x04", b"\x80\x05"), f"{f.name} is a pickle or a torch.save"
+    ckpt.load_optimizer(opts[1], tmp_path)
+    for m, opt in zip(models, opts):
+        m(x).square().sum().backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+
+    (tmp_path / ckpt.OPTIMIZER_TENSORS).write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="unreadable optimizer state") as e:
+        ckpt.load_optimizer(opts[1], tmp_path)
+    assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / ckpt.OPTIMIZER_META).unlink()
+    with pytest.raises(ValueError, match="optimizer.json: missing from the checkpoint"):
+        ckpt.load_optimizer(opts[1], tmp_path)

@@ -204,10 +204,10 @@ class PlainBackend(Backend):
     # Rank 0 alone writes: every rank holds the same optimizer state.
     def save_state(self, directory: Path | None) -> None:
         if directory is not None:
-            ckpt.save_optimizer(self.optimizer, directory / "train" / "optimizer.pt")
+            ckpt.save_optimizer(self.optimizer, directory / "train")
 
     def load_state(self, checkpoint: Path) -> None:
-        ckpt.load_optimizer(self.optimizer, checkpoint / "train" / "optimizer.pt")
+        ckpt.load_optimizer(self.optimizer, checkpoint / "train")
 
     def state(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict() if self.scaler is not None else None}

@@ -6,7 +6,8 @@
 
 A checkpoint is written into a temporary directory and renamed into place, then `latest` is replaced
 atomically, so a crash mid-save leaves the previous checkpoint intact and `latest` pointing at it. The
-optimizer state loads through `torch.load(weights_only=True)`. A DeepSpeed checkpoint has, instead of
+optimizer state is safetensors + JSON too (checkpoints of before 2026-12-05 hold a torch.save, read with
+`torch.load(weights_only=True)`). A DeepSpeed checkpoint has, instead of
 model.safetensors, a `deepspeed/` folder with every rank's ZeRO shard; `export` consolidates it into a
 model directory.
 """
@@ -14,11 +15,14 @@ model directory.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from dalle.checkpoint import (
     CONFIG_NAME,
@@ -109,12 +113,60 @@ def prune(checkpoints: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    torch.save(optimizer.state_dict(), path)
+OPTIMIZER_TENSORS, OPTIMIZER_META = "optimizer.safetensors", "optimizer.json"
+LEGACY_OPTIMIZER = "optimizer.pt"  # what checkpoints held before 2026-12-05 (a torch.save)
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    optimizer.load_state_dict(load_tensor_file(path))  # tensors and plain containers only
+def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """The optimizer's state_dict as `directory`/optimizer.safetensors (every tensor) + optimizer.json (the
+    rest, with each tensor's place), so that resuming unpickles nothing."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def split(prefix: str, values: dict) -> dict:
+        out = {}
+        for k, v in values.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()  # channels_last moments: stored packed
+                out[k] = {"tensor": f"{prefix}.{k}"}
+            else:
+                out[k] = v
+        return out
+
+    sd = optimizer.state_dict()
+    meta = {"state": {str(i): split(f"state.{i}", v) for i, v in sd["state"].items()},
+            "param_groups": [split(f"group.{i}", g) for i, g in enumerate(sd["param_groups"])]}
+    save_file(tensors, str(directory / OPTIMIZER_TENSORS))
+    write_json(directory / OPTIMIZER_META, meta)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Restore what `save_optimizer` wrote into `directory`; ValueError naming the file when it is broken."""
+    tensors_path, meta_path = directory / OPTIMIZER_TENSORS, directory / OPTIMIZER_META
+    if not tensors_path.is_file() and (directory / LEGACY_OPTIMIZER).is_file():
+        # A checkpoint written before the safetensors format: weights_only, so only tensors and plain
+        # containers load and anything else is refused in one line naming the file.
+        optimizer.load_state_dict(load_tensor_file(directory / LEGACY_OPTIMIZER))
+        return
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(tensors_path))
+
+        def join(values: dict) -> dict:
+            return {k: tensors[v["tensor"]] if isinstance(v, dict) and set(v) == {"tensor"} else v
+                    for k, v in values.items()}
+
+        sd = {"state": {int(i): join(v) for i, v in meta["state"].items()},
+              "param_groups": [join(g) for g in meta["param_groups"]]}
+    except FileNotFoundError as e:
+        raise ValueError(f"{e.filename}: missing from the checkpoint; resume from an earlier one") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
+        raise ValueError(f"{directory}: unreadable optimizer state ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else e!r}); resume from an earlier checkpoint") from None
+    optimizer.load_state_dict(sd)
+    for param, state in optimizer.state.items():  # a moment of a channels_last weight gets its layout back
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == param.shape and v.stride() != param.stride():
+                state[k] = torch.empty_like(param, dtype=v.dtype).copy_(v)
 
 
 # A torch.save that runs out of space fails inside its zip writer with a message that never mentions space
