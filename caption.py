@@ -8,7 +8,7 @@ end-of-text token included). Decoding is greedy by default, beam search with --b
 --sample (--num texts per image, --seed, --temperature, --top-k, --top-p). A model that also draws writes
 --candidates captions and keeps the one under which it finds the image most likely. With --json, also writes
 IMAGE.caption.json beside each image (never replacing one without --overwrite). The model must have been
-trained with the caption (and, for --question, qa) layout: configs/dalle/shapes-joint.yaml.
+trained with the caption (and, for --question, qa) layout: configs/dalle/shapes.yaml.
 """
 
 from __future__ import annotations
@@ -162,10 +162,11 @@ def main(argv: list[str] | None = None) -> int:
                              dtype=DTYPES[args.dtype])
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot load the model: {e}") from None
+    drawn_check = layout == CAPTION and T2I in pipe.model.config.layouts  # captions it can also draw from
     if args.prior_scale is None:
-        args.prior_scale = PRIOR_SCALE if layout == CAPTION and T2I in pipe.model.config.layouts else 0.0
+        args.prior_scale = PRIOR_SCALE if drawn_check else 0.0
     if args.candidates is None:
-        args.candidates = CANDIDATES if layout == CAPTION and T2I in pipe.model.config.layouts else 1
+        args.candidates = CANDIDATES if drawn_check else 1
     try:
         require_reading(pipe, layout)
         check_prior(pipe.model, layout, args.prior_scale)

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"cannot load the model: {e}") from None
     if args.rerank == "self" and not can_rerank(pipe, "self"):
         raise SystemExit(f"--rerank self: {args.model} was trained text-to-image only and cannot score its images; "
-                         "train one that captions with configs/dalle/shapes-joint.yaml, or use --rerank clip")
+                         "train one that captions with configs/dalle/shapes.yaml, or use --rerank clip")
     candidates = args.candidates or default_candidates(pipe, args.num_images, args.rerank)
     grid = pipe.model.config.image_grid_size
     if args.prime_rows >= grid:

@@ -46,7 +46,7 @@ def require_reading(pipe: Pipeline, layout: str = CAPTION) -> None:
         what = "caption images" if layout == CAPTION else "answer questions"
         raise ValueError(f"{pipe.model_id} was trained text-to-image only (layouts: "
                          f"{', '.join(pipe.model.config.layouts)}), so it cannot {what}: train one that does with "
-                         "configs/dalle/shapes-joint.yaml (docs/training.md, \"Both directions\")")
+                         "configs/dalle/shapes.yaml (docs/training.md, \"Both directions\")")
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ self-reranking that keeps the candidates the model's own log p(prompt | image) r
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +13,12 @@ from tiny import save_joint_model
 import caption
 import generate
 from dalle.captioning import prompt_logprob
-from dalle.data.shapes import make_sample
+from dalle.data.shapes import CONVERSE, make_sample
+from dalle.evaluation.captions import parse_caption
 from dalle.generation import sample_codes
 from dalle.pipeline import load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,7 @@ def joint(tiny_parts, tmp_path_factory):
 
 def test_a_text_to_image_model_refuses_in_one_line(tiny_parts, joint):
     for extra in ([], ["--question", "how many objects?"]):
-        with pytest.raises(SystemExit, match="trained text-to-image only.*shapes-joint.yaml") as e:
+        with pytest.raises(SystemExit, match="trained text-to-image only.*shapes.yaml") as e:
             caption.main([str(joint / "scene0.png"), "--model", str(tiny_parts / "model"), *extra])
         assert "\n" not in str(e.value)
     with pytest.raises(SystemExit, match="--rerank self: .*text-to-image only"):
@@ -164,3 +168,33 @@ def test_candidates_are_reranked_by_both_directions(joint, tmp_path, capsys):
     assert record["texts"] == [{"caption": best.text, "logprob": round(best.logprob, 4),
                                 "image_logprob": round(best.image_logprob, 2)}]
     assert "log p(image | caption)" in capsys.readouterr().out
+
+
+def _same_picture(caption_text: str, prompt: str) -> bool:
+    """The caption names the prompt's objects (colour and shape) and the same relation, in either order."""
+    got, want = parse_caption(caption_text), parse_caption(prompt)
+    if got is None:
+        return False
+    names = [(o.colour, o.shape) for o in got.objects]
+    wanted = [(o.colour, o.shape) for o in want.objects]
+    if names == wanted:
+        return got.relation == want.relation
+    return names == wanted[::-1] and got.relation == CONVERSE[want.relation]
+
+
+def test_the_shipped_model_captions_its_own_samples_answers_and_self_reranks(tmp_path, capsys):
+    """What a fresh install shows: caption.py with no flags on two of docs/samples' images of a two-object
+    prompt prints a caption of the same picture, a count question is answered, generate.py --rerank self runs."""
+    prompt = "a green star to the right of a purple cross"
+    for i in (1, 2):
+        path = ROOT / "docs" / "samples" / f"a-green-star-to-the-right-of-a-purple-cross-{i}.png"
+        assert json.loads(path.with_suffix(".json").read_text())["prompt"] == prompt
+        assert caption.main([str(path)]) == 0
+        line = capsys.readouterr().out.splitlines()[1].strip()
+        assert _same_picture(line.split("  (log p")[0], prompt), line
+    assert caption.main([str(path), "--question", "how many objects?"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].strip().startswith("how many objects? -> two  (log p")
+    assert generate.main(["a red circle", "--rerank", "self", "--num-images", "1", "--candidates", "4",
+                          "--out", str(tmp_path), "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "a-red-circle-0.json").read_text())
+    assert meta["candidates"] == 4 and meta["model"].startswith("default_model@")

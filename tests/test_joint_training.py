@@ -90,7 +90,7 @@ def test_each_sample_is_drawn_in_one_direction_from_its_own_seed(assets):
     caption = next(r for r in rows if r["layout"] == LAYOUTS.index("caption"))
     ids = tok.encode("a red circle")  # the caption without BPE dropout, then its end-of-text pad
     assert caption["text"][: len(ids) + 1].tolist() == ids + [tok.vocab_size + len(ids)]
-    with pytest.raises(ValueError, match="no 'caption' layout.*shapes-joint.yaml"):
+    with pytest.raises(ValueError, match="no 'caption' layout.*shapes.yaml"):
         DALLETask(DALLE(tiny_config("dalle", text_vocab_size=tok.vocab_size)), obj, tok, data, data)
 
 

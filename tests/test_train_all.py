@@ -175,6 +175,7 @@ def test_shapes_world_trains_the_named_recipe_and_bundles_in_fp16(tmp_path) -> N
     from safetensors import safe_open
 
     from dalle.pipeline import load_pipeline
+    from dalle.tokenizer import TextTokenizer
     from dalle.train.config import load_yaml
 
     out = tmp_path / "run"
@@ -195,6 +196,10 @@ def test_shapes_world_trains_the_named_recipe_and_bundles_in_fp16(tmp_path) -> N
     assert all(cfg["train"]["steps"] == 6 for cfg in planned.values())
     for part, n in (("tok-train", 40), ("tok-val", 8)):
         assert json.loads((out / part / "meta.json").read_text())["count"] == n
+    # the tokenizer learned the shapes questions' words too, so a model of the shipped recipe can answer them
+    # (a tokenizer of captions alone spells "how many objects?" in 14 tokens)
+    tok = TextTokenizer.from_file(out / "tokenizer.json")
+    assert len(tok.encode("how many objects?")) <= 4 and len(tok.encode("where is the red star?")) <= 6
     with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
     pipe = load_pipeline(str(out / "model"))
@@ -202,6 +207,27 @@ def test_shapes_world_trains_the_named_recipe_and_bundles_in_fp16(tmp_path) -> N
 
     with pytest.raises(SystemExit, match="planned with --recipe tiny"):
         train_all.main([*argv[:2], "--recipe", "sized", *argv[4:]])
+
+
+def test_a_shapes_run_of_a_model_that_reads_evaluates_its_captions_and_answers(tmp_path) -> None:
+    """The shipped recipe trains the transformer in both directions; the build's evaluation and report then
+    hold docs/evaluation.md's reading table (captions, answers, cycle, self-reranking) beside the drawing one."""
+    import yaml
+
+    out = tmp_path / "run"
+    argv = ["--data", "shapes:40", "--recipe", "tiny", "--out", str(out), "--max-steps", "4", "--threads", "1",
+            "--no-progress"]
+    assert train_all.main([*argv, "--until", "plan"]) == 0
+    planned = out / "configs" / "dalle.yaml"
+    cfg = yaml.safe_load(planned.read_text())
+    cfg["model"]["layouts"] = ["t2i", "caption", "qa"]
+    cfg["objective"].update(mix_t2i=0.5, mix_caption=0.25, mix_qa=0.25)
+    planned.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert train_all.main(argv) == 0
+    reading = json.loads((out / "eval" / "captions" / "captions-eval.json").read_text())
+    assert reading["captions"] and reading["answers"] and reading["cycle"] and reading["rerank"]
+    report = (out / "report.md").read_text()
+    assert "Compositional accuracy" in report and "Reading (" in report and "## Answers" in report
 
 
 @pytest.mark.parametrize("args, message", [

@@ -84,6 +84,12 @@ def evaluate(run, args, p: dict, common) -> dict:
                                    "--candidates", "1", "8", "32", "--cond-scale", "1", "3", "--seed", str(args.seed),
                                    "--out", str(out / "shapes"), *common(args, "fid")])
     pipe = load_pipeline(p["model"])
+    if shapes and "caption" in pipe.model.config.layouts:  # a model that reads: docs/evaluation.md's reading table
+        _tool("eval_captions").main(["--model", p["model"], "--split", "train", "zeroshot",
+                                     "--n", str(min(100, n_val)), "--prior-scale", "0", "2",
+                                     "--caption-candidates", "1", "4", "--candidates", "1", "8", "32",
+                                     "--seed", str(args.seed), "--out", str(out / "captions"), "--overwrite",
+                                     *common(args, "fid")])
     held = held_out_pairs(run, args, pipe.dvae.config.image_size, GRID_CAPTIONS)
     sample_grid(pipe, [c for c, _ in held], out / "samples-held-out.png", args.seed, real=[im for _, im in held])
     if args.prompt:
@@ -162,6 +168,10 @@ def write_report(run, args, p: dict) -> dict:
     if shapes_md.is_file():
         lines += ["Compositional accuracy (`tools/eval_shapes.py`; per attribute, and all of it right; best of k "
                   "by the reranker):", "", shapes_md.read_text().split("\n\n", 1)[1].strip(), ""]
+    captions_md = ev / "captions" / "captions-eval.md"
+    if captions_md.is_file():
+        lines += ["Reading (`tools/eval_captions.py`: captions, answers, the prompt -> image -> caption cycle, and "
+                  "self-reranking against the reranker):", "", captions_md.read_text().split("\n\n", 1)[1].strip(), ""]
     if samples["prompts"]:
         lines += ["Free prompts:", ""] + [f"{i + 1}. {c}" for i, c in enumerate(samples["prompts"])]
         lines += ["", "![prompt samples](eval/samples-prompts.png)", ""]

@@ -118,9 +118,9 @@ def bpe(run, args, source) -> dict:
     images = s["n_train"] + s["n_val"]
     vocab = 1024 if images < 10_000 else 4096 if images < 100_000 else 16384
     Path(p["tokenizer"]).unlink(missing_ok=True)
-    if s["source"] == "shapes":  # the default model's tokenizer: shapes captions, room for any vocabulary
-        _tool("train_bpe").main(["--shapes", str(_shapes_bpe_captions(s["n_train"])), "--vocab", "16384",
-                                 "--out", p["tokenizer"]])
+    if s["source"] == "shapes":  # the default model's tokenizer: shapes captions and questions, room for any vocabulary
+        _tool("train_bpe").main(["--shapes", str(_shapes_bpe_captions(s["n_train"])), "--questions", "--vocab",
+                                 "16384", "--out", p["tokenizer"]])
         return {"vocab": 16384}
     where = ["--folder", s["train"]] if s["source"] == "folder" else ["--captions", s["captions"]]
     _tool("train_bpe").main([*where, "--vocab", str(vocab), "--out", p["tokenizer"]])

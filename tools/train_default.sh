@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild the default model that ships in dalle/default_model/ from nothing but this repository, with the
 # same machinery a user runs on their own images (tools/train_all.py) and the shapes recipe
-# (configs/{dvae,dalle,reranker}/shapes.yaml): shapes tokenizer -> dVAE -> pre-tokenised codes ->
-# transformer -> reranker -> fp16 bundle -> evaluation and report.
+# (configs/{dvae,dalle,reranker}/shapes.yaml): shapes tokenizer (captions and questions) -> dVAE ->
+# pre-tokenised codes -> transformer (draws, captions, answers) -> reranker -> fp16 bundle -> evaluation and report.
 #
 #     bash tools/train_default.sh            # WORK=runs/default OUT=dalle/default_model THREADS=0 (auto)
 #

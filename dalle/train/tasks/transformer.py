@@ -186,7 +186,7 @@ class DALLETask:
         missing = [name for name in objective.mix if name not in cfg.layouts]
         if missing:
             raise ValueError(f"objective.mix_{missing[0]} > 0 but the model has no {missing[0]!r} layout: set "
-                             f"model.layouts to {list(LAYOUTS)} (configs/dalle/shapes-joint.yaml), or the share to 0")
+                             f"model.layouts to {list(LAYOUTS)} (configs/dalle/shapes.yaml), or the share to 0")
         self.tokens_per_sample = cfg.seq_len  # text + image slots: what tokens/s in the logs counts
         self.train = captioned(train, tokenizer, cfg.text_seq_len, objective, True)
         self.val = captioned(val, tokenizer, cfg.text_seq_len, objective, False, T2I)
