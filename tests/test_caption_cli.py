@@ -158,13 +158,13 @@ def test_candidates_are_reranked_by_both_directions(joint, tmp_path, capsys):
         both = [t.logprob + t.image_logprob for t in r]
         assert both == sorted(both, reverse=True)
     assert [t[0] for t in write_caption(pipe, pixels, candidates=4)] == [r[0] for r in reranked]
-    # caption.py reranks 4 by default for a model that draws, and records both scores
+    # caption.py reranks 2 by default for a model that draws, and records both scores
     image = tmp_path / "scene.png"
     shutil.copy(joint / "scene0.png", image)
     assert caption.main([str(image), "--model", str(joint / "model"), "--json", "--prior-scale", "0"]) == 0
     record = json.loads((tmp_path / "scene.caption.json").read_text())
-    best = reranked[0][0]
-    assert record["settings"]["candidates"] == caption.CANDIDATES == 4
+    best = write_caption(pipe, pixels, candidates=2)[0][0]
+    assert record["settings"]["candidates"] == caption.CANDIDATES == 2
     assert record["texts"] == [{"caption": best.text, "logprob": round(best.logprob, 4),
                                 "image_logprob": round(best.image_logprob, 2)}]
     assert "log p(image | caption)" in capsys.readouterr().out

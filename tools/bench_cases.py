@@ -16,7 +16,7 @@ caption:64       greedy captions of 64 shapes renders (`dalle.captioning.caption
                  cached decoding) by the shipped model, or, while it does not read images, by a random-weight
                  model of its size with the caption layout, which writes every text slot (an upper bound); and
                  the same captions guided by the model's caption prior (prior_scale 2: a second, text-only stream);
-                 and caption.py's default for a model that draws: guided, 4 candidates by beam search reranked by
+                 and caption.py's default for a model that draws: guided, 2 candidates by beam search reranked by
                  log p(image | caption) (one more pass of the whole stream per candidate).
 
 The variants of one case run in turn in one process, so the machine's drift hits them alike.
@@ -41,7 +41,7 @@ PAPER_MODEL = dict(text_vocab_size=1024, text_seq_len=256, image_vocab_size=1024
 PAPER_IMAGES, PAPER_TRAIN_BATCH = 16, 4
 CAPTION_IMAGES = 64
 CAPTION_PRIOR_SCALE = 2.0  # the guided variant: captions weighed against the model's caption prior
-CAPTION_CANDIDATES = 4  # the reranked variant (caption.py's default, with the guidance above)
+CAPTION_CANDIDATES = 2  # the reranked variant (caption.py's default, with the guidance above)
 RERANKER = dict(text_seq_len=32, image_size=64, patch_size=8, stem="patch", width=128, layers=2, heads=4,
                 embed_dim=128)
 
