@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dalle.captioning import DRAWN_CANDIDATES, DRAWN_PRIOR_SCALE
 from dalle.cli import (
     DTYPES,
     SEED_MAX,
@@ -38,11 +39,7 @@ from dalle.data.transforms import EvalTransform, to_rgb
 from dalle.pipeline import DEFAULT_MODEL, Pipeline, load_pipeline
 from dalle.transformer.layouts import CAPTION, QA, T2I
 
-# caption.py's defaults when the model also draws (docs/evaluation.md): the best of the guidance scales measured
-# on shapes, and 2 candidates: on the shipped model within 2.5 points of 4's captions in half the time (64
-# captions in about 1 s on a 2-core CPU, where 4 took 1.7-2.7 s)
-PRIOR_SCALE = 2.0
-CANDIDATES = 2
+PRIOR_SCALE, CANDIDATES = DRAWN_PRIOR_SCALE, DRAWN_CANDIDATES  # the defaults when the model also draws
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
