@@ -79,3 +79,38 @@ def test_one_captions_row_per_prior_scale_and_candidates(joint, tmp_path, monkey
 def test_a_text_to_image_model_is_refused_in_one_line(tiny_parts, tmp_path):
     with pytest.raises(SystemExit, match="cannot evaluate .*text-to-image only"):
         eval_captions.main(["--model", str(tiny_parts / "model"), "--out", str(tmp_path / "e")])
+
+
+def test_interference_compares_the_recipes_runs_in_one_table(joint, tiny_parts, tmp_path):
+    """--t2i-only adds the drawing comparison: every run evaluated alike (eval_shapes into OUT/interference/),
+    the recipes' means, the spread and a verdict per column, in the JSON and the Markdown."""
+    out = tmp_path / "interference"
+    args = ["--model", str(joint), "--joint-runs", str(joint), "--t2i-only", str(tiny_parts / "model"),
+            "--reranker", str(tiny_parts / "reranker"), "--parts", "answers", "--split", "zeroshot", "--n", "2",
+            "--interference-candidates", "1", "2", "--interference-cond-scale", "1", "--out", str(out),
+            "--no-progress", "--device", "cpu"]
+    assert eval_captions.main(args) == 0
+    result = json.loads((out / "captions-eval.json").read_text())
+    got = result["interference"]
+    assert got["runs"] == {"joint": [str(joint)] * 2, "t2i": [str(tiny_parts / "model")]}
+    assert got["columns"] == [["zeroshot", 1.0, 1], ["zeroshot", 1.0, 2]]
+    assert len(got["joint"]) == 2 and len(got["t2i"]) == 1 and len(got["verdict"]) == 2
+    assert got["joint"][0] == got["joint"][1] and got["spread"] == [0.0, 0.0]  # the same weights, the same images
+    for group, i in (("joint", 0), ("joint", 1), ("t2i", 0)):
+        rows = json.loads((out / "interference" / f"{group}-{i}" / "shapes-eval.json").read_text())["rows"]
+        assert [r["all_correct"] for r in rows] == got[group][i]
+    assert result["answers"] and not result["captions"]  # --parts as given, interference added to them
+    assert "## Interference" in (out / "captions-eval.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--joint-runs", "{joint}"], "add --t2i-only"),
+    (["--parts", "interference"], "name them with --t2i-only"),
+    (["--t2i-only", "{missing}"], "no such model or run directory"),
+])
+def test_interference_flags_are_checked_before_any_work(joint, tmp_path, capsys, extra, message):
+    extra = [a.format(joint=joint, missing=tmp_path / "nowhere") for a in extra]
+    with pytest.raises(SystemExit):
+        eval_captions.main(["--model", str(joint), *extra, "--out", str(tmp_path / "e")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

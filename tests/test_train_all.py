@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from dalle.captioning import DRAWN_CANDIDATES
 from dalle.data.split import held_out_keys, split_shards
 from dalle.train import recipe
 from dalle_tools import train_all
@@ -226,6 +227,7 @@ def test_a_shapes_run_of_a_model_that_reads_evaluates_its_captions_and_answers(t
     assert train_all.main(argv) == 0
     reading = json.loads((out / "eval" / "captions" / "captions-eval.json").read_text())
     assert reading["captions"] and reading["answers"] and reading["cycle"] and reading["rerank"]
+    assert {row["candidates"] for row in reading["captions"]} == {1, DRAWN_CANDIDATES}  # what caption.py runs
     report = (out / "report.md").read_text()
     assert "Compositional accuracy" in report and "Reading (" in report and "## Answers" in report
 

@@ -12,6 +12,12 @@ self-reranking against the CLIP-style reranker, on shapes, judged without the mo
   caption agrees with the prompt, beside the shapes detector's verdict on the same images.
 - rerank: max(--candidates) samples per prompt, drawn once; best of the first k by the CLIP-style reranker
   and by the model's own log p(prompt | image), judged by the detector (k = 1: the first sample).
+- interference (with --t2i-only): the compositional evaluation (tools/eval_shapes.py, into OUT/interference/)
+  of --model and --joint-runs against text-to-image-only runs trained the same way, with each recipe's
+  run-to-run spread as the yardstick (`dalle.evaluation.interference`).
+
+    python tools/eval_captions.py --model runs/joint-s0 --joint-runs runs/joint-s1 \
+        --t2i-only runs/t2i-s0 runs/t2i-s1 --parts interference --out runs/interference
 
 Writes OUT/captions-eval.json and OUT/captions-eval.md; refuses an OUT that holds them unless --overwrite.
 """
@@ -33,6 +39,7 @@ from dalle import cli
 from dalle.captioning import answer, caption, check_candidates, prompt_logprob, require_reading
 from dalle.cli import DTYPES, add_threads_flag, apply_threads, resolve_device
 from dalle.data.qa import QUESTION_KINDS, shapes_qa
+from dalle.evaluation import interference
 from dalle.evaluation.captions import CAPTION_ATTRIBUTES, answer_correct, judge_caption
 from dalle.evaluation.compositional import shapes_prompts, to_uint8
 from dalle.evaluation.detect import compare, detect
@@ -131,6 +138,29 @@ def eval_cycle_and_rerank(pipe: Pipeline, split: str, args: argparse.Namespace) 
     return cycle, rows
 
 
+def eval_interference(args: argparse.Namespace, out: Path) -> dict:
+    """Every run's compositional accuracy (eval_shapes, each into OUT/interference/NAME), then the comparison."""
+    import importlib
+
+    eval_shapes = importlib.import_module(f"{__package__}.eval_shapes" if __package__ else "eval_shapes")
+    groups = {"joint": [args.model, *args.joint_runs], "t2i": args.t2i_only}
+    rows = {}
+    for group, models in groups.items():
+        rows[group] = []
+        for i, model in enumerate(models):
+            sub = out / "interference" / f"{group}-{i}"
+            argv = ["--model", model, "--split", *args.split, "--n", str(args.n), "--seed", str(args.seed),
+                    "--candidates", *map(str, args.interference_candidates),
+                    "--cond-scale", *map(str, args.interference_cond_scale), "--batch-size", str(args.batch_size),
+                    "--device", args.device, "--threads", str(args.threads), "--out", str(sub)]
+            argv += (["--reranker", args.reranker] if args.reranker else []) + (
+                ["--no-progress"] if args.no_progress else [])
+            eval_shapes.main(argv)
+            rows[group].append(json.loads((sub / "shapes-eval.json").read_text())["rows"])
+    result = interference.compare(rows["joint"], rows["t2i"])
+    return {"runs": groups, **result}
+
+
 def _agrees(verdict, mentions) -> bool:
     """The caption names the prompt's objects and contradicts nothing the prompt says (a size the prompt
     left open may be either in the image, so the caption's word on it is not held against it)."""
@@ -155,6 +185,9 @@ def markdown(result: dict) -> str:
     if result["rerank"]:
         parts += ["## Reranking, judged by the detector\n",
                   _table(result["rerank"], ("split", "candidates", "rerank", "all_correct"))]
+    if result.get("interference"):
+        parts += ["## Interference: drawing, joint against text to image only (all attributes right)\n",
+                  interference.markdown(result["interference"], result["interference"]["runs"])]
     return "\n".join(parts)
 
 
@@ -167,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="shapes splits whose scenes and captions are used")
     p.add_argument("--n", type=cli.positive_int, default=200, help="scenes (and prompts) per split")
     p.add_argument("--parts", nargs="+", default=["captions", "answers", "cycle"],
-                   choices=["captions", "answers", "cycle"], help="what to evaluate (cycle includes reranking)")
+                   choices=["captions", "answers", "cycle", "interference"],
+                   help="what to evaluate (cycle includes reranking; interference, added whenever --t2i-only is "
+                        "given, needs it)")
     p.add_argument("--beam", type=cli.positive_int, default=1, help="beam width for captions and answers (1: greedy)")
     p.add_argument("--prior-scale", type=cli.non_negative_float, nargs="+", default=[0.0],
                    help="captions: guidance against the model's caption prior (caption.py --prior-scale), one row "
@@ -181,6 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cond-scale", type=cli.finite_float, default=1.0, help="guidance scale of the sampled images")
     p.add_argument("--seed", type=cli.seed_int, default=0, help="data seed of the scenes, base seed of the samples")
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images read or sampled together")
+    p.add_argument("--t2i-only", nargs="+", default=[], metavar="MODEL",
+                   help="interference: text-to-image-only models trained as --model was (same data, as many "
+                        "text-to-image samples), drawing compared with the joint runs' on the compositional "
+                        "evaluation")
+    p.add_argument("--joint-runs", nargs="+", default=[], metavar="MODEL",
+                   help="interference: more runs of --model's recipe (other seeds), so that its run-to-run spread "
+                        "is known")
+    p.add_argument("--interference-candidates", type=cli.positive_int, nargs="+", default=[1, 8],
+                   help="interference: best of the first k samples by the reranker, for each k (1: the first)")
+    p.add_argument("--interference-cond-scale", type=cli.finite_float, nargs="+", default=[1.0, 3.0],
+                   help="interference: guidance scales of the sampled images")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights and compute dtype")
     add_threads_flag(p)
@@ -189,6 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
+    if args.t2i_only and "interference" not in args.parts:
+        args.parts.append("interference")
+    if "interference" in args.parts and not args.t2i_only:
+        p.error("interference compares with text-to-image-only runs: name them with --t2i-only MODEL [MODEL ...]")
+    if args.joint_runs and not args.t2i_only:
+        p.error("--joint-runs is for the interference comparison: add --t2i-only MODEL [MODEL ...]")
+    for flag, models in (("--joint-runs", args.joint_runs), ("--t2i-only", args.t2i_only)):
+        for model in models:
+            if not Path(model).exists():
+                p.error(f"{flag} {model}: no such model or run directory")
     apply_threads(args.threads)
     out = Path(args.out)
     if not args.overwrite and any((out / n).exists() for n in NAMES):
@@ -204,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot evaluate {args.model}: {e}") from None
     result = {"model": pipe.model_id, "settings": {k: v for k, v in vars(args).items() if k not in ("no_progress",)},
-              "captions": [], "answers": [], "cycle": [], "rerank": []}
+              "captions": [], "answers": [], "cycle": [], "rerank": [], "interference": None}
     with torch.no_grad():
         for split in tqdm(args.split, desc="splits", disable=args.no_progress):
             if "captions" in args.parts:
@@ -216,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["cycle"].append(cycle)
                 result["rerank"] += rows
     out.mkdir(parents=True, exist_ok=True)
+    if "interference" in args.parts:
+        result["interference"] = eval_interference(args, out)
     (out / NAMES[0]).write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
     (out / NAMES[1]).write_text(text)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
+from dalle.captioning import DRAWN_CANDIDATES
 from dalle.data.sources import DataConfig, build_dataset, eval_batches
 
 GRID_CAPTIONS = 6  # held-out captions in the sample grid
@@ -87,7 +88,7 @@ def evaluate(run, args, p: dict, common) -> dict:
     if shapes and "caption" in pipe.model.config.layouts:  # a model that reads: docs/evaluation.md's reading table
         _tool("eval_captions").main(["--model", p["model"], "--split", "train", "zeroshot",
                                      "--n", str(min(100, n_val)), "--prior-scale", "0", "2",
-                                     "--caption-candidates", "1", "4", "--candidates", "1", "8", "32",
+                                     "--caption-candidates", "1", str(DRAWN_CANDIDATES), "--candidates", "1", "8", "32",
                                      "--seed", str(args.seed), "--out", str(out / "captions"), "--overwrite",
                                      *common(args, "fid")])
     held = held_out_pairs(run, args, pipe.dvae.config.image_size, GRID_CAPTIONS)
