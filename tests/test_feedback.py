@@ -18,10 +18,10 @@ from dalle.feedback.losses import (
     dpo_loss,
     kl_shaped_rewards,
     sequence_kl,
-    token_logprobs,
 )
 from dalle.feedback.raters import SimulatedRater
 from dalle.feedback.store import Store, export_jsonl, import_jsonl
+from dalle.transformer.sampling import token_logprobs
 
 
 def _filled(path, n_pairs=3):

@@ -182,8 +182,7 @@ def test_dpo_moves_the_policy_toward_the_preferred_samples(parts, tmp_path):
 
 
 def test_dpo_kl_is_the_mean_log_ratio_of_policy_samples(parts):
-    from dalle.feedback.losses import token_logprobs
-    from dalle.transformer.sampling import sample
+    from dalle.transformer.sampling import sample, token_logprobs
 
     task = dpo_task(parts, kl_samples=4, kl_seed=3)
     with torch.no_grad():

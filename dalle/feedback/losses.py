@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -55,8 +54,3 @@ def best_of_n_kl(n: int) -> float:
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     return math.log(n) - (n - 1) / n
-
-
-def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log p of each token under its logits: (B, N, V), (B, N) -> (B, N), in fp32."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None]).squeeze(-1)

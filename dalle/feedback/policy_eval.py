@@ -32,9 +32,10 @@ from torch import Tensor
 from dalle.data.shapes import make_sample
 from dalle.evaluation.compositional import Prompt, score_images, summarise
 from dalle.evaluation.report import markdown_table
-from dalle.feedback.losses import best_of_n_kl, sequence_kl, token_logprobs
+from dalle.feedback.losses import best_of_n_kl, sequence_kl
 from dalle.generation import sample_codes
 from dalle.pipeline import Pipeline
+from dalle.transformer.sampling import token_logprobs
 
 # (prompts, codes (B, N), images (B, 3, H, W) uint8) -> rewards (B,)
 Scorer = Callable[[Sequence[str], Tensor, Tensor], Tensor]

@@ -18,7 +18,7 @@ from torch import Tensor
 from dalle.transformer.decoding import KVCache, decode_text_step, prefill_reading, prefill_text_prior
 from dalle.transformer.layouts import CAPTION, LAYOUTS, T2I, generated_mask, layout_index
 from dalle.transformer.model import DALLE
-from dalle.transformer.sampling import _draw, filter_logits
+from dalle.transformer.sampling import _draw, filter_logits, token_logprobs
 
 
 def check_reads(model: DALLE, layout: str) -> None:
@@ -33,8 +33,7 @@ def text_logprob(model: DALLE, image: Tensor, text: Tensor, layout: str, answer_
     layout generates (the caption or the answer, and its end-of-text token), teacher-forced."""
     check_reads(model, layout)
     rows = torch.full_like(answer_at, LAYOUTS.index(layout))
-    logp = model(text, image, rows, answer_at)[0].float().log_softmax(dim=-1)  # (B, T, Vt + T)
-    picked = logp.gather(-1, text[..., None]).squeeze(-1)  # (B, T)
+    picked = token_logprobs(model(text, image, rows, answer_at)[0], text)  # (B, T)
     mask = generated_mask(text, answer_at, model.config.text_vocab_size)
     return torch.where(mask, picked, 0.0).sum(dim=1)
 
@@ -46,8 +45,7 @@ def image_logprob(model: DALLE, image: Tensor, text: Tensor) -> Tensor:
     the model, drawing, finds the image given a text it wrote about it."""
     if T2I not in model.config.layouts:
         raise ValueError(f"the model has no text-to-image stream (its layouts: {list(model.config.layouts)})")
-    logp = model(text, image)[1].float().log_softmax(dim=-1)  # (B, N, Vi)
-    return logp.gather(-1, image[..., None]).squeeze(-1).sum(dim=1)
+    return token_logprobs(model(text, image)[1], image).sum(dim=1)
 
 
 def check_prior(model: DALLE, layout: str, prior_scale: float) -> None:

@@ -23,6 +23,12 @@ def empty_text(model: DALLE, batch: int, device: torch.device | str) -> Tensor:
     return (cfg.text_vocab_size + torch.arange(cfg.text_seq_len, device=device)).expand(batch, -1).clone()
 
 
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log p of each token under its logits: (B, N, V), (B, N) -> (B, N), in fp32 (scoring a sequence the
+    model was teacher-forced on: reading, reranking, the feedback losses)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
 def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Temperature, then keep the top_k most likely tokens (0: all), then the smallest set whose mass
     reaches top_p (1.0: all). Returns new logits with the rest at -inf. (B, V) -> (B, V)"""

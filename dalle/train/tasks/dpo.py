@@ -22,11 +22,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from dalle.feedback.data import PairDataset, Selection, load_samples, select
-from dalle.feedback.losses import dpo_loss, sequence_kl, token_logprobs
+from dalle.feedback.losses import dpo_loss, sequence_kl
 from dalle.feedback.store import Store
 from dalle.tokenizer import TextTokenizer
 from dalle.train.engine import matrix_decay_groups
 from dalle.transformer.model import DALLE
+from dalle.transformer.sampling import token_logprobs
 
 if TYPE_CHECKING:
     from dalle.train.engine import EvalSink

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from dalle.feedback.losses import kl_shaped_rewards, token_logprobs
+from dalle.feedback.losses import kl_shaped_rewards
 from dalle.tokenizer import TextTokenizer
 from dalle.train.engine import matrix_decay_groups
 from dalle.transformer.model import DALLE
+from dalle.transformer.sampling import token_logprobs
 
 if TYPE_CHECKING:
     from dalle.train.engine import EvalSink
