@@ -142,7 +142,7 @@ def _loop(tiny_parts, out, *extra):
 
     return feedback_loop.main(["--out", str(out), "--model", str(tiny_parts / "model"), "--reranker",
                                str(tiny_parts / "reranker"), "--prompts", "6", "--pairs-per-prompt", "2",
-                               *[x for s in ("reward", "dpo", "grpo") for x in (f"--{s}-config",
+                               *[x for s in ("reward", "dpo", "grpo", "bon") for x in (f"--{s}-config",
                                                                                f"configs/feedback/{s}-tiny.yaml")],
                                "--set", "dpo.objective.val_fraction=0.3", "--eval-n", "2", "--best-of", "2",
                                "--diversity", "2", "--threads", "1", "--device", "cpu", "--no-progress", *extra])
@@ -199,6 +199,16 @@ def test_the_loop_runs_end_to_end_and_resumes(tiny_parts, tmp_path, capsys, monk
     run2 = json.loads((tmp_path / "run" / "dpo-r2" / "run.json").read_text())
     assert Path(run2["inputs"]["init"]) == tmp_path / "run" / "dpo"
     assert load_pretrained(tmp_path / "run" / "dpo-r2", expect="dalle").config == first_round.config
+    # Best-of-N distillation is asked for by name; it learns from the loop's reward model.
+    capsys.readouterr()
+    assert _loop(tiny_parts, tmp_path / "run", "--best-of", "3", "--rounds", "2", "--methods", "dpo", "grpo",
+                 "bon") == 0
+    said = capsys.readouterr().out
+    assert "[bon]\n" in said and "[evaluate]\n" in said and "[grpo] done before, skipped" in said, said
+    assert [e["name"] for e in json.loads((tmp_path / "run" / "eval" / "policy-eval.json").read_text())["summary"]] \
+        == ["sft", "sft best of 3", "dpo", "dpo-r2", "grpo", "bon"]
+    bon = json.loads((tmp_path / "run" / "bon" / "run.json").read_text())
+    assert Path(bon["inputs"]["reward"]) == tmp_path / "run" / "reward"
     with pytest.raises(SystemExit, match="--rounds 2 repeats DPO"):
         _loop(tiny_parts, tmp_path / "run", "--rounds", "2", "--methods", "grpo")
     with pytest.raises(SystemExit) as e:

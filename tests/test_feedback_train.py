@@ -1,5 +1,6 @@
 """Learning from the store's comparisons: the reward model (both bodies), its normalisation, exact resume, DPO,
-and tools/train_feedback.py, on toy stores whose preference is known (bright images and low codes win)."""
+GRPO, best-of-N distillation and tools/train_feedback.py, on toy stores whose preference is known (bright images
+and low codes win)."""
 
 import json
 import shutil
@@ -19,6 +20,7 @@ from dalle.reranker.model import Reranker
 from dalle.tokenizer import TextTokenizer
 from dalle.train.config import TrainConfig
 from dalle.train.engine import Trainer
+from dalle.train.tasks.bon import BoNObjective, BoNTask
 from dalle.train.tasks.dpo import DPOObjective, DPOTask, sequence_logprob
 from dalle.train.tasks.grpo import GRPOObjective, GRPOTask
 from dalle.train.tasks.reward import RewardObjective, RewardTask
@@ -231,6 +233,14 @@ def test_train_feedback_tool_reward_dpo_and_evaluate(parts, tmp_path, capsys):
     evals = [json.loads(x) for x in (tmp_path / "grpo" / "log.jsonl").read_text().splitlines() if '"eval"' in x]
     assert {"val_reward", "val_kl", "val_objective"} <= set(evals[-1])
     assert load_pretrained(tmp_path / "grpo", expect="dalle").config == tuned.config
+    # best-of-N distillation against the same reward model
+    assert train_feedback.main(["bon", "--config", "configs/feedback/bon-tiny.yaml", "--out", str(tmp_path / "bon"),
+                                "--no-progress", "--set", f"inputs.store={parts / 'toy.db'}", "--set",
+                                f"inputs.init={parts / 'dalle'}", "--set", f"inputs.reward={tmp_path / 'reward'}"]) == 0
+    logs = [json.loads(x) for x in (tmp_path / "bon" / "log.jsonl").read_text().splitlines()]
+    assert {"nll", "reward", "reward_best"} <= set(next(x for x in logs if '"train"' in json.dumps(x)))
+    assert {"val_reward", "val_kl"} <= set([x for x in logs if "val_kl" in x][-1])
+    assert load_pretrained(tmp_path / "bon", expect="dalle").config == tuned.config
 
 
 class LowCodes(torch.nn.Module):
@@ -277,6 +287,64 @@ def test_grpo_resume_equals_uninterrupted(parts, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
 
 
+def bon_task(parts, seed=0, **objective):
+    torch.manual_seed(seed)
+    return BoNTask(load_pretrained(parts / "dalle").train(), BoNObjective(**objective), task_tok(parts),
+                   PROMPTS * 4 + [f"a red circle {i}" for i in range(8)], LowCodes(), task_tok(parts))
+
+
+def test_bon_loss_is_the_nll_of_the_best_candidate(parts):
+    """The step's target is, per prompt, the candidate of the reference with the highest reward; the loss is the
+    policy's mean negative log-likelihood of its image tokens."""
+    from dalle.transformer.sampling import sample, token_logprobs
+
+    task = bon_task(parts, n=4, val_fraction=0.3)
+    model = task.model
+    with torch.no_grad():  # a policy that differs from the reference, so that sampling from the wrong one shows
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = {"prompt": torch.tensor(task.train.rows[:3].tolist())}
+    torch.manual_seed(7)
+    loss, logs = task.loss(model, batch, 0)
+    torch.manual_seed(7)
+    rows = batch["prompt"].repeat_interleave(4)
+    with torch.inference_mode():
+        codes = sample(task.ref, task.text[rows]).clone()
+    scores = LowCodes()(None, codes).view(3, 4)
+    best = codes.view(3, 4, -1)[torch.arange(3), scores.argmax(-1)]
+    text = task.text[batch["prompt"]]
+    expect = -token_logprobs(model(text, best)[1], best).mean()
+    torch.testing.assert_close(loss, expect)
+    assert logs["reward_best"] == pytest.approx(scores.max(-1).values.mean().item())
+    assert logs["reward"] == pytest.approx(scores.mean().item())
+
+
+@pytest.mark.parametrize("source", ["reference", "policy"])
+def test_bon_raises_a_known_reward(parts, tmp_path, source):
+    task = bon_task(parts, n=8, source=source, val_fraction=0.3, eval_prompts=8, eval_samples=3)
+    trainer = Trainer(task, TrainConfig(steps=12, batch_size=4, lr=1e-2, lr_schedule="constant", log_every=4,
+                                        eval_every=100, save_every=100), tmp_path, progress=False)
+    start = trainer.evaluate()
+    assert start["val_kl"] == 0.0
+    end = trainer.fit()
+    assert end["val_reward"] > start["val_reward"] + 0.3, (start, end)
+    assert end["val_kl"] > 0
+    logs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines() if '"train"' in x]
+    assert logs[-1]["reward_best"] > logs[-1]["reward"]
+
+
+def test_bon_resume_equals_uninterrupted(parts, tmp_path):
+    cfg = TrainConfig(steps=4, batch_size=2, lr=1e-2, log_every=2, eval_every=100, save_every=2)
+    full = Trainer(bon_task(parts, n=2, source="policy", eval_prompts=2), cfg, tmp_path / "a", progress=False)
+    full.fit()
+    Trainer(bon_task(parts, n=2, source="policy", eval_prompts=2), cfg, tmp_path / "b", progress=False).fit(stop_at=2)
+    resumed = Trainer(bon_task(parts, seed=5, n=2, source="policy", eval_prompts=2), cfg, tmp_path / "b",
+                      progress=False)
+    resumed.fit()
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+
+
 def test_train_feedback_errors_are_one_line(parts, tmp_path):
     empty = tmp_path / "empty.db"
     Store(empty).close()
@@ -297,10 +365,16 @@ def test_train_feedback_errors_are_one_line(parts, tmp_path):
                     extra=lambda d: tok.save(d / "tokenizer.json"))
     with pytest.raises(SystemExit, match="16 codes .* but the model reads 4 codes"):
         _run(parts, tmp_path, "dpo", "--set", f"inputs.init={other}")
+    with pytest.raises(SystemExit, match="source in"):
+        train_feedback.main(["bon", "--config", "configs/feedback/bon-tiny.yaml", "--out", str(tmp_path / "bon"),
+                             "--set", "objective.source=nowhere"])
+    with pytest.raises(SystemExit, match="inputs.init and inputs.reward must be set"):
+        train_feedback.main(["bon", "--config", "configs/feedback/bon-tiny.yaml", "--out", str(tmp_path / "bon"),
+                             "--set", f"inputs.store={parts / 'toy.db'}"])
 
 
 def test_train_feedback_help_explains_every_flag(capsys):
-    for method in ("reward", "dpo", "grpo", "evaluate"):
+    for method in ("reward", "dpo", "grpo", "bon", "evaluate"):
         with pytest.raises(SystemExit):
             train_feedback.main([method, "--help"])
         text = capsys.readouterr().out

@@ -11,6 +11,7 @@ stages resume from their last checkpoint, as the engine does):
     simulate   the simulated rater (--noise of decided labels flipped) judges every pair   rater "sim"
     reward     a reward model on those judgements (--reward-config)                        OUT/reward
     dpo, grpo  fine-tuning of the model (--dpo-config, --grpo-config; --methods)           OUT/dpo, OUT/grpo
+    bon        best-of-N distillation (only with --methods bon; --bon-config)              OUT/bon
     round R    with --rounds > 1, DPO again: pairs of the same prompts sampled from the     OUT/fb-rR.db
                previous round's model, rated by the same rater, DPO from that model (its    OUT/dpo-rR
                reference), for R = 2 .. --rounds
@@ -35,7 +36,8 @@ from dalle import cli
 from dalle.cli import add_debug_flag, add_threads_flag, apply_threads
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "feedback"
-METHODS = ("dpo", "grpo")
+METHODS = ("dpo", "grpo", "bon")
+DEFAULT_METHODS = ("dpo", "grpo")  # bon samples n images per prompt in every step: asked for by name
 # What the store is made from: a run started with other values cannot continue with these.
 DATA_SETTINGS = ("model", "prompts", "pairs_per_prompt", "noise", "seed")
 
@@ -47,7 +49,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 def _override(text: str) -> tuple[str, str]:
     stage, _, rest = text.partition(".")
     if stage not in ("reward", *METHODS) or "=" not in rest or "." not in rest.split("=")[0]:
-        raise argparse.ArgumentTypeError(f"expected STAGE.SECTION.KEY=VALUE with STAGE reward, dpo or grpo, "
+        raise argparse.ArgumentTypeError(f"expected STAGE.SECTION.KEY=VALUE with STAGE reward, dpo, grpo or bon, "
                                          f"got {text!r}")
     return stage, rest
 
@@ -66,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=cli.positive_int, default=16, help="images sampled together")
     p.add_argument("--noise", type=cli.float_range(0.0, 0.5), default=0.25,
                    help="share of the simulated rater's decided labels flipped (0.25: human agreement)")
-    p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS), help="fine-tuning methods run")
+    p.add_argument("--methods", nargs="*", choices=METHODS, default=list(DEFAULT_METHODS),
+                   help="fine-tuning methods run")
     p.add_argument("--rounds", type=cli.positive_int, default=1,
                    help="DPO rounds: each after the first learns from pairs sampled from the previous round's model "
                         "(on-policy), with that model as its reference; every round is evaluated")
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                "objective.rater": "sim"}))
     for method in args.methods:
         sets = {"inputs.store": store, "inputs.init": args.model}
-        sets |= {"inputs.reward": out / "reward"} if method == "grpo" else {"objective.rater": "sim"}
+        sets |= {"inputs.reward": out / "reward"} if method != "dpo" else {"objective.rater": "sim"}
         _stage(out, method, partial(_train, args, out, method, sets))
     dpo_runs = ["dpo"] + [f"dpo-r{r}" for r in range(2, args.rounds + 1)]
     for r, (before, run) in enumerate(zip(dpo_runs, dpo_runs[1:]), start=2):

@@ -3,11 +3,13 @@
     python tools/train_feedback.py reward --config configs/feedback/reward-shapes.yaml --out runs/reward
     python tools/train_feedback.py dpo --config configs/feedback/dpo-shapes.yaml --out runs/dpo
     python tools/train_feedback.py grpo --config configs/feedback/grpo-shapes.yaml --out runs/grpo
+    python tools/train_feedback.py bon --config configs/feedback/bon-shapes.yaml --out runs/bon
     python tools/train_feedback.py evaluate --store runs/fb.db --reward runs/reward --rater sim25 --reference-rater sim0
 
 reward: a reward model (Bradley-Terry) initialised from a trained reranker or transformer (model.body, inputs.init).
 dpo: Direct Preference Optimisation of the transformer on its own compared samples, against a frozen copy of it.
 grpo: policy gradient against the reward model on the store's prompts, with the per-token KL penalty to the start.
+bon: best-of-N distillation: learn the reward model's pick of N samples of the supervised model per prompt.
 evaluate: held-out pairwise accuracy of a reward model, of the raw reranker's similarity, and the noise ceiling
 (the rater's agreement with a reference rater on the same pairs). Re-running a training command after a crash
 continues from the last checkpoint.
@@ -29,6 +31,7 @@ from dalle.cli import add_debug_flag, apply_threads, resolve_device
 from dalle.feedback.reward import RewardConfig
 from dalle.train.cli import load_sections, run_training, setup_logging, training_parser
 from dalle.train.config import TrainConfig
+from dalle.train.tasks.bon import BoNObjective
 from dalle.train.tasks.dpo import DPOInputs, DPOObjective
 from dalle.train.tasks.grpo import GRPOInputs, GRPOObjective
 from dalle.train.tasks.reward import RewardInputs, RewardObjective
@@ -37,6 +40,7 @@ SECTIONS = {
     "reward": {"model": RewardConfig, "objective": RewardObjective, "train": TrainConfig, "inputs": RewardInputs},
     "dpo": {"objective": DPOObjective, "train": TrainConfig, "inputs": DPOInputs},
     "grpo": {"objective": GRPOObjective, "train": TrainConfig, "inputs": GRPOInputs},
+    "bon": {"objective": BoNObjective, "train": TrainConfig, "inputs": GRPOInputs},
 }
 
 
@@ -48,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     for name, what in (("reward", "train a reward model on the store's comparisons"),
                        ("dpo", "fine-tune the transformer on its compared samples with DPO"),
-                       ("grpo", "fine-tune the transformer against a reward model (per-token KL penalty)")):
+                       ("grpo", "fine-tune the transformer against a reward model (per-token KL penalty)"),
+                       ("bon", "fine-tune the transformer on the reward model's best of N of its samples")):
         sub.add_parser(name, parents=[training_parser(what)], add_help=False, formatter_class=fmt, help=what,
                        description=what + ". Config sections: " + ", ".join(SECTIONS[name]))
     e = sub.add_parser("evaluate", formatter_class=fmt, help="held-out accuracy: reward model, raw reranker, ceiling")
@@ -146,8 +151,10 @@ def _dvae(folder: Path) -> str:
         return ""
 
 
-def _grpo(args: argparse.Namespace, cfg: dict) -> int:
+def _sampling(args: argparse.Namespace, cfg: dict) -> int:
+    """GRPO and best-of-N distillation: the policy samples the store's prompts and a frozen reward model scores."""
     from dalle.checkpoint import load_pretrained
+    from dalle.train.tasks.bon import BoNTask
     from dalle.train.tasks.grpo import GRPOTask
 
     inputs: GRPOInputs = cfg["inputs"]
@@ -159,12 +166,15 @@ def _grpo(args: argparse.Namespace, cfg: dict) -> int:
     dvae_path = _dvae(folder)
     dvae = load_pretrained(dvae_path, expect="dvae") if dvae_path else None
     prompts = [r[0] for r in store.db.execute("SELECT text FROM prompts ORDER BY id")]
+    o = cfg["objective"]
+    task_class = GRPOTask if args.method == "grpo" else BoNTask
     try:
-        task = GRPOTask(model.train(), cfg["objective"], tokenizer, prompts, reward, reward_tokenizer, dvae, dvae_path)
+        task = task_class(model.train(), o, tokenizer, prompts, reward, reward_tokenizer, dvae, dvae_path)
     except ValueError as e:
         raise SystemExit(f"cannot fine-tune: {e}") from None
-    return run_training(task, cfg, args, f"GRPO (beta {cfg['objective'].beta}, groups of "
-                                         f"{cfg['objective'].group_size}) of {folder} on {len(task.train)} prompts")
+    what = (f"GRPO (beta {o.beta}, groups of {o.group_size})" if args.method == "grpo"
+            else f"best-of-{o.n} distillation (candidates from the {o.source})")
+    return run_training(task, cfg, args, f"{what} of {folder} on {len(task.train)} prompts")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     apply_threads(args.threads)
     cfg = load_sections(args, SECTIONS[args.method])
-    return {"reward": _reward, "dpo": _dpo, "grpo": _grpo}[args.method](args, cfg)
+    return {"reward": _reward, "dpo": _dpo, "grpo": _sampling, "bon": _sampling}[args.method](args, cfg)
 
 
 if __name__ == "__main__":

@@ -82,10 +82,14 @@ def split_prompts(prompts: list[str], fraction: float, seed: int) -> tuple[list[
     return out
 
 
-class GRPOTask:
+class RewardSampling:
+    """What GRPO and best-of-N distillation share: the store's prompts split by a hash, a frozen copy of the
+    starting transformer (the KL reference), a frozen reward model, sampling inside the step, and the held-out
+    evaluation (reward, KL from the start, reward - beta * KL, which checkpoints/best follows)."""
+
     best_metric = ("val_objective", "max")  # held-out reward - beta * KL
 
-    def __init__(self, model: DALLE, objective: GRPOObjective, tokenizer: TextTokenizer, prompts: list[str],
+    def __init__(self, model: DALLE, objective: Any, tokenizer: TextTokenizer, prompts: list[str],
                  reward_model: nn.Module, reward_tokenizer: TextTokenizer, dvae: DiscreteVAE | None = None,
                  dvae_path: str = "") -> None:
         self.model, self.objective, self.tokenizer, self.dvae = model, objective, tokenizer, dvae
@@ -103,7 +107,6 @@ class GRPOTask:
         self.reward_text = reward_tokenizer.encode_batch(prompts, reward_model.config.text_seq_len,
                                                          truncate_warn=False)[0]
         self.train, self.val = PromptRows(train), val[: objective.eval_prompts]
-        self.tokens_per_sample = objective.group_size * model.config.seq_len
 
     def train_dataset(self) -> Dataset:
         return self.train
@@ -134,6 +137,30 @@ class GRPOTask:
         policy.train(was)
         return codes.clone()  # out of inference mode, so it can feed a forward with gradients
 
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, step: int, sink: EvalSink) -> dict[str, float]:
+        o, device = self.objective, next(model.parameters()).device
+        rows = torch.tensor(self.val).repeat_interleave(o.eval_samples)
+        text = self.text[rows].to(device)
+        codes = self._sample(model, text, torch.Generator(device=device).manual_seed(o.eval_seed))
+        reward = self.rewards(rows, codes)
+        kl = (token_logprobs(model(text, codes)[1], codes)
+              - token_logprobs(self.ref.to(device)(text, codes)[1], codes)).sum(-1)
+        return {"val_reward": reward.mean().item(), "val_kl": kl.mean().item(),
+                "val_objective": (reward - o.beta * kl).mean().item()}
+
+    def save_extra(self, directory: Any) -> None:
+        """The fine-tuned transformer loads as any other: its tokenizer, and the dVAE that decodes its codes."""
+        self.tokenizer.save(directory / "tokenizer.json")
+        if self.dvae_path:
+            (directory / "dvae.json").write_text(json.dumps({"path": self.dvae_path}) + "\n")
+
+
+class GRPOTask(RewardSampling):
+    def __init__(self, model: DALLE, objective: GRPOObjective, *args: Any, **kwargs: Any) -> None:
+        super().__init__(model, objective, *args, **kwargs)
+        self.tokens_per_sample = objective.group_size * model.config.seq_len
+
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, float]]:
         o, device = self.objective, next(model.parameters()).device
         rows = batch["prompt"].repeat_interleave(o.group_size)  # (B * G,)
@@ -152,21 +179,3 @@ class GRPOTask:
         kl = (logp.detach() - logp_ref).sum(-1)  # (BG,) per-sample KL estimate
         return loss, {"reward": reward.mean().item(), "kl": kl.mean().item(), "kl_max": kl.max().item(),
                       "objective": (reward - o.beta * kl).mean().item()}
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, step: int, sink: EvalSink) -> dict[str, float]:
-        o, device = self.objective, next(model.parameters()).device
-        rows = torch.tensor(self.val).repeat_interleave(o.eval_samples)
-        text = self.text[rows].to(device)
-        codes = self._sample(model, text, torch.Generator(device=device).manual_seed(o.eval_seed))
-        reward = self.rewards(rows, codes)
-        kl = (token_logprobs(model(text, codes)[1], codes)
-              - token_logprobs(self.ref.to(device)(text, codes)[1], codes)).sum(-1)
-        return {"val_reward": reward.mean().item(), "val_kl": kl.mean().item(),
-                "val_objective": (reward - o.beta * kl).mean().item()}
-
-    def save_extra(self, directory: Any) -> None:
-        """The fine-tuned transformer loads as any other: its tokenizer, and the dVAE that decodes its codes."""
-        self.tokenizer.save(directory / "tokenizer.json")
-        if self.dvae_path:
-            (directory / "dvae.json").write_text(json.dumps({"path": self.dvae_path}) + "\n")

@@ -1,0 +1,69 @@
+"""Best-of-N distillation of the transformer, for the shared engine: rejection-sampling fine-tuning (the
+"rejection sampling" stage of Llama 2's RLHF, Touvron et al. 2023; RAFT, Dong et al. 2023; BOND, Sessa et al.
+2024 distils the same best-of-N distribution by other means).
+
+Each step draws `n` images per prompt (from the frozen supervised model, or from the policy itself), keeps the
+one the frozen reward model scores highest, and maximises the policy's log-likelihood of it. With samples from
+the supervised model the policy is fitted to the best-of-n distribution, whose KL from the supervised model is
+at most log n - (n - 1) / n. Its image tokens that the reward does not depend on keep the supervised model's
+distribution in expectation, which a policy gradient's noisy advantages do not. There is no KL term in the
+loss: `beta` only weighs the held-out KL in the objective that picks checkpoints/best, as in GRPO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dalle.train.tasks.grpo import RewardSampling
+from dalle.transformer.model import DALLE
+from dalle.transformer.sampling import token_logprobs
+
+SOURCES = ("reference", "policy")
+
+
+@dataclass(frozen=True)
+class BoNObjective:
+    n: int = 16  # candidates per prompt; the best by the reward model is the step's target
+    # reference: candidates from the frozen supervised model (distils its best-of-n); policy: from the policy
+    # itself (expert iteration: each step's best-of-n moves with the policy, and so does the KL)
+    source: str = "reference"
+    beta: float = 0.05  # weight of the held-out KL in the objective checkpoints/best follows (not in the loss)
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    eval_prompts: int = 32
+    eval_samples: int = 1
+    eval_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 2 or self.source not in SOURCES or self.beta < 0 or not 0 < self.val_fraction < 1 \
+                or min(self.eval_prompts, self.eval_samples) < 1:
+            raise ValueError(f"need n >= 2, source in {SOURCES}, beta >= 0, val_fraction in (0, 1), eval_prompts "
+                             f">= 1 and eval_samples >= 1; got {self.n}, {self.source!r}, {self.beta}, "
+                             f"{self.val_fraction}, {self.eval_prompts}, {self.eval_samples}")
+
+
+class BoNTask(RewardSampling):
+    def __init__(self, model: DALLE, objective: BoNObjective, *args: Any, **kwargs: Any) -> None:
+        super().__init__(model, objective, *args, **kwargs)
+        self.tokens_per_sample = objective.n * model.config.seq_len
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, float]]:
+        o, device = self.objective, next(model.parameters()).device
+        prompts = batch["prompt"]
+        rows = prompts.repeat_interleave(o.n)  # (B * n,)
+        text = self.text[rows].to(device)
+        source = self.ref.to(device) if o.source == "reference" else model
+        codes = self._sample(source, text)  # the engine seeded the global RNG for this step
+        reward = self.rewards(rows, codes).view(len(prompts), o.n)
+        best = torch.arange(len(prompts), device=device) * o.n + reward.argmax(-1).to(device)
+        text, codes = text[best], codes[best]
+        logp = token_logprobs(model(text, codes)[1], codes)  # (B, image tokens)
+        with torch.no_grad():
+            log_ratio = (logp.detach() - token_logprobs(self.ref.to(device)(text, codes)[1], codes)).sum(-1)
+        return -logp.mean(), {"nll": -logp.detach().sum(-1).mean().item(),
+                              "reward": reward.mean().item(), "reward_best": reward.max(-1).values.mean().item(),
+                              "log_ratio_best": log_ratio.mean().item()}
