@@ -3,6 +3,7 @@ GRPO, best-of-N distillation and tools/train_feedback.py, on toy stores whose pr
 and low codes win)."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -319,6 +320,53 @@ def test_bon_loss_is_the_nll_of_the_best_candidate(parts):
     assert logs["reward"] == pytest.approx(scores.mean().item())
 
 
+def test_bon_dpo_loss_prefers_the_best_candidate_over_the_worst(parts):
+    """loss: dpo is DPO with the highest-reward candidate of each prompt chosen and the lowest rejected, both
+    scored against the frozen reference; the pick is checked against sampling by hand."""
+    from dalle.feedback.losses import dpo_loss
+    from dalle.transformer.sampling import sample, token_logprobs
+
+    task = bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5)
+    model = task.model.eval()  # no dropout, so the forward by hand sees the same network
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = {"prompt": torch.tensor(task.train.rows[:3].tolist())}
+    torch.manual_seed(7)
+    loss, logs = task.loss(model, batch, 0)
+    torch.manual_seed(7)
+    rows = batch["prompt"].repeat_interleave(4)
+    with torch.inference_mode():
+        codes = sample(task.ref, task.text[rows]).clone().view(3, 4, -1)
+    scores = LowCodes()(None, codes.flatten(0, 1)).view(3, 4)
+    best, worst = codes[torch.arange(3), scores.argmax(-1)], codes[torch.arange(3), scores.argmin(-1)]
+    text = task.text[batch["prompt"]]
+
+    def logp(net, c):
+        return token_logprobs(net(text, c)[1], c).sum(-1)
+
+    with torch.no_grad():
+        expect = dpo_loss(logp(model, best), logp(model, worst), logp(task.ref, best), logp(task.ref, worst), 0.5)
+    torch.testing.assert_close(loss.detach(), expect, rtol=1e-4, atol=1e-5)
+    assert loss.requires_grad
+    assert logs["reward_best"] == pytest.approx(scores.max(-1).values.mean().item())
+
+
+def test_bon_dpo_starts_at_log_2_and_raises_a_known_reward(parts, tmp_path):
+    task = bon_task(parts, n=8, val_fraction=0.3, eval_prompts=8, eval_samples=3, loss="dpo", dpo_beta=0.1)
+    batch = {"prompt": torch.tensor(task.train.rows[:2].tolist())}
+    with torch.no_grad():
+        assert task.loss(task.model.eval(), batch, 0)[0].item() == pytest.approx(math.log(2), abs=1e-4)
+    task.model.train()
+    trainer = Trainer(task, TrainConfig(steps=12, batch_size=4, lr=1e-2, lr_schedule="constant", log_every=4,
+                                        eval_every=100, save_every=100), tmp_path, progress=False)
+    start = trainer.evaluate()
+    end = trainer.fit()
+    assert end["val_reward"] > start["val_reward"] + 0.3, (start, end)
+    logs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines() if '"train"' in x]
+    assert logs[-1]["accuracy"] > 0.5 and logs[-1]["margin"] > 0
+
+
 @pytest.mark.parametrize("source", ["reference", "policy"])
 def test_bon_raises_a_known_reward(parts, tmp_path, source):
     task = bon_task(parts, n=8, source=source, val_fraction=0.3, eval_prompts=8, eval_samples=3)
@@ -368,6 +416,9 @@ def test_train_feedback_errors_are_one_line(parts, tmp_path):
     with pytest.raises(SystemExit, match="source in"):
         train_feedback.main(["bon", "--config", "configs/feedback/bon-tiny.yaml", "--out", str(tmp_path / "bon"),
                              "--set", "objective.source=nowhere"])
+    with pytest.raises(SystemExit, match="loss in"):
+        train_feedback.main(["bon", "--config", "configs/feedback/bon-tiny.yaml", "--out", str(tmp_path / "bon"),
+                             "--set", "objective.loss=kl"])
     with pytest.raises(SystemExit, match="inputs.init and inputs.reward must be set"):
         train_feedback.main(["bon", "--config", "configs/feedback/bon-tiny.yaml", "--out", str(tmp_path / "bon"),
                              "--set", f"inputs.store={parts / 'toy.db'}"])

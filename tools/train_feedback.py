@@ -9,7 +9,8 @@
 reward: a reward model (Bradley-Terry) initialised from a trained reranker or transformer (model.body, inputs.init).
 dpo: Direct Preference Optimisation of the transformer on its own compared samples, against a frozen copy of it.
 grpo: policy gradient against the reward model on the store's prompts, with the per-token KL penalty to the start.
-bon: best-of-N distillation: learn the reward model's pick of N samples of the supervised model per prompt.
+bon: best-of-N distillation: learn the reward model's pick of N samples of the supervised model per prompt
+     (objective.loss=dpo: DPO between the pick and the lowest-scored of the N).
 evaluate: held-out pairwise accuracy of a reward model, of the raw reranker's similarity, and the noise ceiling
 (the rater's agreement with a reference rater on the same pairs). Re-running a training command after a crash
 continues from the last checkpoint.
@@ -173,7 +174,8 @@ def _sampling(args: argparse.Namespace, cfg: dict) -> int:
     except ValueError as e:
         raise SystemExit(f"cannot fine-tune: {e}") from None
     what = (f"GRPO (beta {o.beta}, groups of {o.group_size})" if args.method == "grpo"
-            else f"best-of-{o.n} distillation (candidates from the {o.source})")
+            else f"best-of-{o.n} distillation (candidates from the {o.source})" if o.loss == "nll"
+            else f"DPO on the best and worst of {o.n} (dpo_beta {o.dpo_beta}, candidates from the {o.source})")
     return run_training(task, cfg, args, f"{what} of {folder} on {len(task.train)} prompts")
 
 

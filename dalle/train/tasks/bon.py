@@ -8,6 +8,12 @@ the supervised model the policy is fitted to the best-of-n distribution, whose K
 at most log n - (n - 1) / n. Its image tokens that the reward does not depend on keep the supervised model's
 distribution in expectation, which a policy gradient's noisy advantages do not. There is no KL term in the
 loss: `beta` only weighs the held-out KL in the objective that picks checkpoints/best, as in GRPO.
+
+With `loss: dpo` the step learns a preference instead of a target: DPO between the reward model's pick and its
+lowest-scored candidate of the same n (DPO on fresh samples labelled by a reward model: the best-against-worst
+pairs of Dong et al. 2024, "RLHF Workflow", online when `source: policy`). The rejected image
+gives the gradient a direction away from what the reward model dislikes, which the likelihood of the pick
+alone does not, and `dpo_beta` bounds how far the policy moves, as DPO's implicit KL constraint.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dalle.feedback.losses import dpo_loss
 from dalle.train.tasks.grpo import RewardSampling
 from dalle.transformer.model import DALLE
 from dalle.transformer.sampling import token_logprobs
 
 SOURCES = ("reference", "policy")
+LOSSES = ("nll", "dpo")
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,9 @@ class BoNObjective:
     # reference: candidates from the frozen supervised model (distils its best-of-n); policy: from the policy
     # itself (expert iteration: each step's best-of-n moves with the policy, and so does the KL)
     source: str = "reference"
+    # nll: maximise the likelihood of the pick; dpo: DPO between the pick and the lowest-scored candidate
+    loss: str = "nll"
+    dpo_beta: float = 0.1  # DPO's beta (loss: dpo): smaller lets the policy move further from the reference
     beta: float = 0.05  # weight of the held-out KL in the objective checkpoints/best follows (not in the loss)
     val_fraction: float = 0.2
     split_seed: int = 0
@@ -39,11 +50,12 @@ class BoNObjective:
     eval_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.n < 2 or self.source not in SOURCES or self.beta < 0 or not 0 < self.val_fraction < 1 \
-                or min(self.eval_prompts, self.eval_samples) < 1:
-            raise ValueError(f"need n >= 2, source in {SOURCES}, beta >= 0, val_fraction in (0, 1), eval_prompts "
-                             f">= 1 and eval_samples >= 1; got {self.n}, {self.source!r}, {self.beta}, "
-                             f"{self.val_fraction}, {self.eval_prompts}, {self.eval_samples}")
+        if self.n < 2 or self.source not in SOURCES or self.loss not in LOSSES or self.beta < 0 \
+                or self.dpo_beta <= 0 or not 0 < self.val_fraction < 1 or min(self.eval_prompts, self.eval_samples) < 1:
+            raise ValueError(f"need n >= 2, source in {SOURCES}, loss in {LOSSES}, beta >= 0, dpo_beta > 0, "
+                             f"val_fraction in (0, 1), eval_prompts >= 1 and eval_samples >= 1; got {self.n}, "
+                             f"{self.source!r}, {self.loss!r}, {self.beta}, {self.dpo_beta}, {self.val_fraction}, "
+                             f"{self.eval_prompts}, {self.eval_samples}")
 
 
 class BoNTask(RewardSampling):
@@ -59,11 +71,28 @@ class BoNTask(RewardSampling):
         source = self.ref.to(device) if o.source == "reference" else model
         codes = self._sample(source, text)  # the engine seeded the global RNG for this step
         reward = self.rewards(rows, codes).view(len(prompts), o.n)
-        best = torch.arange(len(prompts), device=device) * o.n + reward.argmax(-1).to(device)
+        first = torch.arange(len(prompts), device=device) * o.n
+        best = first + reward.argmax(-1).to(device)
+        logs = {"reward": reward.mean().item(), "reward_best": reward.max(-1).values.mean().item()}
+        if o.loss == "dpo":
+            return self._dpo(model, text, codes, best, first + reward.argmin(-1).to(device), logs)
         text, codes = text[best], codes[best]
         logp = token_logprobs(model(text, codes)[1], codes)  # (B, image tokens)
         with torch.no_grad():
             log_ratio = (logp.detach() - token_logprobs(self.ref.to(device)(text, codes)[1], codes)).sum(-1)
-        return -logp.mean(), {"nll": -logp.detach().sum(-1).mean().item(),
-                              "reward": reward.mean().item(), "reward_best": reward.max(-1).values.mean().item(),
+        return -logp.mean(), {"nll": -logp.detach().sum(-1).mean().item(), **logs,
                               "log_ratio_best": log_ratio.mean().item()}
+
+    def _dpo(self, model: nn.Module, text: Tensor, codes: Tensor, best: Tensor, worst: Tensor,
+             logs: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+        both = torch.cat([best, worst])  # one forward for the chosen and the rejected images
+        text, codes = text[both], codes[both]
+        logp = token_logprobs(model(text, codes)[1], codes).sum(-1)
+        with torch.no_grad():
+            ref = token_logprobs(self.ref.to(codes.device)(text, codes)[1], codes).sum(-1)
+        chosen, rejected = logp.chunk(2)
+        ref_chosen, ref_rejected = ref.chunk(2)
+        margin = ((chosen - ref_chosen) - (rejected - ref_rejected)).detach()
+        loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.objective.dpo_beta)
+        return loss, {**logs, "margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item(),
+                      "log_ratio_best": (chosen - ref_chosen).detach().mean().item()}
