@@ -189,7 +189,8 @@ def read_config(directory: str | Path) -> tuple[str, dict[str, Any]]:
     directory = Path(directory)
     cfg_path = directory / CONFIG_NAME
     if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist")
+        what = "is a file, not a model directory" if directory.is_file() else "does not exist"
+        raise FileNotFoundError(f"model directory {directory} {what}")
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}, so it is neither a model directory "
                                 "nor a run directory with checkpoints")
@@ -242,10 +243,16 @@ def is_zero_checkpoint(directory: str | Path) -> bool:
 
 def resolve_model_dir(path: str | Path) -> Path:
     """A model directory itself, or a run directory's (or its checkpoints/') best checkpoint by the held-out
-    metric when training recorded one, else its latest."""
+    metric when training recorded one, else its latest; checkpoints/best and checkpoints/latest (files naming a
+    checkpoint) lead to the one they name."""
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
         return path
+    if path.is_file() and path.name in ("best", "latest") and path.stat().st_size < 256:  # the log names them
+        try:
+            return path.parent / path.read_text().strip()
+        except UnicodeDecodeError:
+            return path
     for pointer in (path / "best", path / "checkpoints" / "best"):
         target = pointer.parent / pointer.read_text().strip() if pointer.is_file() else None
         if target is not None and (target / CONFIG_NAME).is_file():

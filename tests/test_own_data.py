@@ -112,6 +112,8 @@ def test_best_checkpoint_survives_retention_and_is_what_model_run_loads(tmp_path
     state = json.loads((best / "train" / "state.json").read_text())
     assert state["best"] == {"metric": "psnr", "mode": "max", "value": 12.0, "step": 4, "evals_since": 0}
     assert resolve_model_dir(run) == best  # --model RUN loads the best ...
+    assert resolve_model_dir(run / "checkpoints" / "best") == best  # ... and so does the pointer the log names
+    assert resolve_model_dir(run / "checkpoints" / "latest") == latest
     model = load_pretrained(run, expect="dvae")
     want = load_pretrained(best, expect="dvae").state_dict()
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
