@@ -242,6 +242,16 @@ def test_train_feedback_tool_reward_dpo_and_evaluate(parts, tmp_path, capsys):
     assert {"nll", "reward", "reward_best"} <= set(next(x for x in logs if '"train"' in json.dumps(x)))
     assert {"val_reward", "val_kl"} <= set([x for x in logs if "val_kl" in x][-1])
     assert load_pretrained(tmp_path / "bon", expect="dalle").config == tuned.config
+    # online DPO: the shipped config, cut to a few steps of the toy store
+    small = ["--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.eval_every=2", "--set",
+             "objective.n=3", "--set", "objective.val_fraction=0.4", "--set", "objective.eval_prompts=2"]
+    assert train_feedback.main(["bon", "--config", "configs/feedback/online-dpo-shapes.yaml", "--out",
+                                str(tmp_path / "odpo"), "--no-progress", "--set", f"inputs.store={parts / 'toy.db'}",
+                                "--set", f"inputs.init={parts / 'dalle'}", "--set",
+                                f"inputs.reward={tmp_path / 'reward'}", *small]) == 0
+    logs = [json.loads(x) for x in (tmp_path / "odpo" / "log.jsonl").read_text().splitlines()]
+    assert {"margin", "accuracy", "reward_best"} <= set(next(x for x in logs if '"train"' in json.dumps(x)))
+    assert json.loads((tmp_path / "odpo" / "run.json").read_text())["objective"]["source"] == "policy"
 
 
 class LowCodes(torch.nn.Module):
