@@ -245,7 +245,7 @@ def test_train_feedback_tool_reward_dpo_and_evaluate(parts, tmp_path, capsys):
     # online DPO: the shipped config, cut to a few steps of the toy store
     small = ["--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.eval_every=2", "--set",
              "objective.n=3", "--set", "objective.val_fraction=0.4", "--set", "objective.eval_prompts=2"]
-    assert train_feedback.main(["bon", "--config", "configs/feedback/online-dpo-shapes.yaml", "--out",
+    assert train_feedback.main(["bon", "--config", "configs/feedback/bon-online-dpo-shapes.yaml", "--out",
                                 str(tmp_path / "odpo"), "--no-progress", "--set", f"inputs.store={parts / 'toy.db'}",
                                 "--set", f"inputs.init={parts / 'dalle'}", "--set",
                                 f"inputs.reward={tmp_path / 'reward'}", *small]) == 0

@@ -12,7 +12,7 @@ stages resume from their last checkpoint, as the engine does):
     reward     a reward model on those judgements (--reward-config)                        OUT/reward
     dpo, grpo  fine-tuning of the model (--dpo-config, --grpo-config; --methods)           OUT/dpo, OUT/grpo
     bon        best-of-N distillation (only with --methods bon; --bon-config; online DPO   OUT/bon
-               with --bon-config configs/feedback/online-dpo-shapes.yaml)
+               with --bon-config configs/feedback/bon-online-dpo-shapes.yaml)
     round R    with --rounds > 1, DPO again: pairs of the same prompts sampled from the     OUT/fb-rR.db
                previous round's model, rated by the same rater, DPO from that model (its    OUT/dpo-rR
                reference), for R = 2 .. --rounds
