@@ -304,27 +304,34 @@ def bon_task(parts, seed=0, **objective):
                    PROMPTS * 4 + [f"a red circle {i}" for i in range(8)], LowCodes(), task_tok(parts))
 
 
-def test_bon_loss_is_the_nll_of_the_best_candidate(parts):
-    """The step's target is, per prompt, the candidate of the reference with the highest reward; the loss is the
-    policy's mean negative log-likelihood of its image tokens."""
-    from dalle.transformer.sampling import sample, token_logprobs
+def bon_step_by_hand(task):
+    """One step of `task` on 3 prompts of 4 candidates by a policy moved off the reference (so that sampling from
+    the wrong one shows), and the same step's candidates sampled by hand: (loss, logs, codes (3, 4, N), their
+    rewards (3, 4), the prompts' text)."""
+    from dalle.transformer.sampling import sample
 
-    task = bon_task(parts, n=4, val_fraction=0.3)
-    model = task.model
-    with torch.no_grad():  # a policy that differs from the reference, so that sampling from the wrong one shows
-        for p in model.parameters():
+    with torch.no_grad():
+        for p in task.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     batch = {"prompt": torch.tensor(task.train.rows[:3].tolist())}
     torch.manual_seed(7)
-    loss, logs = task.loss(model, batch, 0)
+    loss, logs = task.loss(task.model, batch, 0)
     torch.manual_seed(7)
     rows = batch["prompt"].repeat_interleave(4)
     with torch.inference_mode():
         codes = sample(task.ref, task.text[rows]).clone()
-    scores = LowCodes()(None, codes).view(3, 4)
-    best = codes.view(3, 4, -1)[torch.arange(3), scores.argmax(-1)]
-    text = task.text[batch["prompt"]]
-    expect = -token_logprobs(model(text, best)[1], best).mean()
+    return loss, logs, codes.view(3, 4, -1), LowCodes()(None, codes).view(3, 4), task.text[batch["prompt"]]
+
+
+def test_bon_loss_is_the_nll_of_the_best_candidate(parts):
+    """The step's target is, per prompt, the candidate of the reference with the highest reward; the loss is the
+    policy's mean negative log-likelihood of its image tokens."""
+    from dalle.transformer.sampling import token_logprobs
+
+    task = bon_task(parts, n=4, val_fraction=0.3)
+    loss, logs, codes, scores, text = bon_step_by_hand(task)
+    best = codes[torch.arange(3), scores.argmax(-1)]
+    expect = -token_logprobs(task.model(text, best)[1], best).mean()
     torch.testing.assert_close(loss, expect)
     assert logs["reward_best"] == pytest.approx(scores.max(-1).values.mean().item())
     assert logs["reward"] == pytest.approx(scores.mean().item())
@@ -334,23 +341,12 @@ def test_bon_dpo_loss_prefers_the_best_candidate_over_the_worst(parts):
     """loss: dpo is DPO with the highest-reward candidate of each prompt chosen and the lowest rejected, both
     scored against the frozen reference; the pick is checked against sampling by hand."""
     from dalle.feedback.losses import dpo_loss
-    from dalle.transformer.sampling import sample, token_logprobs
+    from dalle.transformer.sampling import token_logprobs
 
     task = bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5)
     model = task.model.eval()  # no dropout, so the forward by hand sees the same network
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    batch = {"prompt": torch.tensor(task.train.rows[:3].tolist())}
-    torch.manual_seed(7)
-    loss, logs = task.loss(model, batch, 0)
-    torch.manual_seed(7)
-    rows = batch["prompt"].repeat_interleave(4)
-    with torch.inference_mode():
-        codes = sample(task.ref, task.text[rows]).clone().view(3, 4, -1)
-    scores = LowCodes()(None, codes.flatten(0, 1)).view(3, 4)
+    loss, logs, codes, scores, text = bon_step_by_hand(task)
     best, worst = codes[torch.arange(3), scores.argmax(-1)], codes[torch.arange(3), scores.argmin(-1)]
-    text = task.text[batch["prompt"]]
 
     def logp(net, c):
         return token_logprobs(net(text, c)[1], c).sum(-1)
