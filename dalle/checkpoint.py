@@ -241,6 +241,16 @@ def is_zero_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / DEEPSPEED_DIR).is_dir()
 
 
+def _pointed(pointer: Path) -> Path | None:
+    """The checkpoint a `best` or `latest` pointer file names, or None where it is not such a file."""
+    if not pointer.is_file() or pointer.stat().st_size > 255:
+        return None
+    try:
+        return pointer.parent / pointer.read_text().strip()
+    except UnicodeDecodeError:
+        return None
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """A model directory itself, or a run directory's (or its checkpoints/') best checkpoint by the held-out
     metric when training recorded one, else its latest; checkpoints/best and checkpoints/latest (files naming a
@@ -248,6 +258,16 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
         return path
+    if path.name in ("best", "latest") and (target := _pointed(path)) is not None:  # the paths the log names
+        return target
+    for pointer in (path / "best", path / "checkpoints" / "best"):
+        target = _pointed(pointer)
+        if target is not None and (target / CONFIG_NAME).is_file():
+            return target
+    for pointer in (path / "latest", path / "checkpoints" / "latest"):
+        if (target := _pointed(pointer)) is not None:
+            return target
+    return path
     if path.is_file() and path.name in ("best", "latest") and path.stat().st_size < 256:  # the log names them
         try:
             return path.parent / path.read_text().strip()

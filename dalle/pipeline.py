@@ -77,9 +77,6 @@ def load_pipeline(model_dir: str | Path, *, dvae_dir: str | Path | None = None,
     """Load a transformer, its tokenizer, its dVAE and its reranker (`reranker_dir`, else the model's `reranker/`
     folder, else none), checking that they fit together."""
     model_dir = resolve_model_dir(model_dir)
-    if not model_dir.is_dir():
-        what = "is a file, not a model directory" if model_dir.is_file() else "does not exist"
-        raise FileNotFoundError(f"model directory {model_dir} {what}")
     model = load_pretrained(model_dir, expect="dalle", map_location=device).to(dtype)
     if not (model_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{model_dir} has no tokenizer.json; copy the one the model was trained with")
