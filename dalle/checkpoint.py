@@ -268,18 +268,5 @@ def resolve_model_dir(path: str | Path) -> Path:
         if (target := _pointed(pointer)) is not None:
             return target
     return path
-    if path.is_file() and path.name in ("best", "latest") and path.stat().st_size < 256:  # the log names them
-        try:
-            return path.parent / path.read_text().strip()
-        except UnicodeDecodeError:
-            return path
-    for pointer in (path / "best", path / "checkpoints" / "best"):
-        target = pointer.parent / pointer.read_text().strip() if pointer.is_file() else None
-        if target is not None and (target / CONFIG_NAME).is_file():
-            return target
-    for pointer in (path / "latest", path / "checkpoints" / "latest"):
-        if pointer.is_file():
-            return pointer.parent / pointer.read_text().strip()
-    return path
 
 

@@ -39,7 +39,7 @@ def _check(argv: list[str], monkeypatch) -> None:
         tool.main(argv[1:])
 
 
-def test_every_command_of_the_default_build_parses(monkeypatch, capsys):
+def test_every_command_of_the_default_build_parses(monkeypatch):
     commands = _commands(SCRIPT.read_text())
     assert {Path(c[0]).stem for c in commands} == {"train_all", "feedback_loop", "bundle", "eval_feedback",
                                                     "eval_shapes", "eval_captions"}
