@@ -358,6 +358,32 @@ def test_bon_dpo_loss_prefers_the_best_candidate_over_the_worst(parts):
     assert logs["reward_best"] == pytest.approx(scores.max(-1).values.mean().item())
 
 
+def test_bon_dpo_pairs_take_the_k_best_against_the_k_worst(parts):
+    """dpo_pairs: 2 is DPO over two pairs a prompt, the best against the worst and the second best against the
+    second worst, averaged over all six pairs."""
+    from dalle.feedback.losses import dpo_loss
+    from dalle.transformer.sampling import token_logprobs
+
+    task = bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5, dpo_pairs=2)
+    model = task.model.eval()
+    loss, logs, codes, scores, text = bon_step_by_hand(task)
+    order = scores.argsort(-1, descending=True)
+    rows = torch.arange(3)
+    chosen = torch.cat([codes[rows, order[:, 0]], codes[rows, order[:, 1]]])
+    rejected = torch.cat([codes[rows, order[:, 3]], codes[rows, order[:, 2]]])
+    text2 = torch.cat([text, text])
+
+    def logp(net, c):
+        return token_logprobs(net(text2, c)[1], c).sum(-1)
+
+    with torch.no_grad():
+        expect = dpo_loss(logp(model, chosen), logp(model, rejected), logp(task.ref, chosen),
+                          logp(task.ref, rejected), 0.5)
+    torch.testing.assert_close(loss.detach(), expect, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="dpo_pairs must be in \\[1, n // 2 = 2\\]"):
+        BoNObjective(n=4, loss="dpo", dpo_pairs=3)
+
+
 def test_bon_dpo_starts_at_log_2_and_raises_a_known_reward(parts, tmp_path):
     task = bon_task(parts, n=8, val_fraction=0.3, eval_prompts=8, eval_samples=3, loss="dpo", dpo_beta=0.1)
     batch = {"prompt": torch.tensor(task.train.rows[:2].tolist())}

@@ -13,7 +13,8 @@ With `loss: dpo` the step learns a preference instead of a target: DPO between t
 lowest-scored candidate of the same n (DPO on fresh samples labelled by a reward model: the best-against-worst
 pairs of Dong et al. 2024, "RLHF Workflow", online when `source: policy`). The rejected image
 gives the gradient a direction away from what the reward model dislikes, which the likelihood of the pick
-alone does not, and `dpo_beta` bounds how far the policy moves, as DPO's implicit KL constraint.
+alone does not, and `dpo_beta` bounds how far the policy moves, as DPO's implicit KL constraint. With
+`dpo_pairs: k` the k best candidates meet the k worst, rank for rank.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class BoNObjective:
     # nll: maximise the likelihood of the pick; dpo: DPO between the pick and the lowest-scored candidate
     loss: str = "nll"
     dpo_beta: float = 0.1  # DPO's beta (loss: dpo): smaller lets the policy move further from the reference
+    # loss: dpo: pairs per prompt, the i-th best against the i-th worst (i < dpo_pairs); more of each prompt's n
+    # samples teach the step, at the cost of a larger forward and backward pass
+    dpo_pairs: int = 1
     beta: float = 0.05  # weight of the held-out KL in the objective checkpoints/best follows (not in the loss)
     val_fraction: float = 0.2
     split_seed: int = 0
@@ -56,6 +60,9 @@ class BoNObjective:
                              f"val_fraction in (0, 1), eval_prompts >= 1 and eval_samples >= 1; got {self.n}, "
                              f"{self.source!r}, {self.loss!r}, {self.beta}, {self.dpo_beta}, {self.val_fraction}, "
                              f"{self.eval_prompts}, {self.eval_samples}")
+        if not 1 <= self.dpo_pairs <= self.n // 2:
+            raise ValueError(f"dpo_pairs must be in [1, n // 2 = {self.n // 2}] (each pair takes one of the best and "
+                             f"one of the worst of the n candidates); got {self.dpo_pairs}")
 
 
 class BoNTask(RewardSampling):
@@ -74,8 +81,13 @@ class BoNTask(RewardSampling):
         first = torch.arange(len(prompts), device=device) * o.n
         best = first + reward.argmax(-1).to(device)
         logs = {"reward": reward.mean().item(), "reward_best": reward.max(-1).values.mean().item()}
-        if o.loss == "dpo":
+        if o.loss == "dpo" and o.dpo_pairs == 1:
             return self._dpo(model, text, codes, best, first + reward.argmin(-1).to(device), logs)
+        if o.loss == "dpo":  # ranks 0..k-1 against ranks n-1..n-k of each prompt
+            order, k = reward.argsort(dim=-1, descending=True, stable=True).to(device), o.dpo_pairs
+            chosen = (first[:, None] + order[:, :k]).flatten()
+            rejected = (first[:, None] + order[:, -k:].flip(-1)).flatten()
+            return self._dpo(model, text, codes, chosen, rejected, logs)
         text, codes = text[best], codes[best]
         logp = token_logprobs(model(text, codes)[1], codes)  # (B, image tokens)
         with torch.no_grad():
