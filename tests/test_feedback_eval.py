@@ -6,6 +6,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +100,45 @@ def test_best_of_n_keeps_what_the_reward_model_prefers(tiny_parts):
     assert rows["sft best of 1"]["reward"] == pytest.approx(rows["sft"]["reward"])
     table = markdown(list(rows.values()))
     assert f"| sft best of 8 | {best_of_n_kl(8):.3f} |" in table
+
+
+def test_judged_draws_average_the_detector_over_each_rows_selection(tiny_parts, monkeypatch):
+    """judged: 4 averages all-correct over samples 0-3 of each prompt for a first-sample row, and over the
+    best of each disjoint pair for best of 2; an identical policy gets the supervised model's figures. The tiny
+    model draws nothing the detector accepts, so a stand-in judge (an image is right when its pixel sum is
+    even) makes the average depend on which images were picked."""
+    from dalle.evaluation.detect import Verdict
+    from dalle.feedback import policy_eval
+
+    def judge(prompts, images):
+        return [Verdict(attributes={}, count=int(np.asarray(im, dtype=np.int64).sum()) % 2 == 0, relation=None)
+                for im in images]
+
+    monkeypatch.setattr(policy_eval, "score_images", judge)
+    sft = load_pipeline(tiny_parts / "model")
+    prompts = _prompts(4)
+    settings = EvalSettings(best_of=(2,), diversity=0, batch_size=8, judged=4)
+    rows = evaluate(sft, [("same", load_pipeline(tiny_parts / "model"))], prompts, low_codes, settings)
+    seen = set()
+    for split, ps in prompts.items():
+        mine = {r["name"]: r for r in rows if r["split"] == split}
+        codes, images = draw(sft, [p.caption for p in ps], 4, 0, 8)
+
+        def correct(picked, images=images):  # (P, j) sample indices -> the share judged right
+            flat = [images[i, j] for i in range(len(picked)) for j in picked[i].tolist()]
+            return sum(v.all_correct for v in judge(None, flat)) / len(flat)
+
+        every = torch.arange(4).expand(len(ps), 4)
+        assert mine["sft"]["mean"]["draws"] == 4
+        assert mine["sft"]["mean"]["all_correct"] == pytest.approx(correct(every))
+        best = (-codes.float().mean(-1)).view(len(ps), 2, 2).argmax(-1) + torch.tensor([0, 2])
+        assert mine["sft best of 2"]["mean"]["draws"] == 2
+        assert mine["sft best of 2"]["mean"]["all_correct"] == pytest.approx(correct(best))
+        assert mine["same"]["mean"] == mine["sft"]["mean"]
+        seen |= {mine["sft"]["mean"]["all_correct"], mine["sft best of 2"]["mean"]["all_correct"]}
+    assert len(seen) > 1  # the judge told the selections apart somewhere, so the checks above can fail
+    table = markdown(rows)
+    assert "Mean over several draws" in table and "| same | 4 |" in table
 
 
 def _cli(tiny_parts, reward_dir, out, *extra):

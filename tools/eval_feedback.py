@@ -51,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
                    help="N of the best-of-N rows (none: no such rows)")
     p.add_argument("--diversity", type=cli.non_negative_int, default=16,
                    help="samples per prompt for diversity and the Monte-Carlo KL (0 or 1: no diversity)")
+    p.add_argument("--judged", type=cli.positive_int, default=1,
+                   help="draws per prompt the detector judges for the 'mean' columns: the first sample's accuracy "
+                        "(and best of N's, over disjoint groups of N) averaged over this many draws, far less noisy "
+                        "than one image a prompt (1: first sample only; the draws come from the --diversity and "
+                        "--best-of samples, more are drawn if needed)")
     p.add_argument("--seed", type=cli.seed_int, default=0, help="candidate c of each prompt uses seed SEED + c")
     p.add_argument("--batch-size", type=cli.positive_int, default=32, help="images sampled together")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot evaluate: {e}") from None
     settings = EvalSettings(best_of=tuple(args.best_of), diversity=args.diversity, seed=args.seed,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, judged=args.judged)
     bars: list[tqdm] = []
 
     def bar(desc: str, total: int):

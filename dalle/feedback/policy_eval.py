@@ -13,7 +13,10 @@ Rows, each on held-out shapes prompts with the same seeds:
 
 Every model samples plainly (temperature 1, no top-k/top-p, no guidance): the KL is then that of the
 distributions actually sampled, and best-of-N's formula holds. Candidate c of every prompt is sampled with
-seed `seed + c`, so the first-sample rows of two identical models are identical. Diversity, among
+seed `seed + c`, so the first-sample rows of two identical models are identical. With `judged` j > 1 each
+row also gets the mean all-correct of up to j independent draws of its selection per prompt (samples 0..j-1;
+for best of N, the best of each of the disjoint groups of N among the samples drawn): the same expectation as
+the first sample's, with much less of the sampling noise that one image a prompt carries. Diversity, among
 `diversity` samples per prompt: the share of distinct code sequences (1/k when all k are equal) and the mean
 absolute pixel difference of every pair of them, in [0, 1]. Pure library code: no file I/O.
 """
@@ -48,11 +51,14 @@ class EvalSettings:
     diversity: int = 16  # samples per prompt for the diversity figures and the Monte-Carlo KL
     seed: int = 0  # candidate c of each prompt is sampled with seed + c
     batch_size: int = 32  # images sampled together
+    # draws per prompt the detector judges for the "mean" columns (1: the first sample only); at most the
+    # samples drawn anyway (diversity, and the largest best_of for the supervised model)
+    judged: int = 1
 
     def __post_init__(self) -> None:
-        if any(n < 1 for n in self.best_of) or self.diversity < 0 or self.batch_size < 1:
-            raise ValueError(f"need best_of >= 1, diversity >= 0 and batch_size >= 1, got {self.best_of}, "
-                             f"{self.diversity}, {self.batch_size}")
+        if any(n < 1 for n in self.best_of) or self.diversity < 0 or self.batch_size < 1 or self.judged < 1:
+            raise ValueError(f"need best_of >= 1, diversity >= 0, batch_size >= 1 and judged >= 1, got "
+                             f"{self.best_of}, {self.diversity}, {self.batch_size}, {self.judged}")
 
 
 def held_out_prompts(split: str, n: int, exclude: Iterable[str] = (), seed: int = 0, image_size: int = 64,
@@ -151,10 +157,18 @@ def _judge(prompts: Sequence[Prompt], images: Tensor) -> dict[str, Any]:
     return {"accuracy": summary["all"], "two_objects": summary.get("2 objects", {"n": 0})}
 
 
+def _judge_draws(prompts: Sequence[Prompt], images: Tensor) -> dict[str, Any]:
+    """Mean all-correct over j draws per prompt, images (P, j, 3, H, W) uint8: overall and on two objects."""
+    j = images.shape[1]
+    figures = _judge([p for p in prompts for _ in range(j)], images.flatten(0, 1))
+    return {"draws": j, "all_correct": figures["accuracy"]["all_correct"],
+            "two_objects_all_correct": figures["two_objects"].get("all_correct")}
+
+
 def _sft_rows(sft: Pipeline, split: str, prompts: Sequence[Prompt], reward: Scorer, s: EvalSettings,
               progress: Progress | None) -> list[dict[str, Any]]:
     texts = [p.caption for p in prompts]
-    k = max([*s.best_of, s.diversity, 1])
+    k = max([*s.best_of, s.diversity, s.judged, 1])
     codes, images = draw(sft, texts, k, s.seed, s.batch_size, progress)
     scores = reward([t for t in texts for _ in range(k)], codes.flatten(0, 1), images.flatten(0, 1)).view(-1, k)
     first = {"name": "sft", "model_id": sft.model_id, "selection": "first sample", "split": split, "kl": 0.0,
@@ -162,28 +176,36 @@ def _sft_rows(sft: Pipeline, split: str, prompts: Sequence[Prompt], reward: Scor
              "reward": scores[:, 0].mean().item(), **_judge(prompts, images[:, 0])}
     if s.diversity > 1:
         first.update(diversity(codes[:, : s.diversity], images[:, : s.diversity]))
+    if s.judged > 1:
+        first["mean"] = _judge_draws(prompts, images[:, : s.judged])
     rows, every = [first], torch.arange(len(prompts))
     for n in sorted(s.best_of):
         pick = scores[:, :n].argmax(1)  # among the first n candidates, so the rows differ only in selection
-        rows.append({"name": f"sft best of {n}", "model_id": sft.model_id, "selection": f"best of {n} by the reward "
-                     "model", "split": split,
-                     "kl": best_of_n_kl(n), "kl_estimate": "analytic", "reward": scores[every, pick].mean().item(),
-                     **_judge(prompts, images[every, pick])})
+        row = {"name": f"sft best of {n}", "model_id": sft.model_id, "selection": f"best of {n} by the reward model",
+               "split": split, "kl": best_of_n_kl(n), "kl_estimate": "analytic",
+               "reward": scores[every, pick].mean().item(), **_judge(prompts, images[every, pick])}
+        groups = min(s.judged, k // n)
+        if s.judged > 1 and groups > 1:  # group g is candidates g*n .. g*n + n - 1; group 0 is the row's pick
+            picks = scores[:, : groups * n].view(-1, groups, n).argmax(-1) + n * torch.arange(groups)
+            row["mean"] = _judge_draws(prompts, images[every[:, None], picks])
+        rows.append(row)
     return rows
 
 
 def _policy_row(name: str, policy: Pipeline, sft: Pipeline, split: str, prompts: Sequence[Prompt], reward: Scorer,
                 s: EvalSettings, progress: Progress | None) -> dict[str, Any]:
     texts = [p.caption for p in prompts]
-    k = max(s.diversity, 1)
+    k = max(s.diversity, s.judged, 1)
     codes, images = draw(policy, texts, k, s.seed, s.batch_size, progress)
     kl = policy_kl(policy, sft, [t for t in texts for _ in range(k)], codes.flatten(0, 1), s.batch_size)
     row = {"name": name, "model_id": policy.model_id, "selection": "first sample", "split": split,
            "kl": kl.mean().item(),
            "kl_estimate": f"monte carlo, {len(kl)} samples",
            "reward": reward(texts, codes[:, 0], images[:, 0]).mean().item(), **_judge(prompts, images[:, 0])}
-    if k > 1:
-        row.update(diversity(codes, images))
+    if s.diversity > 1:
+        row.update(diversity(codes[:, : s.diversity], images[:, : s.diversity]))
+    if s.judged > 1:
+        row["mean"] = _judge_draws(prompts, images[:, : s.judged])
     return row
 
 
@@ -213,6 +235,8 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                                        "splits": {}})
         e["splits"][r["split"]] = {"all_correct": r["accuracy"].get("all_correct"),
                                    "two_objects_all_correct": r["two_objects"].get("all_correct")}
+        if "mean" in r:
+            e["splits"][r["split"]]["mean"] = r["mean"]
     for name, e in out.items():
         mine = [r for r in rows if r["name"] == name]
         for key in ("kl", "reward", "distinct", "pixel_distance"):
@@ -231,6 +255,12 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
              + [e["splits"][s][k] for s in splits for k in ("all_correct", "two_objects_all_correct")]
              + [e["distinct"], e["pixel_distance"]] for e in entries]
     parts = [markdown_table(head + ["distinct", "pixel distance"], table)]
+    if any("mean" in r for r in rows):  # rows without it (a best of N with one group) show as blanks
+        parts.append("Mean over several draws of each row's selection per prompt (draws: first, then per split)\n")
+        head = ["model"] + [f"{x}: {s}" for s in splits for x in ("draws", "all correct", "2 objects")]
+        parts.append(markdown_table(head, ([e["name"]] + [e["splits"][s].get("mean", {}).get(k) for s in splits
+                                                          for k in ("draws", "all_correct", "two_objects_all_correct")]
+                                           for e in entries)))
     for split in splits:
         mine = [r for r in rows if r["split"] == split]
         n = mine[0]["accuracy"].get("n", 0)
