@@ -249,6 +249,14 @@ def test_the_loop_runs_end_to_end_and_resumes(tiny_parts, tmp_path, capsys, monk
         == ["sft", "sft best of 3", "dpo", "dpo-r2", "grpo", "bon"]
     bon = json.loads((tmp_path / "run" / "bon" / "run.json").read_text())
     assert Path(bon["inputs"]["reward"]) == tmp_path / "run" / "reward"
+    # --judged reaches the evaluation, which runs again; training stages are untouched.
+    capsys.readouterr()
+    assert _loop(tiny_parts, tmp_path / "run", "--best-of", "3", "--rounds", "2", "--methods", "dpo", "grpo",
+                 "bon", "--judged", "2") == 0
+    said = capsys.readouterr().out
+    assert "[evaluate]\n" in said and "[bon] done before, skipped" in said, said
+    summary = json.loads((tmp_path / "run" / "eval" / "policy-eval.json").read_text())["summary"]
+    assert summary[0]["splits"]["train"]["mean"]["draws"] == 2
     with pytest.raises(SystemExit, match="--rounds 2 repeats DPO"):
         _loop(tiny_parts, tmp_path / "run", "--rounds", "2", "--methods", "grpo")
     with pytest.raises(SystemExit) as e:

@@ -82,6 +82,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=cli.positive_int, default=20, help="held-out prompts per split evaluated")
     p.add_argument("--best-of", type=cli.positive_int, nargs="*", default=[4, 16, 64], help="N of best-of-N rows")
     p.add_argument("--diversity", type=cli.non_negative_int, default=16, help="samples per prompt for diversity")
+    p.add_argument("--judged", type=cli.positive_int, default=1,
+                   help="draws per prompt the evaluation's detector judges for its averaged columns (1: first only)")
     p.add_argument("--seed", type=cli.seed_int, default=0, help="seed of the samples and of the rater's noise")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     add_threads_flag(p)
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = ["--sft", args.model, "--reward", str(out / "reward"), *models, "--exclude-store", str(store),
                   "--n", str(args.eval_n), "--best-of", *map(str, args.best_of), "--diversity", str(args.diversity),
                   "--seed", str(args.seed), "--device", args.device, "--threads", str(args.threads),
-                  "--out", str(out / "eval"), "--overwrite"] + (["--no-progress"] if args.no_progress else [])
+                  "--out", str(out / "eval"), "--overwrite"] + (["--no-progress"] if args.no_progress else []) \
+        + (["--judged", str(args.judged)] if args.judged > 1 else [])  # absent at 1: earlier runs' stage keys hold
     _stage(out, "evaluate", lambda: eval_feedback.main(evaluation), key=json.dumps(evaluation))
     print(f"table: {out / 'eval' / 'policy-eval.md'}")
     return 0

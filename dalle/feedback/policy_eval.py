@@ -256,7 +256,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
              + [e["distinct"], e["pixel_distance"]] for e in entries]
     parts = [markdown_table(head + ["distinct", "pixel distance"], table)]
     if any("mean" in r for r in rows):  # rows without it (a best of N with one group) show as blanks
-        parts.append("Mean over several draws of each row's selection per prompt (draws: first, then per split)\n")
+        parts.append("Mean over several draws of each row's selection per prompt\n")
         head = ["model"] + [f"{x}: {s}" for s in splits for x in ("draws", "all correct", "2 objects")]
         parts.append(markdown_table(head, ([e["name"]] + [e["splits"][s].get("mean", {}).get(k) for s in splits
                                                           for k in ("draws", "all_correct", "two_objects_all_correct")]
