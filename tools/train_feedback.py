@@ -173,11 +173,13 @@ def _sampling(args: argparse.Namespace, cfg: dict) -> int:
         task = task_class(model.train(), o, tokenizer, prompts, reward, reward_tokenizer, dvae, dvae_path)
     except ValueError as e:
         raise SystemExit(f"cannot fine-tune: {e}") from None
-    what = (f"GRPO (beta {o.beta}, groups of {o.group_size})" if args.method == "grpo"
-            else f"best-of-{o.n} distillation (candidates from the {o.source})" if o.loss == "nll"
-            else f"DPO on the best and worst of {o.n} (dpo_beta {o.dpo_beta}, candidates from the {o.source})"
-            if o.dpo_pairs == 1 else f"DPO on the {o.dpo_pairs} best against the {o.dpo_pairs} worst of {o.n} "
-            f"(dpo_beta {o.dpo_beta}, candidates from the {o.source})")
+    if args.method == "grpo":
+        what = f"GRPO (beta {o.beta}, groups of {o.group_size})"
+    elif o.loss == "nll":
+        what = f"best-of-{o.n} distillation (candidates from the {o.source})"
+    else:
+        pairs = "the best and worst" if o.dpo_pairs == 1 else f"the {o.dpo_pairs} best against the {o.dpo_pairs} worst"
+        what = f"DPO on {pairs} of {o.n} (dpo_beta {o.dpo_beta}, candidates from the {o.source})"
     return run_training(task, cfg, args, f"{what} of {folder} on {len(task.train)} prompts")
 
 

@@ -81,13 +81,11 @@ class BoNTask(RewardSampling):
         first = torch.arange(len(prompts), device=device) * o.n
         best = first + reward.argmax(-1).to(device)
         logs = {"reward": reward.mean().item(), "reward_best": reward.max(-1).values.mean().item()}
-        if o.loss == "dpo" and o.dpo_pairs == 1:
-            return self._dpo(model, text, codes, best, first + reward.argmin(-1).to(device), logs)
-        if o.loss == "dpo":  # ranks 0..k-1 against ranks n-1..n-k of each prompt
-            order, k = reward.argsort(dim=-1, descending=True, stable=True).to(device), o.dpo_pairs
-            chosen = (first[:, None] + order[:, :k]).flatten()
-            rejected = (first[:, None] + order[:, -k:].flip(-1)).flatten()
-            return self._dpo(model, text, codes, chosen, rejected, logs)
+        if o.loss == "dpo":  # the k best against the k worst; stable sorts pick the first of equals, as argmax
+            k = o.dpo_pairs
+            chosen = first[:, None] + reward.argsort(dim=-1, descending=True, stable=True)[:, :k].to(device)
+            rejected = first[:, None] + reward.argsort(dim=-1, stable=True)[:, :k].to(device)
+            return self._dpo(model, text, codes, chosen.flatten(), rejected.flatten(), logs)
         text, codes = text[best], codes[best]
         logp = token_logprobs(model(text, codes)[1], codes)  # (B, image tokens)
         with torch.no_grad():
