@@ -216,6 +216,9 @@ def test_the_loop_runs_end_to_end_and_resumes(tiny_parts, tmp_path, capsys, monk
     assert said.count("done before, skipped") == 6, said
     with pytest.raises(SystemExit, match="started with other noise"):
         _loop(tiny_parts, tmp_path / "run", "--noise", "0.1")
+    # A finished training stage asked for with other settings is refused, not skipped as if it had them.
+    with pytest.raises(SystemExit, match="stage grpo finished with another config or --set"):
+        _loop(tiny_parts, tmp_path / "run", "--set", "grpo.train.lr=1e-3")
     # A training stage that finished without its marker (killed just after) runs again from its last checkpoint.
     (tmp_path / "run" / "done" / "grpo").unlink()
     capsys.readouterr()

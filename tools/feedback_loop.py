@@ -5,7 +5,8 @@
 
 Stages, each the existing command run in this process, each skipped once its output is complete (a marker
 in OUT/done/), so re-running the same command after a crash continues where it stopped (the training
-stages resume from their last checkpoint, as the engine does):
+stages resume from their last checkpoint, as the engine does; one that finished is refused if its config or
+--set values have changed since):
 
     sample     pairs of the model's samples of the first --prompts shapes train captions  OUT/fb.db
     simulate   the simulated rater (--noise of decided labels flipped) judges every pair   rater "sim"
@@ -107,12 +108,19 @@ def _settings(args: argparse.Namespace, out: Path) -> None:
         path.write_text(json.dumps(mine, indent=2) + "\n")
 
 
-def _stage(out: Path, name: str, run, key: str = "") -> None:
-    """Run a stage unless its marker says it completed with the same `key` (what its output depends on)."""
+def _stage(out: Path, name: str, run, key: str = "", trained: bool = False) -> None:
+    """Run a stage unless its marker says it completed with the same `key` (what its output depends on). A
+    training stage (`trained`) that completed with another key is refused: run again, the engine would resume
+    its finished run and change nothing, leaving the old model under the new settings' name."""
     marker = out / "done" / name
-    if marker.is_file() and marker.read_text() == key:
+    done = marker.read_text() if marker.is_file() else None
+    if done == key or (trained and done == ""):  # "": a marker from before training stages had keys
         print(f"[{name}] done before, skipped", flush=True)
         return
+    if trained and done is not None:
+        raise SystemExit(f"stage {name} finished with another config or --set: use another --out, or delete "
+                         f"{marker} to continue its run from the last checkpoint with the new settings (and "
+                         f"{out / name} as well to train it anew)")
     print(f"[{name}]", flush=True)
     code = run()
     if code:
@@ -139,13 +147,21 @@ def _simulate(args: argparse.Namespace, store: Path, seed: int) -> int:
                           "--seed", str(seed)])
 
 
-def _train(args: argparse.Namespace, out: Path, stage: str, sets: dict[str, object], run: str = "") -> int:
+def _train(args: argparse.Namespace, out: Path, name: str, stage: str, sets: dict[str, object],
+           run: str = "") -> None:
+    """A training stage through `_stage`, keyed by its config file's text and every value set on it."""
     from dalle_tools import train_feedback
 
     sets = [f"{k}={v}" for k, v in sets.items()] + [v for s, v in args.overrides if s == stage]
-    argv = [stage, "--config", getattr(args, f"{stage}_config"), "--out", str(out / (run or stage)),
+    config = getattr(args, f"{stage}_config")
+    try:
+        text = Path(config).read_text()
+    except OSError as e:
+        raise SystemExit(f"cannot read the {stage} stage's config {config}: {e.strerror}") from None
+    argv = [stage, "--config", config, "--out", str(out / (run or stage)),
             "--device", args.device, "--threads", str(args.threads)] + [x for s in sets for x in ("--set", s)]
-    return train_feedback.main(argv + (["--no-progress"] if args.no_progress else []))
+    argv += ["--no-progress"] if args.no_progress else []
+    _stage(out, name, lambda: train_feedback.main(argv), key=json.dumps({"config": text, "set": sets}), trained=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,19 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     reranker = args.reranker or str(Path(args.model) / "reranker")
     _stage(out, "sample", lambda: _sample(args, store, args.model, args.seed))
     _stage(out, "simulate", lambda: _simulate(args, store, args.seed))
-    _stage(out, "reward", lambda: _train(args, out, "reward", {"inputs.store": store, "inputs.init": reranker,
-                                                               "objective.rater": "sim"}))
+    _train(args, out, "reward", "reward", {"inputs.store": store, "inputs.init": reranker, "objective.rater": "sim"})
     for method in args.methods:
         sets = {"inputs.store": store, "inputs.init": args.model}
         sets |= {"inputs.reward": out / "reward"} if method != "dpo" else {"objective.rater": "sim"}
-        _stage(out, method, partial(_train, args, out, method, sets))
+        _train(args, out, method, method, sets)
     dpo_runs = ["dpo"] + [f"dpo-r{r}" for r in range(2, args.rounds + 1)]
     for r, (before, run) in enumerate(zip(dpo_runs, dpo_runs[1:]), start=2):
         store_r, seed = out / f"fb-r{r}.db", args.seed + 1000 * (r - 1)  # new seeds as well as a new model
         _stage(out, f"sample-r{r}", partial(_sample, args, store_r, str(out / before), seed))
         _stage(out, f"simulate-r{r}", partial(_simulate, args, store_r, seed))
         sets = {"inputs.store": store_r, "inputs.init": out / before, "objective.rater": "sim"}
-        _stage(out, run, partial(_train, args, out, "dpo", sets, run))
+        _train(args, out, run, "dpo", sets, run)
     tuned = [run for m in args.methods for run in (dpo_runs if m == "dpo" else [m])]
     models = [x for m in tuned for x in ("--model", f"{m}={out / m}")]
     evaluation = ["--sft", args.model, "--reward", str(out / "reward"), *models, "--exclude-store", str(store),
