@@ -32,18 +32,18 @@ fi
 
 # 2,000 train captions x 2 pairs; the reward model's 60 steps are where its held-out accuracy stops rising on
 # this store; the evaluation (150 held-out prompts a split) compares the DPO model with the supervised one and
-# its best of 4 and 16.
+# its best of 4 and 16, each also averaged over 8 draws a prompt (one image a prompt moves by 5 points).
 python tools/feedback_loop.py --model "$SUPERVISED" --out "$WORK/feedback" --prompts 2000 --pairs-per-prompt 2 \
     --noise 0 --methods bon --bon-config configs/feedback/bon-online-dpo-shapes.yaml \
     --set reward.train.steps=60 --set reward.train.eval_every=30 --set reward.train.save_every=30 \
-    --set reward.train.warmup_steps=5 --eval-n 150 --best-of 4 16 --diversity 16 --threads "$THREADS"
+    --set reward.train.warmup_steps=5 --eval-n 150 --best-of 4 16 --diversity 16 --judged 8 --threads "$THREADS"
 
 # The run's last checkpoint, not its checkpoints/best: the held-out reward that picks best moves between
 # evaluations by more than the checkpoints differ (docs/feedback.md).
 python tools/bundle.py --dalle "$WORK/feedback/bon/checkpoints/step-0000300" --dvae "$SUPERVISED/dvae" \
     --reranker "$SUPERVISED/reranker" --out "$WORK/model-feedback"
 python tools/eval_feedback.py --sft "$SUPERVISED" --reward "$WORK/feedback/reward" --model "shipped=$WORK/model-feedback" \
-    --exclude-store "$WORK/feedback/fb.db" --n 150 --best-of --diversity 16 --seed 0 --threads "$THREADS" \
+    --exclude-store "$WORK/feedback/fb.db" --n 150 --best-of --diversity 16 --judged 8 --seed 0 --threads "$THREADS" \
     --out "$WORK/eval-shipped/feedback" --overwrite
 python tools/eval_shapes.py --model "$WORK/model-feedback" --split train zeroshot --n 100 --candidates 1 8 32 \
     --cond-scale 1 3 --seed 0 --out "$WORK/eval-shipped/shapes" --threads "$THREADS"
