@@ -141,6 +141,40 @@ def test_judged_draws_average_the_detector_over_each_rows_selection(tiny_parts, 
     assert "Mean over several draws" in table and "| same | 4 |" in table
 
 
+def test_guided_draws_are_judged_at_their_cond_scale(tiny_parts, monkeypatch):
+    """guided: 3.0 judges each first-sample row's draws again, sampled with guidance: the column is the judge's
+    share over exactly those images, which differ from the unguided ones."""
+    from dalle.evaluation.detect import Verdict
+    from dalle.feedback import policy_eval
+
+    def judge(prompts, images):
+        return [Verdict(attributes={}, count=int(np.asarray(im, dtype=np.int64).sum()) % 2 == 0, relation=None)
+                for im in images]
+
+    monkeypatch.setattr(policy_eval, "score_images", judge)
+    sft = load_pipeline(tiny_parts / "model")
+    torch.manual_seed(0)
+    with torch.no_grad():  # the untrained model's logits ignore the text, which would leave guidance nothing to do
+        for w in sft.model.parameters():
+            w.normal_(0, 0.3)
+    prompts = _prompts(4)
+    settings = EvalSettings(best_of=(), diversity=0, batch_size=8, judged=3, guided=3.0)
+    rows = evaluate(sft, [("same", sft)], prompts, low_codes, settings)
+    for split, ps in prompts.items():
+        mine = {r["name"]: r for r in rows if r["split"] == split}
+        _, guided = draw(sft, [p.caption for p in ps], 3, 0, 8, cond_scale=3.0)
+        _, plain = draw(sft, [p.caption for p in ps], 3, 0, 8)
+        assert not torch.equal(guided, plain)  # guidance changed the images, so the column is its own
+        right = [v.all_correct for v in judge(None, list(guided.flatten(0, 1)))]
+        assert mine["sft"]["guided"]["draws"] == 3 and mine["sft"]["guided"]["cond_scale"] == 3.0
+        assert mine["sft"]["guided"]["all_correct"] == pytest.approx(sum(right) / len(right))
+        assert mine["same"]["guided"] == mine["sft"]["guided"]
+    table = markdown(rows)
+    assert "The first sample at cond scale 3, averaged" in table and "| same | 3 |" in table
+    with pytest.raises(ValueError, match="guided >= 0"):
+        EvalSettings(guided=-1.0)
+
+
 def _cli(tiny_parts, reward_dir, out, *extra):
     return eval_feedback.main(["--sft", str(tiny_parts / "model"), "--reward", str(reward_dir), "--model",
                                f"copy={tiny_parts / 'model'}", "--n", "2", "--best-of", "2", "--diversity", "2",

@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
                         "(and best of N's, over disjoint groups of N) averaged over this many draws, far less noisy "
                         "than one image a prompt (1: first sample only; the draws come from the --diversity and "
                         "--best-of samples, more are drawn if needed)")
+    p.add_argument("--guided", type=cli.float_range(0.0), default=0.0, metavar="COND_SCALE",
+                   help="also judge each first-sample row's --judged draws sampled with classifier-free guidance at "
+                        "this cond scale, as generate.py --cond-scale does (0: no such column)")
     p.add_argument("--seed", type=cli.seed_int, default=0, help="candidate c of each prompt uses seed SEED + c")
     p.add_argument("--batch-size", type=cli.positive_int, default=32, help="images sampled together")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot evaluate: {e}") from None
     settings = EvalSettings(best_of=tuple(args.best_of), diversity=args.diversity, seed=args.seed,
-                            batch_size=args.batch_size, judged=args.judged)
+                            batch_size=args.batch_size, judged=args.judged,
+                            guided=args.guided)
     bars: list[tqdm] = []
 
     def bar(desc: str, total: int):

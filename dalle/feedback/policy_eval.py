@@ -54,11 +54,16 @@ class EvalSettings:
     # draws per prompt the detector judges for the "mean" columns (1: the first sample only); at most the
     # samples drawn anyway (diversity, and the largest best_of for the supervised model)
     judged: int = 1
+    # cond scale of one more averaged column (0: none): each first-sample row's `judged` draws again, sampled with
+    # classifier-free guidance, as generate.py --cond-scale samples. Guidance leaves the KL and best-of-N
+    # formulas behind (the distribution sampled is no longer the model's), so only the detector judges these.
+    guided: float = 0.0
 
     def __post_init__(self) -> None:
-        if any(n < 1 for n in self.best_of) or self.diversity < 0 or self.batch_size < 1 or self.judged < 1:
-            raise ValueError(f"need best_of >= 1, diversity >= 0, batch_size >= 1 and judged >= 1, got "
-                             f"{self.best_of}, {self.diversity}, {self.batch_size}, {self.judged}")
+        if any(n < 1 for n in self.best_of) or self.diversity < 0 or self.batch_size < 1 or self.judged < 1 \
+                or self.guided < 0:
+            raise ValueError(f"need best_of >= 1, diversity >= 0, batch_size >= 1, judged >= 1 and guided >= 0, "
+                             f"got {self.best_of}, {self.diversity}, {self.batch_size}, {self.judged}, {self.guided}")
 
 
 def held_out_prompts(split: str, n: int, exclude: Iterable[str] = (), seed: int = 0, image_size: int = 64,
@@ -79,14 +84,14 @@ def held_out_prompts(split: str, n: int, exclude: Iterable[str] = (), seed: int 
 
 @torch.no_grad()
 def draw(pipe: Pipeline, prompts: Sequence[str], k: int, seed: int, batch_size: int,
-         progress: Progress | None = None) -> tuple[Tensor, Tensor]:
-    """k plain samples per prompt: codes (P, k, N) and images (P, k, 3, H, W) uint8, quantised as a PNG is.
-    progress(n) is called with the prompts whose k samples are complete."""
+         progress: Progress | None = None, cond_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """k samples per prompt (plain, unless `cond_scale` guides them): codes (P, k, N) and images (P, k, 3, H, W)
+    uint8, quantised as a PNG is. progress(n) is called with the prompts whose k samples are complete."""
     jobs = [(i, seed + c) for i in range(len(prompts)) for c in range(k)]
     codes, images, done = [], [], 0
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        c, im = sample_codes(pipe, [prompts[i] for i, _ in chunk], [s for _, s in chunk])
+        c, im = sample_codes(pipe, [prompts[i] for i, _ in chunk], [s for _, s in chunk], cond_scale=cond_scale)
         codes.append(c)
         images.append(im.clamp(0, 1).mul(255).add(0.5).floor().to(torch.uint8))
         if progress is not None:
@@ -165,6 +170,14 @@ def _judge_draws(prompts: Sequence[Prompt], images: Tensor) -> dict[str, Any]:
             "two_objects_all_correct": figures["two_objects"].get("all_correct")}
 
 
+def _guided(pipe: Pipeline, prompts: Sequence[Prompt], s: EvalSettings) -> dict[str, Any]:
+    """The "guided" figures of a first-sample row: its `judged` draws a prompt at cond scale `guided`."""
+    if not s.guided:
+        return {}
+    _, images = draw(pipe, [p.caption for p in prompts], s.judged, s.seed, s.batch_size, cond_scale=s.guided)
+    return {"guided": {**_judge_draws(prompts, images), "cond_scale": s.guided}}
+
+
 def _sft_rows(sft: Pipeline, split: str, prompts: Sequence[Prompt], reward: Scorer, s: EvalSettings,
               progress: Progress | None) -> list[dict[str, Any]]:
     texts = [p.caption for p in prompts]
@@ -178,6 +191,7 @@ def _sft_rows(sft: Pipeline, split: str, prompts: Sequence[Prompt], reward: Scor
         first.update(diversity(codes[:, : s.diversity], images[:, : s.diversity]))
     if s.judged > 1:
         first["mean"] = _judge_draws(prompts, images[:, : s.judged])
+    first.update(_guided(sft, prompts, s))
     rows, every = [first], torch.arange(len(prompts))
     for n in sorted(s.best_of):
         pick = scores[:, :n].argmax(1)  # among the first n candidates, so the rows differ only in selection
@@ -206,6 +220,7 @@ def _policy_row(name: str, policy: Pipeline, sft: Pipeline, split: str, prompts:
         row.update(diversity(codes[:, : s.diversity], images[:, : s.diversity]))
     if s.judged > 1:
         row["mean"] = _judge_draws(prompts, images[:, : s.judged])
+    row.update(_guided(policy, prompts, s))
     return row
 
 
@@ -235,8 +250,9 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                                        "splits": {}})
         e["splits"][r["split"]] = {"all_correct": r["accuracy"].get("all_correct"),
                                    "two_objects_all_correct": r["two_objects"].get("all_correct")}
-        if "mean" in r:
-            e["splits"][r["split"]]["mean"] = r["mean"]
+        for key in ("mean", "guided"):
+            if key in r:
+                e["splits"][r["split"]][key] = r[key]
     for name, e in out.items():
         mine = [r for r in rows if r["name"] == name]
         for key in ("kl", "reward", "distinct", "pixel_distance"):
@@ -261,6 +277,14 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         parts.append(markdown_table(head, ([e["name"]] + [e["splits"][s].get("mean", {}).get(k) for s in splits
                                                           for k in ("draws", "all_correct", "two_objects_all_correct")]
                                            for e in entries)))
+    guided = [e for e in entries if all("guided" in e["splits"][s] for s in splits)]
+    if guided:
+        scale = guided[0]["splits"][splits[0]]["guided"]["cond_scale"]
+        parts.append(f"The first sample at cond scale {scale:g}, averaged over its draws per prompt\n")
+        head = ["model"] + [f"{x}: {s}" for s in splits for x in ("draws", "all correct", "2 objects")]
+        parts.append(markdown_table(head, ([e["name"]] + [e["splits"][s]["guided"][k] for s in splits
+                                                          for k in ("draws", "all_correct", "two_objects_all_correct")]
+                                           for e in guided)))
     for split in splits:
         mine = [r for r in rows if r["split"] == split]
         n = mine[0]["accuracy"].get("n", 0)
