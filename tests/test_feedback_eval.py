@@ -159,7 +159,14 @@ def test_guided_draws_are_judged_at_their_cond_scale(tiny_parts, monkeypatch):
             w.normal_(0, 0.3)
     prompts = _prompts(4)
     settings = EvalSettings(best_of=(), diversity=0, batch_size=8, judged=3, guided=3.0)
-    rows = evaluate(sft, [("same", sft)], prompts, low_codes, settings)
+    counted: dict[str, list[int]] = {}
+
+    def bar(desc, total):  # every bar ends full: the guided draws are counted too
+        counted[desc] = [0, total]
+        return lambda n: counted[desc].__setitem__(0, counted[desc][0] + n)
+
+    rows = evaluate(sft, [("same", sft)], prompts, low_codes, settings, bar)
+    assert counted and all(done == total == 2 * 4 for done, total in counted.values()), counted
     for split, ps in prompts.items():
         mine = {r["name"]: r for r in rows if r["split"] == split}
         _, guided = draw(sft, [p.caption for p in ps], 3, 0, 8, cond_scale=3.0)

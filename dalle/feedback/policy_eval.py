@@ -170,11 +170,13 @@ def _judge_draws(prompts: Sequence[Prompt], images: Tensor) -> dict[str, Any]:
             "two_objects_all_correct": figures["two_objects"].get("all_correct")}
 
 
-def _guided(pipe: Pipeline, prompts: Sequence[Prompt], s: EvalSettings) -> dict[str, Any]:
+def _guided(pipe: Pipeline, prompts: Sequence[Prompt], s: EvalSettings, progress: Progress | None
+            ) -> dict[str, Any]:
     """The "guided" figures of a first-sample row: its `judged` draws a prompt at cond scale `guided`."""
     if not s.guided:
         return {}
-    _, images = draw(pipe, [p.caption for p in prompts], s.judged, s.seed, s.batch_size, cond_scale=s.guided)
+    _, images = draw(pipe, [p.caption for p in prompts], s.judged, s.seed, s.batch_size, progress,
+                     cond_scale=s.guided)
     return {"guided": {**_judge_draws(prompts, images), "cond_scale": s.guided}}
 
 
@@ -191,7 +193,7 @@ def _sft_rows(sft: Pipeline, split: str, prompts: Sequence[Prompt], reward: Scor
         first.update(diversity(codes[:, : s.diversity], images[:, : s.diversity]))
     if s.judged > 1:
         first["mean"] = _judge_draws(prompts, images[:, : s.judged])
-    first.update(_guided(sft, prompts, s))
+    first.update(_guided(sft, prompts, s, progress))
     rows, every = [first], torch.arange(len(prompts))
     for n in sorted(s.best_of):
         pick = scores[:, :n].argmax(1)  # among the first n candidates, so the rows differ only in selection
@@ -220,7 +222,7 @@ def _policy_row(name: str, policy: Pipeline, sft: Pipeline, split: str, prompts:
         row.update(diversity(codes[:, : s.diversity], images[:, : s.diversity]))
     if s.judged > 1:
         row["mean"] = _judge_draws(prompts, images[:, : s.judged])
-    row.update(_guided(policy, prompts, s))
+    row.update(_guided(policy, prompts, s, progress))
     return row
 
 
@@ -228,13 +230,15 @@ def evaluate(sft: Pipeline, policies: Iterable[tuple[str, Pipeline]], prompts: d
              reward: Scorer, settings: EvalSettings = EvalSettings(),
              bar: Callable[[str, int], Progress | None] = lambda desc, total: None) -> list[dict[str, Any]]:
     """One row per (model or N, split). `policies` may load each model lazily (a generator): one is held at a
-    time. bar(description, prompts) gives a progress callback for one model and split."""
-    rows = []
+    time. bar(description, total) gives a progress callback for one model and split, counting prompts drawn
+    (twice each with `guided`)."""
+    rows, times = [], 2 if settings.guided else 1
     for split, ps in prompts.items():
-        rows += _sft_rows(sft, split, ps, reward, settings, bar(f"sft {split}", len(ps)))
+        rows += _sft_rows(sft, split, ps, reward, settings, bar(f"sft {split}", times * len(ps)))
     for name, policy in policies:
         for split, ps in prompts.items():
-            rows.append(_policy_row(name, policy, sft, split, ps, reward, settings, bar(f"{name} {split}", len(ps))))
+            rows.append(_policy_row(name, policy, sft, split, ps, reward, settings,
+                                    bar(f"{name} {split}", times * len(ps))))
     return rows
 
 
