@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot evaluate: {e}") from None
     settings = EvalSettings(best_of=tuple(args.best_of), diversity=args.diversity, seed=args.seed,
-                            batch_size=args.batch_size, judged=args.judged,
-                            guided=args.guided)
+                            batch_size=args.batch_size, judged=args.judged, guided=args.guided)
     bars: list[tqdm] = []
 
     def bar(desc: str, total: int):

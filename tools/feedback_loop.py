@@ -147,9 +147,9 @@ def _simulate(args: argparse.Namespace, store: Path, seed: int) -> int:
                           "--seed", str(seed)])
 
 
-def _train(args: argparse.Namespace, out: Path, name: str, stage: str, sets: dict[str, object],
-           run: str = "") -> None:
-    """A training stage through `_stage`, keyed by its config file's text and every value set on it."""
+def _train(args: argparse.Namespace, out: Path, stage: str, sets: dict[str, object], run: str = "") -> None:
+    """A training stage (its run and marker named `run`, by default `stage`) through `_stage`, keyed by its config
+    file's text and every value set on it."""
     from dalle_tools import train_feedback
 
     sets = [f"{k}={v}" for k, v in sets.items()] + [v for s, v in args.overrides if s == stage]
@@ -158,10 +158,11 @@ def _train(args: argparse.Namespace, out: Path, name: str, stage: str, sets: dic
         text = Path(config).read_text()
     except OSError as e:
         raise SystemExit(f"cannot read the {stage} stage's config {config}: {e.strerror}") from None
-    argv = [stage, "--config", config, "--out", str(out / (run or stage)),
+    run = run or stage
+    argv = [stage, "--config", config, "--out", str(out / run),
             "--device", args.device, "--threads", str(args.threads)] + [x for s in sets for x in ("--set", s)]
     argv += ["--no-progress"] if args.no_progress else []
-    _stage(out, name, lambda: train_feedback.main(argv), key=json.dumps({"config": text, "set": sets}), trained=True)
+    _stage(out, run, lambda: train_feedback.main(argv), key=json.dumps({"config": text, "set": sets}), trained=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,18 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     reranker = args.reranker or str(Path(args.model) / "reranker")
     _stage(out, "sample", lambda: _sample(args, store, args.model, args.seed))
     _stage(out, "simulate", lambda: _simulate(args, store, args.seed))
-    _train(args, out, "reward", "reward", {"inputs.store": store, "inputs.init": reranker, "objective.rater": "sim"})
+    _train(args, out, "reward", {"inputs.store": store, "inputs.init": reranker, "objective.rater": "sim"})
     for method in args.methods:
         sets = {"inputs.store": store, "inputs.init": args.model}
         sets |= {"inputs.reward": out / "reward"} if method != "dpo" else {"objective.rater": "sim"}
-        _train(args, out, method, method, sets)
+        _train(args, out, method, sets)
     dpo_runs = ["dpo"] + [f"dpo-r{r}" for r in range(2, args.rounds + 1)]
     for r, (before, run) in enumerate(zip(dpo_runs, dpo_runs[1:]), start=2):
         store_r, seed = out / f"fb-r{r}.db", args.seed + 1000 * (r - 1)  # new seeds as well as a new model
         _stage(out, f"sample-r{r}", partial(_sample, args, store_r, str(out / before), seed))
         _stage(out, f"simulate-r{r}", partial(_simulate, args, store_r, seed))
         sets = {"inputs.store": store_r, "inputs.init": out / before, "objective.rater": "sim"}
-        _train(args, out, run, "dpo", sets, run)
+        _train(args, out, "dpo", sets, run)
     tuned = [run for m in args.methods for run in (dpo_runs if m == "dpo" else [m])]
     models = [x for m in tuned for x in ("--model", f"{m}={out / m}")]
     evaluation = ["--sft", args.model, "--reward", str(out / "reward"), *models, "--exclude-store", str(store),

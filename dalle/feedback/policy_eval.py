@@ -265,6 +265,14 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+def _draws_table(entries: Sequence[dict[str, Any]], splits: Sequence[str], key: str) -> str:
+    """The averaged figures under `key` ("mean" or "guided") of each summary entry, per split."""
+    head = ["model"] + [f"{x}: {s}" for s in splits for x in ("draws", "all correct", "2 objects")]
+    return markdown_table(head, ([e["name"]] + [e["splits"][s].get(key, {}).get(k) for s in splits
+                                                for k in ("draws", "all_correct", "two_objects_all_correct")]
+                                 for e in entries))
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The summary table (true accuracy against KL, with the reward beside it), then per split the accuracy of
     each attribute."""
@@ -277,18 +285,12 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     parts = [markdown_table(head + ["distinct", "pixel distance"], table)]
     if any("mean" in r for r in rows):  # rows without it (a best of N with one group) show as blanks
         parts.append("Mean over several draws of each row's selection per prompt\n")
-        head = ["model"] + [f"{x}: {s}" for s in splits for x in ("draws", "all correct", "2 objects")]
-        parts.append(markdown_table(head, ([e["name"]] + [e["splits"][s].get("mean", {}).get(k) for s in splits
-                                                          for k in ("draws", "all_correct", "two_objects_all_correct")]
-                                           for e in entries)))
+        parts.append(_draws_table(entries, splits, "mean"))
     guided = [e for e in entries if all("guided" in e["splits"][s] for s in splits)]
     if guided:
         scale = guided[0]["splits"][splits[0]]["guided"]["cond_scale"]
         parts.append(f"The first sample at cond scale {scale:g}, averaged over its draws per prompt\n")
-        head = ["model"] + [f"{x}: {s}" for s in splits for x in ("draws", "all correct", "2 objects")]
-        parts.append(markdown_table(head, ([e["name"]] + [e["splits"][s]["guided"][k] for s in splits
-                                                          for k in ("draws", "all_correct", "two_objects_all_correct")]
-                                           for e in guided)))
+        parts.append(_draws_table(guided, splits, "guided"))
     for split in splits:
         mine = [r for r in rows if r["split"] == split]
         n = mine[0]["accuracy"].get("n", 0)
