@@ -319,7 +319,7 @@ def bon_step_by_hand(task):
     torch.manual_seed(7)
     rows = batch["prompt"].repeat_interleave(4)
     with torch.inference_mode():
-        codes = sample(task.ref, task.text[rows]).clone()
+        codes = sample(task.ref, task.text[rows], cond_scale=task.objective.cond_scale).clone()
     return loss, logs, codes.view(3, 4, -1), LowCodes()(None, codes).view(3, 4), task.text[batch["prompt"]]
 
 
@@ -335,6 +335,30 @@ def test_bon_loss_is_the_nll_of_the_best_candidate(parts):
     torch.testing.assert_close(loss, expect)
     assert logs["reward_best"] == pytest.approx(scores.max(-1).values.mean().item())
     assert logs["reward"] == pytest.approx(scores.mean().item())
+
+
+def test_bon_guided_candidates_are_sampled_at_the_cond_scale(parts):
+    """cond_scale: 3 draws the step's candidates with classifier-free guidance, and the target is the best of
+    those, not the best of the unguided draws of the same seed."""
+    from dalle.transformer.sampling import sample, token_logprobs
+
+    task = bon_task(parts, n=4, val_fraction=0.3, cond_scale=3.0)
+    with torch.no_grad():  # a briefly trained reference barely reads its text: make guidance change the draws
+        for p in task.ref.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    loss, logs, codes, scores, text = bon_step_by_hand(task)
+
+    def nll_of_best(candidates):
+        best = candidates[torch.arange(3), LowCodes()(None, candidates.flatten(0, 1)).view(3, 4).argmax(-1)]
+        return -token_logprobs(task.model(text, best)[1], best).mean()
+
+    torch.testing.assert_close(loss, nll_of_best(codes))
+    torch.manual_seed(7)
+    with torch.inference_mode():
+        unguided = sample(task.ref, text.repeat_interleave(4, dim=0)).clone().view(3, 4, -1)
+    assert (loss - nll_of_best(unguided)).abs() > 1e-3
+    with pytest.raises(ValueError, match="cond_scale must be >= 0"):
+        BoNObjective(cond_scale=-1.0)
 
 
 def test_bon_dpo_loss_prefers_the_best_candidate_over_the_worst(parts):

@@ -175,11 +175,12 @@ def _sampling(args: argparse.Namespace, cfg: dict) -> int:
         raise SystemExit(f"cannot fine-tune: {e}") from None
     if args.method == "grpo":
         what = f"GRPO (beta {o.beta}, groups of {o.group_size})"
-    elif o.loss == "nll":
-        what = f"best-of-{o.n} distillation (candidates from the {o.source})"
     else:
+        guided = f", guided at cond scale {o.cond_scale:g}" if o.cond_scale != 1 else ""
+        source = f"candidates from the {o.source}{guided}"
         pairs = "the best and worst" if o.dpo_pairs == 1 else f"the {o.dpo_pairs} best against the {o.dpo_pairs} worst"
-        what = f"DPO on {pairs} of {o.n} (dpo_beta {o.dpo_beta}, candidates from the {o.source})"
+        what = (f"best-of-{o.n} distillation ({source})" if o.loss == "nll"
+                else f"DPO on {pairs} of {o.n} (dpo_beta {o.dpo_beta}, {source})")
     return run_training(task, cfg, args, f"{what} of {folder} on {len(task.train)} prompts")
 
 

@@ -46,6 +46,10 @@ class BoNObjective:
     # loss: dpo: pairs per prompt, the i-th best against the i-th worst (i < dpo_pairs); more of each prompt's n
     # samples teach the step, at the cost of a larger forward and backward pass
     dpo_pairs: int = 1
+    # the training candidates are drawn with classifier-free guidance at this scale (1: none), so the pick comes
+    # from the sharper guided distribution and the policy learns to follow the text unguided; the held-out
+    # evaluation still samples the policy unguided, as a user's first sample is
+    cond_scale: float = 1.0
     beta: float = 0.05  # weight of the held-out KL in the objective checkpoints/best follows (not in the loss)
     val_fraction: float = 0.2
     split_seed: int = 0
@@ -63,6 +67,8 @@ class BoNObjective:
         if not 1 <= self.dpo_pairs <= self.n // 2:
             raise ValueError(f"dpo_pairs must be in [1, n // 2 = {self.n // 2}] (each pair takes one of the best and "
                              f"one of the worst of the n candidates); got {self.dpo_pairs}")
+        if self.cond_scale < 0:
+            raise ValueError(f"cond_scale must be >= 0 (1 samples the candidates unguided); got {self.cond_scale}")
 
 
 class BoNTask(RewardSampling):
@@ -76,7 +82,7 @@ class BoNTask(RewardSampling):
         rows = prompts.repeat_interleave(o.n)  # (B * n,)
         text = self.text[rows].to(device)
         source = self.ref.to(device) if o.source == "reference" else model
-        codes = self._sample(source, text)  # the engine seeded the global RNG for this step
+        codes = self._sample(source, text, cond_scale=o.cond_scale)  # the engine seeded the global RNG for this step
         reward = self.rewards(rows, codes).view(len(prompts), o.n)
         first = torch.arange(len(prompts), device=device) * o.n
         best = first + reward.argmax(-1).to(device)

@@ -127,13 +127,14 @@ class RewardSampling:
             image = image.clamp(0, 1)
         return self.reward_model.to(device)(self.reward_text[rows].to(device), image).float()
 
-    def _sample(self, model: nn.Module, text: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _sample(self, model: nn.Module, text: Tensor, generator: torch.Generator | None = None,
+                cond_scale: float = 1.0) -> Tensor:
         from dalle.transformer.sampling import sample
 
         policy = getattr(model, "module", model)
         was = policy.training
         policy.eval()  # no dropout while sampling: the samples are the policy's own distribution
-        codes = sample(policy, text, generator=generator)
+        codes = sample(policy, text, generator=generator, cond_scale=cond_scale)
         policy.train(was)
         return codes.clone()  # out of inference mode, so it can feed a forward with gradients
 
