@@ -361,6 +361,40 @@ def test_bon_guided_candidates_are_sampled_at_the_cond_scale(parts):
         BoNObjective(cond_scale=-1.0)
 
 
+def test_bon_dpo_rejects_the_worst_unguided_draw(parts):
+    """rejected: unguided sets the best of the guided candidates against the worst of n more drawn without
+    guidance (after the guided ones, from the same RNG), both scored against the frozen reference."""
+    from dalle.feedback.losses import dpo_loss
+    from dalle.transformer.sampling import sample, token_logprobs
+
+    task = bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5, cond_scale=3.0, rejected="unguided")
+    with torch.no_grad():  # make guidance change the draws, as in the test above
+        for p in task.ref.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    model = task.model.eval()
+    batch = {"prompt": torch.tensor(task.train.rows[:3].tolist())}
+    torch.manual_seed(7)
+    loss, logs = task.loss(model, batch, 0)
+    torch.manual_seed(7)
+    text = task.text[batch["prompt"]]
+    with torch.inference_mode():
+        guided = sample(task.ref, text.repeat_interleave(4, dim=0), cond_scale=3.0).clone().view(3, 4, -1)
+        unguided = sample(task.ref, text.repeat_interleave(4, dim=0)).clone().view(3, 4, -1)
+    rows = torch.arange(3)
+    best = guided[rows, LowCodes()(None, guided.flatten(0, 1)).view(3, 4).argmax(-1)]
+    worst = unguided[rows, LowCodes()(None, unguided.flatten(0, 1)).view(3, 4).argmin(-1)]
+
+    def logp(net, c):
+        return token_logprobs(net(text, c)[1], c).sum(-1)
+
+    with torch.no_grad():
+        expect = dpo_loss(logp(model, best), logp(model, worst), logp(task.ref, best), logp(task.ref, worst), 0.5)
+    torch.testing.assert_close(loss.detach(), expect, rtol=1e-4, atol=1e-5)
+    assert logs["reward_unguided"] == pytest.approx(LowCodes()(None, unguided.flatten(0, 1)).mean().item())
+    with pytest.raises(ValueError, match="other than 'same' only with loss: dpo"):
+        BoNObjective(rejected="unguided")
+
+
 def test_bon_dpo_loss_prefers_the_best_candidate_over_the_worst(parts):
     """loss: dpo is DPO with the highest-reward candidate of each prompt chosen and the lowest rejected, both
     scored against the frozen reference; the pick is checked against sampling by hand."""

@@ -32,6 +32,7 @@ from dalle.transformer.sampling import token_logprobs
 
 SOURCES = ("reference", "policy")
 LOSSES = ("nll", "dpo")
+REJECTED = ("same", "unguided")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ class BoNObjective:
     # from the sharper guided distribution and the policy learns to follow the text unguided; the held-out
     # evaluation still samples the policy unguided, as a user's first sample is
     cond_scale: float = 1.0
+    # loss: dpo: where the rejected image comes from. same: the lowest-scored of the same n candidates; unguided:
+    # the lowest-scored of n more drawn from the source without guidance, so with cond_scale > 1 each pair sets a
+    # guided pick against the policy's own unguided failure (n more samples a step)
+    rejected: str = "same"
     beta: float = 0.05  # weight of the held-out KL in the objective checkpoints/best follows (not in the loss)
     val_fraction: float = 0.2
     split_seed: int = 0
@@ -69,6 +74,9 @@ class BoNObjective:
                              f"one of the worst of the n candidates); got {self.dpo_pairs}")
         if self.cond_scale < 0:
             raise ValueError(f"cond_scale must be >= 0 (1 samples the candidates unguided); got {self.cond_scale}")
+        if self.rejected not in REJECTED or (self.rejected != "same" and self.loss != "dpo"):
+            raise ValueError(f"rejected must be one of {REJECTED}, and other than 'same' only with loss: dpo; got "
+                             f"{self.rejected!r} with loss {self.loss!r}")
 
 
 class BoNTask(RewardSampling):
@@ -88,9 +96,16 @@ class BoNTask(RewardSampling):
         best = first + reward.argmax(-1).to(device)
         logs = {"reward": reward.mean().item(), "reward_best": reward.max(-1).values.mean().item()}
         if o.loss == "dpo":  # the k best against the k worst; stable sorts pick the first of equals, as argmax
-            k = o.dpo_pairs
+            k, low = o.dpo_pairs, reward
+            if o.rejected == "unguided":  # the rejected come from n more draws, indexed after the first B * n
+                more = self._sample(source, text)
+                low = self.rewards(rows, more).view(len(prompts), o.n)
+                logs["reward_unguided"] = low.mean().item()
+                text, codes, first_low = torch.cat([text, text]), torch.cat([codes, more]), first + len(rows)
+            else:
+                first_low = first
             chosen = first[:, None] + reward.argsort(dim=-1, descending=True, stable=True)[:, :k].to(device)
-            rejected = first[:, None] + reward.argsort(dim=-1, stable=True)[:, :k].to(device)
+            rejected = first_low[:, None] + low.argsort(dim=-1, stable=True)[:, :k].to(device)
             return self._dpo(model, text, codes, chosen.flatten(), rejected.flatten(), logs)
         text, codes = text[best], codes[best]
         logp = token_logprobs(model(text, codes)[1], codes)  # (B, image tokens)
