@@ -15,6 +15,7 @@ from dalle.evaluation.compositional import shapes_prompts
 from dalle.feedback.losses import (
     best_of_n_kl,
     bradley_terry_loss,
+    distribution_kl,
     dpo_loss,
     kl_shaped_rewards,
     sequence_kl,
@@ -183,6 +184,15 @@ def test_kl_penalty_and_best_of_n_kl():
     assert best_of_n_kl(1) == 0.0 and best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
     logits = torch.tensor([[[0.0, math.log(3.0)]]])
     assert token_logprobs(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
+
+
+def test_distribution_kl_is_exact_over_the_vocabulary_and_summed_over_positions():
+    ref = torch.log(torch.tensor([[[0.25, 0.75], [0.5, 0.5]]]))  # two positions of a two-token vocabulary
+    policy = torch.log(torch.tensor([[[0.5, 0.5], [0.5, 0.5]]])) + 7.0  # logits: a shift changes nothing
+    expect = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)  # the second position's KL is 0
+    assert distribution_kl(ref, policy).item() == pytest.approx(expect)
+    assert distribution_kl(policy, policy).item() == pytest.approx(0.0, abs=1e-6)
+    assert distribution_kl(policy, ref).item() != pytest.approx(expect)  # KL is not symmetric: the order is kept
 
 
 def test_what_decides_a_pair_and_the_accuracy_by_cause(tmp_path):

@@ -395,6 +395,32 @@ def test_bon_dpo_rejects_the_worst_unguided_draw(parts):
         BoNObjective(rejected="unguided")
 
 
+def test_bon_dpo_uncond_kl_adds_the_caption_free_branchs_kl(parts):
+    """uncond_kl: w adds w x KL(reference || policy) of the caption-free next-token distributions on the pair's
+    images to DPO's loss (the same draws, so the difference is exactly that term); it is 0 at the start."""
+    plain = bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5)
+    anchored = bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5, uncond_kl=2.0)
+    batch = {"prompt": torch.tensor(anchored.train.rows[:3].tolist())}
+    torch.manual_seed(7)
+    assert anchored.loss(anchored.model.eval(), batch, 0)[1]["uncond_kl"] == pytest.approx(0.0, abs=1e-5)
+    for task in (plain, anchored):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for p in task.model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    torch.manual_seed(7)
+    base, _ = plain.loss(plain.model.eval(), batch, 0)
+    torch.manual_seed(7)
+    loss, logs = anchored.loss(anchored.model.eval(), batch, 0)
+    assert logs["uncond_kl"] > 0
+    torch.testing.assert_close(loss.detach(), base.detach() + 2.0 * logs["uncond_kl"], rtol=1e-4, atol=1e-5)
+    base.backward()  # the same weights: the gradients differ by the term's, so it trains the policy
+    loss.backward()
+    assert not torch.allclose(plain.model.image_head.weight.grad, anchored.model.image_head.weight.grad)
+    with pytest.raises(ValueError, match="above 0 only with loss: dpo"):
+        BoNObjective(uncond_kl=1.0)
+
+
 def test_bon_dpo_loss_prefers_the_best_candidate_over_the_worst(parts):
     """loss: dpo is DPO with the highest-reward candidate of each prompt chosen and the lowest rejected, both
     scored against the frozen reference; the pick is checked against sampling by hand."""

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dalle.feedback.losses import dpo_loss
+from dalle.feedback.losses import distribution_kl, dpo_loss
 from dalle.train.tasks.grpo import RewardSampling
 from dalle.transformer.model import DALLE
-from dalle.transformer.sampling import token_logprobs
+from dalle.transformer.sampling import empty_text, token_logprobs
 
 SOURCES = ("reference", "policy")
 LOSSES = ("nll", "dpo")
@@ -55,6 +55,10 @@ class BoNObjective:
     # the lowest-scored of n more drawn from the source without guidance, so with cond_scale > 1 each pair sets a
     # guided pick against the policy's own unguided failure (n more samples a step)
     rejected: str = "same"
+    # loss: dpo: weight of KL(reference || policy) of the caption-free next-token distributions on the step's pair
+    # images, added to the loss. DPO's pairs always carry their caption, so the unconditional branch that
+    # classifier-free guidance extrapolates from is otherwise left to drift with the shared weights
+    uncond_kl: float = 0.0
     beta: float = 0.05  # weight of the held-out KL in the objective checkpoints/best follows (not in the loss)
     val_fraction: float = 0.2
     split_seed: int = 0
@@ -74,6 +78,9 @@ class BoNObjective:
                              f"one of the worst of the n candidates); got {self.dpo_pairs}")
         if self.cond_scale < 0:
             raise ValueError(f"cond_scale must be >= 0 (1 samples the candidates unguided); got {self.cond_scale}")
+        if self.uncond_kl < 0 or (self.uncond_kl > 0 and self.loss != "dpo"):
+            raise ValueError(f"uncond_kl must be >= 0, and above 0 only with loss: dpo; got {self.uncond_kl} with "
+                             f"loss {self.loss!r}")
         if self.rejected not in REJECTED or (self.rejected != "same" and self.loss != "dpo"):
             raise ValueError(f"rejected must be one of {REJECTED}, and other than 'same' only with loss: dpo; got "
                              f"{self.rejected!r} with loss {self.loss!r}")
@@ -125,5 +132,13 @@ class BoNTask(RewardSampling):
         ref_chosen, ref_rejected = ref.chunk(2)
         margin = ((chosen - ref_chosen) - (rejected - ref_rejected)).detach()
         loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.objective.dpo_beta)
-        return loss, {**logs, "margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item(),
-                      "log_ratio_best": (chosen - ref_chosen).detach().mean().item()}
+        logs = {**logs, "margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item(),
+                "log_ratio_best": (chosen - ref_chosen).detach().mean().item()}
+        if self.objective.uncond_kl > 0:
+            empty = empty_text(self.ref, len(codes), codes.device)
+            with torch.no_grad():
+                ref_logits = self.ref(empty, codes)[1]
+            kl = distribution_kl(ref_logits, model(empty, codes)[1]).mean()
+            loss = loss + self.objective.uncond_kl * kl
+            logs["uncond_kl"] = kl.item()
+        return loss, logs
