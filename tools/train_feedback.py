@@ -179,10 +179,12 @@ def _sampling(args: argparse.Namespace, cfg: dict) -> int:
         guided = f", guided at cond scale {o.cond_scale:g}" if o.cond_scale != 1 else ""
         source = f"candidates from the {o.source}{guided}"
         pairs = "the best and worst" if o.dpo_pairs == 1 else f"the {o.dpo_pairs} best against the {o.dpo_pairs} worst"
-        what = (f"best-of-{o.n} distillation ({source})" if o.loss == "nll"
-                else f"DPO on {pairs} of {o.n} (dpo_beta {o.dpo_beta}, {source}"
-                + (", the rejected from n unguided draws" if o.rejected == "unguided" else "")
-                + (f", caption-free KL weight {o.uncond_kl:g})" if o.uncond_kl else ")"))
+        if o.loss == "nll":
+            what = f"best-of-{o.n} distillation ({source})"
+        else:
+            extra = (", the rejected from n unguided draws" if o.rejected == "unguided" else "") \
+                + (f", caption-free KL weight {o.uncond_kl:g}" if o.uncond_kl else "")
+            what = f"DPO on {pairs} of {o.n} (dpo_beta {o.dpo_beta}, {source}{extra})"
     return run_training(task, cfg, args, f"{what} of {folder} on {len(task.train)} prompts")
 
 

@@ -47,9 +47,9 @@ class BoNObjective:
     # loss: dpo: pairs per prompt, the i-th best against the i-th worst (i < dpo_pairs); more of each prompt's n
     # samples teach the step, at the cost of a larger forward and backward pass
     dpo_pairs: int = 1
-    # the training candidates are drawn with classifier-free guidance at this scale (1: none), so the pick comes
-    # from the sharper guided distribution and the policy learns to follow the text unguided; the held-out
-    # evaluation still samples the policy unguided, as a user's first sample is
+    # the training candidates are drawn with classifier-free guidance at this scale (1: none), so the pairs come
+    # from the guided distribution, while the loss scores them unguided; the held-out evaluation still samples
+    # the policy unguided. What that teaches shows under guidance more than without it (docs/feedback.md)
     cond_scale: float = 1.0
     # loss: dpo: where the rejected image comes from. same: the lowest-scored of the same n candidates; unguided:
     # the lowest-scored of n more drawn from the source without guidance, so with cond_scale > 1 each pair sets a
