@@ -304,6 +304,15 @@ def bon_task(parts, seed=0, **objective):
                    PROMPTS * 4 + [f"a red circle {i}" for i in range(8)], LowCodes(), task_tok(parts))
 
 
+def reading_text(task):
+    """`task` with its reference perturbed: a briefly trained reference barely reads its text, so guided draws
+    would equal unguided ones and a test of guidance could not fail."""
+    with torch.no_grad():
+        for p in task.ref.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return task
+
+
 def bon_step_by_hand(task):
     """One step of `task` on 3 prompts of 4 candidates by a policy moved off the reference (so that sampling from
     the wrong one shows), and the same step's candidates sampled by hand: (loss, logs, codes (3, 4, N), their
@@ -342,10 +351,7 @@ def test_bon_guided_candidates_are_sampled_at_the_cond_scale(parts):
     those, not the best of the unguided draws of the same seed."""
     from dalle.transformer.sampling import sample, token_logprobs
 
-    task = bon_task(parts, n=4, val_fraction=0.3, cond_scale=3.0)
-    with torch.no_grad():  # a briefly trained reference barely reads its text: make guidance change the draws
-        for p in task.ref.parameters():
-            p.add_(0.5 * torch.randn_like(p))
+    task = reading_text(bon_task(parts, n=4, val_fraction=0.3, cond_scale=3.0))
     loss, logs, codes, scores, text = bon_step_by_hand(task)
 
     def nll_of_best(candidates):
@@ -367,10 +373,8 @@ def test_bon_dpo_rejects_the_worst_unguided_draw(parts):
     from dalle.feedback.losses import dpo_loss
     from dalle.transformer.sampling import sample, token_logprobs
 
-    task = bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5, cond_scale=3.0, rejected="unguided")
-    with torch.no_grad():  # make guidance change the draws, as in the test above
-        for p in task.ref.parameters():
-            p.add_(0.5 * torch.randn_like(p))
+    task = reading_text(bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5, cond_scale=3.0,
+                                 rejected="unguided"))
     model = task.model.eval()
     batch = {"prompt": torch.tensor(task.train.rows[:3].tolist())}
     torch.manual_seed(7)
