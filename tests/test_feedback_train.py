@@ -399,6 +399,49 @@ def test_bon_dpo_rejects_the_worst_unguided_draw(parts):
         BoNObjective(rejected="unguided")
 
 
+def test_bon_dpo_unguided_pairs_add_the_best_and_worst_unguided_draws(parts):
+    """unguided_pairs: 1 adds, beside each prompt's guided best against its guided worst, the best against the
+    worst of n more drawn without guidance (after the guided ones, from the same RNG): DPO over both pairs."""
+    from dalle.feedback.losses import dpo_loss
+    from dalle.transformer.sampling import sample, token_logprobs
+
+    task = reading_text(bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5, cond_scale=3.0,
+                                 unguided_pairs=1))
+    model = task.model.eval()
+    batch = {"prompt": torch.tensor(task.train.rows[:3].tolist())}
+    torch.manual_seed(7)
+    loss, logs = task.loss(model, batch, 0)
+    torch.manual_seed(7)
+    text = task.text[batch["prompt"]]
+    with torch.inference_mode():
+        guided = sample(task.ref, text.repeat_interleave(4, dim=0), cond_scale=3.0).clone().view(3, 4, -1)
+        unguided = sample(task.ref, text.repeat_interleave(4, dim=0)).clone().view(3, 4, -1)
+    rows = torch.arange(3)
+
+    def pick(codes, worst=False):
+        scores = LowCodes()(None, codes.flatten(0, 1)).view(3, 4)
+        return codes[rows, scores.argmin(-1) if worst else scores.argmax(-1)]
+
+    chosen, rejected = torch.cat([pick(guided), pick(unguided)]), torch.cat([pick(guided, True), pick(unguided, True)])
+    text2 = torch.cat([text, text])
+
+    def logp(net, c):
+        return token_logprobs(net(text2, c)[1], c).sum(-1)
+
+    with torch.no_grad():
+        expect = dpo_loss(logp(model, chosen), logp(model, rejected), logp(task.ref, chosen),
+                          logp(task.ref, rejected), 0.5)
+        guided_only = dpo_loss(logp(model, chosen)[:3], logp(model, rejected)[:3], logp(task.ref, chosen)[:3],
+                               logp(task.ref, rejected)[:3], 0.5)
+    torch.testing.assert_close(loss.detach(), expect, rtol=1e-4, atol=1e-5)
+    assert (loss.detach() - guided_only).abs() > 1e-4  # the unguided pair counts
+    assert logs["reward_unguided"] == pytest.approx(LowCodes()(None, unguided.flatten(0, 1)).mean().item())
+    with pytest.raises(ValueError, match="unguided_pairs needs cond_scale != 1"):
+        BoNObjective(n=4, loss="dpo", unguided_pairs=1)
+    with pytest.raises(ValueError, match="above 0 only with loss: dpo and rejected: same"):
+        BoNObjective(n=4, loss="dpo", cond_scale=3.0, unguided_pairs=1, rejected="unguided")
+
+
 def test_bon_dpo_uncond_kl_adds_the_caption_free_branchs_kl(parts):
     """uncond_kl: w adds w x KL(reference || policy) of the caption-free next-token distributions on the pair's
     images to DPO's loss (the same draws, so the difference is exactly that term); it is 0 at the start."""

@@ -55,6 +55,9 @@ class BoNObjective:
     # the lowest-scored of n more drawn from the source without guidance, so with cond_scale > 1 each pair sets a
     # guided pick against the policy's own unguided failure (n more samples a step)
     rejected: str = "same"
+    # loss: dpo with cond_scale != 1: this many more pairs per prompt from n more draws without guidance (their
+    # best against their worst), so each step teaches the unguided sample beside the guided one (n more samples)
+    unguided_pairs: int = 0
     # loss: dpo: weight of KL(reference || policy) of the caption-free next-token distributions on the step's pair
     # images, added to the loss. DPO's pairs always carry their caption, so the unconditional branch that
     # classifier-free guidance extrapolates from is otherwise left to drift with the shared weights
@@ -84,6 +87,21 @@ class BoNObjective:
         if self.rejected not in REJECTED or (self.rejected != "same" and self.loss != "dpo"):
             raise ValueError(f"rejected must be one of {REJECTED}, and other than 'same' only with loss: dpo; got "
                              f"{self.rejected!r} with loss {self.loss!r}")
+        if self.unguided_pairs:
+            if not 0 < self.unguided_pairs <= self.n // 2 or self.loss != "dpo" or self.rejected != "same":
+                raise ValueError(f"unguided_pairs must be in [0, n // 2 = {self.n // 2}], and above 0 only with "
+                                 f"loss: dpo and rejected: same; got {self.unguided_pairs} with loss {self.loss!r}, "
+                                 f"rejected {self.rejected!r}")
+            if self.cond_scale == 1:
+                raise ValueError("unguided_pairs needs cond_scale != 1: without guidance the n candidates are "
+                                 "unguided already (raise dpo_pairs instead)")
+
+
+def pairs(reward: Tensor, first: Tensor, k: int, worst: bool = False) -> Tensor:
+    """Row indices of each prompt's k best (or k worst) candidates, rank by rank: (B * k,). `reward` is (B, n),
+    `first` the row of each prompt's first candidate. Stable sorts pick the first of equals, as argmax does."""
+    order = reward.argsort(dim=-1, descending=not worst, stable=True)[:, :k].to(first.device)
+    return (first[:, None] + order).flatten()
 
 
 class BoNTask(RewardSampling):
@@ -102,18 +120,21 @@ class BoNTask(RewardSampling):
         first = torch.arange(len(prompts), device=device) * o.n
         best = first + reward.argmax(-1).to(device)
         logs = {"reward": reward.mean().item(), "reward_best": reward.max(-1).values.mean().item()}
-        if o.loss == "dpo":  # the k best against the k worst; stable sorts pick the first of equals, as argmax
+        if o.loss == "dpo":  # the k best against the k worst, rank for rank
             k, low = o.dpo_pairs, reward
-            if o.rejected == "unguided":  # the rejected come from n more draws, indexed after the first B * n
+            if o.rejected == "unguided" or o.unguided_pairs:  # n more unguided draws, indexed after the first B * n
                 more = self._sample(source, text)
                 low = self.rewards(rows, more).view(len(prompts), o.n)
                 logs["reward_unguided"] = low.mean().item()
                 text, codes, first_low = torch.cat([text, text]), torch.cat([codes, more]), first + len(rows)
-            else:
-                first_low = first
-            chosen = first[:, None] + reward.argsort(dim=-1, descending=True, stable=True)[:, :k].to(device)
-            rejected = first_low[:, None] + low.argsort(dim=-1, stable=True)[:, :k].to(device)
-            return self._dpo(model, text, codes, chosen.flatten(), rejected.flatten(), logs)
+            chosen, rejected = pairs(reward, first, k), pairs(reward, first, k, worst=True)
+            if o.rejected == "unguided":
+                rejected = pairs(low, first_low, k, worst=True)
+            elif o.unguided_pairs:
+                u = o.unguided_pairs
+                chosen = torch.cat([chosen, pairs(low, first_low, u)])
+                rejected = torch.cat([rejected, pairs(low, first_low, u, worst=True)])
+            return self._dpo(model, text, codes, chosen, rejected, logs)
         text, codes = text[best], codes[best]
         logp = token_logprobs(model(text, codes)[1], codes)  # (B, image tokens)
         with torch.no_grad():
