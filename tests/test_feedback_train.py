@@ -367,34 +367,52 @@ def test_bon_guided_candidates_are_sampled_at_the_cond_scale(parts):
         BoNObjective(cond_scale=-1.0)
 
 
-def test_bon_dpo_rejects_the_worst_unguided_draw(parts):
-    """rejected: unguided sets the best of the guided candidates against the worst of n more drawn without
-    guidance (after the guided ones, from the same RNG), both scored against the frozen reference."""
-    from dalle.feedback.losses import dpo_loss
-    from dalle.transformer.sampling import sample, token_logprobs
+def guided_step_by_hand(task):
+    """One DPO step of `task` (cond_scale 3, drawing n more unguided) on 3 prompts of 4 candidates, and the same
+    step's draws by hand: the guided ones, then the unguided ones from the same RNG. Returns (loss, logs, the
+    prompts' text, guided (3, 4, N), unguided (3, 4, N), pick) with pick(codes, worst) each prompt's best (or
+    worst) of `codes` by the reward."""
+    from dalle.transformer.sampling import sample
 
-    task = reading_text(bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5, cond_scale=3.0,
-                                 rejected="unguided"))
-    model = task.model.eval()
     batch = {"prompt": torch.tensor(task.train.rows[:3].tolist())}
     torch.manual_seed(7)
-    loss, logs = task.loss(model, batch, 0)
+    loss, logs = task.loss(task.model.eval(), batch, 0)
     torch.manual_seed(7)
     text = task.text[batch["prompt"]]
     with torch.inference_mode():
         guided = sample(task.ref, text.repeat_interleave(4, dim=0), cond_scale=3.0).clone().view(3, 4, -1)
         unguided = sample(task.ref, text.repeat_interleave(4, dim=0)).clone().view(3, 4, -1)
-    rows = torch.arange(3)
-    best = guided[rows, LowCodes()(None, guided.flatten(0, 1)).view(3, 4).argmax(-1)]
-    worst = unguided[rows, LowCodes()(None, unguided.flatten(0, 1)).view(3, 4).argmin(-1)]
+
+    def pick(codes, worst=False):
+        scores = LowCodes()(None, codes.flatten(0, 1)).view(3, 4)
+        return codes[torch.arange(3), scores.argmin(-1) if worst else scores.argmax(-1)]
+
+    assert logs["reward_unguided"] == pytest.approx(LowCodes()(None, unguided.flatten(0, 1)).mean().item())
+    return loss, logs, text, guided, unguided, pick
+
+
+def dpo_by_hand(task, text, chosen, rejected, beta):
+    from dalle.feedback.losses import dpo_loss
+    from dalle.transformer.sampling import token_logprobs
+
+    text = text.repeat(len(chosen) // len(text), 1)
 
     def logp(net, c):
         return token_logprobs(net(text, c)[1], c).sum(-1)
 
     with torch.no_grad():
-        expect = dpo_loss(logp(model, best), logp(model, worst), logp(task.ref, best), logp(task.ref, worst), 0.5)
+        return dpo_loss(logp(task.model, chosen), logp(task.model, rejected), logp(task.ref, chosen),
+                        logp(task.ref, rejected), beta)
+
+
+def test_bon_dpo_rejects_the_worst_unguided_draw(parts):
+    """rejected: unguided sets the best of the guided candidates against the worst of n more drawn without
+    guidance (after the guided ones, from the same RNG), both scored against the frozen reference."""
+    task = reading_text(bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5, cond_scale=3.0,
+                                 rejected="unguided"))
+    loss, logs, text, guided, unguided, pick = guided_step_by_hand(task)
+    expect = dpo_by_hand(task, text, pick(guided), pick(unguided, worst=True), 0.5)
     torch.testing.assert_close(loss.detach(), expect, rtol=1e-4, atol=1e-5)
-    assert logs["reward_unguided"] == pytest.approx(LowCodes()(None, unguided.flatten(0, 1)).mean().item())
     with pytest.raises(ValueError, match="other than 'same' only with loss: dpo"):
         BoNObjective(rejected="unguided")
 
@@ -402,40 +420,14 @@ def test_bon_dpo_rejects_the_worst_unguided_draw(parts):
 def test_bon_dpo_unguided_pairs_add_the_best_and_worst_unguided_draws(parts):
     """unguided_pairs: 1 adds, beside each prompt's guided best against its guided worst, the best against the
     worst of n more drawn without guidance (after the guided ones, from the same RNG): DPO over both pairs."""
-    from dalle.feedback.losses import dpo_loss
-    from dalle.transformer.sampling import sample, token_logprobs
-
     task = reading_text(bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5, cond_scale=3.0,
                                  unguided_pairs=1))
-    model = task.model.eval()
-    batch = {"prompt": torch.tensor(task.train.rows[:3].tolist())}
-    torch.manual_seed(7)
-    loss, logs = task.loss(model, batch, 0)
-    torch.manual_seed(7)
-    text = task.text[batch["prompt"]]
-    with torch.inference_mode():
-        guided = sample(task.ref, text.repeat_interleave(4, dim=0), cond_scale=3.0).clone().view(3, 4, -1)
-        unguided = sample(task.ref, text.repeat_interleave(4, dim=0)).clone().view(3, 4, -1)
-    rows = torch.arange(3)
-
-    def pick(codes, worst=False):
-        scores = LowCodes()(None, codes.flatten(0, 1)).view(3, 4)
-        return codes[rows, scores.argmin(-1) if worst else scores.argmax(-1)]
-
-    chosen, rejected = torch.cat([pick(guided), pick(unguided)]), torch.cat([pick(guided, True), pick(unguided, True)])
-    text2 = torch.cat([text, text])
-
-    def logp(net, c):
-        return token_logprobs(net(text2, c)[1], c).sum(-1)
-
-    with torch.no_grad():
-        expect = dpo_loss(logp(model, chosen), logp(model, rejected), logp(task.ref, chosen),
-                          logp(task.ref, rejected), 0.5)
-        guided_only = dpo_loss(logp(model, chosen)[:3], logp(model, rejected)[:3], logp(task.ref, chosen)[:3],
-                               logp(task.ref, rejected)[:3], 0.5)
-    torch.testing.assert_close(loss.detach(), expect, rtol=1e-4, atol=1e-5)
+    loss, logs, text, guided, unguided, pick = guided_step_by_hand(task)
+    chosen = torch.cat([pick(guided), pick(unguided)])
+    rejected = torch.cat([pick(guided, worst=True), pick(unguided, worst=True)])
+    torch.testing.assert_close(loss.detach(), dpo_by_hand(task, text, chosen, rejected, 0.5), rtol=1e-4, atol=1e-5)
+    guided_only = dpo_by_hand(task, text, chosen[:3], rejected[:3], 0.5)
     assert (loss.detach() - guided_only).abs() > 1e-4  # the unguided pair counts
-    assert logs["reward_unguided"] == pytest.approx(LowCodes()(None, unguided.flatten(0, 1)).mean().item())
     with pytest.raises(ValueError, match="unguided_pairs needs cond_scale != 1"):
         BoNObjective(n=4, loss="dpo", unguided_pairs=1)
     with pytest.raises(ValueError, match="above 0 only with loss: dpo and rejected: same"):
