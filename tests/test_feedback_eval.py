@@ -182,6 +182,41 @@ def test_guided_draws_are_judged_at_their_cond_scale(tiny_parts, monkeypatch):
         EvalSettings(guided=-1.0)
 
 
+def test_sft_guided_rows_are_the_guided_sample_with_its_kl(tiny_parts):
+    """sft_guided: (2.0,) adds a row per split for the supervised model's guided sample: its reward is of those
+    images, and its KL is the mean over them of sum over tokens of log softmax(uncond + 2 (cond - uncond)) -
+    log softmax(cond), computed here by hand from the model's two streams."""
+    sft = load_pipeline(tiny_parts / "model")
+    torch.manual_seed(0)
+    with torch.no_grad():  # the untrained model's logits ignore the text, which would leave guidance nothing to do
+        for w in sft.model.parameters():
+            w.normal_(0, 0.3)
+    prompts = _prompts(3)
+    settings = EvalSettings(best_of=(), diversity=2, batch_size=8, sft_guided=(2.0,))
+    rows = evaluate(sft, [], prompts, low_codes, settings)
+    cfg = sft.model.config
+    for split, ps in prompts.items():
+        mine = {r["name"]: r for r in rows if r["split"] == split}
+        row = mine["sft cond scale 2"]
+        captions = [p.caption for p in ps for _ in range(2)]
+        codes, _ = draw(sft, [p.caption for p in ps], 2, 0, 8, cond_scale=2.0)
+        codes = codes.flatten(0, 1)
+        text = sft.tokenizer.encode_batch(captions, cfg.text_seq_len, truncate_warn=False)[0]
+        empty = (cfg.text_vocab_size + torch.arange(cfg.text_seq_len)).expand(len(codes), -1)
+        with torch.no_grad():
+            cond = torch.log_softmax(sft.model(text, codes)[1], -1)
+            uncond = torch.log_softmax(sft.model(empty, codes)[1], -1)
+        guided = torch.log_softmax(uncond + 2.0 * (cond - uncond), -1)
+        kl = (guided - cond).gather(-1, codes[..., None]).sum(dim=(-1, -2)).mean()
+        assert kl > 0.01  # guidance moved the distribution, so a row that ignored it would fail
+        assert row["kl"] == pytest.approx(kl.item(), rel=1e-4)
+        assert row["reward"] == pytest.approx(low_codes(None, codes.view(3, 2, -1)[:, 0], None).mean().item())
+        assert row["selection"] == "first sample at cond scale 2" and mine["sft"]["kl"] == 0.0
+    assert "| sft cond scale 2 |" in markdown(rows)
+    with pytest.raises(ValueError, match="other than 1"):
+        EvalSettings(sft_guided=(1.0,))
+
+
 def _cli(tiny_parts, reward_dir, out, *extra):
     return eval_feedback.main(["--sft", str(tiny_parts / "model"), "--reward", str(reward_dir), "--model",
                                f"copy={tiny_parts / 'model'}", "--n", "2", "--best-of", "2", "--diversity", "2",

@@ -460,6 +460,42 @@ def test_bon_dpo_uncond_kl_adds_the_caption_free_branchs_kl(parts):
         BoNObjective(uncond_kl=1.0)
 
 
+def test_bon_dpo_distill_guidance_adds_the_guided_references_kl(parts):
+    """distill_guidance: w adds w x KL(guided reference || policy) of the captioned next-token distributions on
+    the pair's images, the reference guided at distill_cond_scale (exact over the vocabulary, summed over image
+    positions, averaged over the pair images): computed here by hand from the same draws."""
+    from dalle.transformer.sampling import empty_text, sample
+
+    task = reading_text(bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5, distill_guidance=2.0,
+                                 distill_cond_scale=1.5))
+    with torch.no_grad():  # a policy apart from its reference, so the DPO term is not log 2 and its gradient not 0
+        for p in task.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = {"prompt": torch.tensor(task.train.rows[:3].tolist())}
+    torch.manual_seed(7)
+    loss, logs = task.loss(task.model.eval(), batch, 0)
+    torch.manual_seed(7)
+    text = task.text[batch["prompt"]]
+    with torch.inference_mode():
+        codes = sample(task.ref, text.repeat_interleave(4, dim=0)).clone().view(3, 4, -1)
+    scores = LowCodes()(None, codes.flatten(0, 1)).view(3, 4)
+    chosen, rejected = (codes[torch.arange(3), pick(-1)] for pick in (scores.argmax, scores.argmin))
+    both, text2 = torch.cat([chosen, rejected]), text.repeat(2, 1)
+    with torch.no_grad():
+        cond, uncond = task.ref(text2, both)[1], task.ref(empty_text(task.ref, 6, "cpu"), both)[1]
+        target = torch.log_softmax(uncond + 1.5 * (cond - uncond), dim=-1)
+        policy = torch.log_softmax(task.model(text2, both)[1], dim=-1)
+        kl = (target.exp() * (target - policy)).sum(dim=(-1, -2)).mean()
+    assert kl > 1e-3  # the reference reads its text, so guidance moves its distribution
+    assert logs["distill_kl"] == pytest.approx(kl.item(), rel=1e-4)
+    expect = dpo_by_hand(task, text, chosen, rejected, 0.5) + 2.0 * kl
+    torch.testing.assert_close(loss.detach(), expect, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="above 0 only with loss: dpo"):
+        BoNObjective(distill_guidance=1.0)
+    with pytest.raises(ValueError, match="distill_cond_scale > 0 other than 1"):
+        BoNObjective(loss="dpo", distill_guidance=1.0, distill_cond_scale=1.0)
+
+
 def test_bon_dpo_loss_prefers_the_best_candidate_over_the_worst(parts):
     """loss: dpo is DPO with the highest-reward candidate of each prompt chosen and the lowest rejected, both
     scored against the frozen reference; the pick is checked against sampling by hand."""

@@ -3,10 +3,11 @@
     python tools/eval_feedback.py --reward runs/reward --model dpo=runs/dpo --model grpo=runs/grpo \
         --exclude-store runs/fb.db --n 50 --out runs/eval-feedback
 
-Rows: the supervised model's first sample, its best of N by the reward model (--best-of), and each
---model's first sample; columns: KL from the supervised model (analytic for best-of-N, Monte Carlo for the
-fine-tuned), the reward model's mean score of the kept images, all-correct per split (and on two-object
-prompts), and diversity among --diversity samples per prompt. Writes OUT/policy-eval.md and
+Rows: the supervised model's first sample, its best of N by the reward model (--best-of), its first sample
+with classifier-free guidance (--sft-guided), and each --model's first sample; columns: KL from the
+supervised model (analytic for best-of-N, Monte Carlo for the fine-tuned and the guided), the reward model's
+mean score of the kept images, all-correct per split (and on two-object prompts), and diversity among
+--diversity samples per prompt. Writes OUT/policy-eval.md and
 OUT/policy-eval.json (dalle/feedback/policy_eval.py says how each figure is made).
 """
 
@@ -59,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--guided", type=cli.float_range(0.0), default=0.0, metavar="COND_SCALE",
                    help="also judge each first-sample row's --judged draws sampled with classifier-free guidance at "
                         "this cond scale, as generate.py --cond-scale does (0: no such column)")
+    p.add_argument("--sft-guided", type=cli.float_range(0.0), nargs="*", default=[], metavar="COND_SCALE",
+                   help="rows of the supervised model sampled with classifier-free guidance at these cond scales "
+                        "(not 1), as policies on the same KL axis: their KL from the plain supervised model by Monte "
+                        "Carlo with the exact guided log-probabilities (none: no such rows)")
     p.add_argument("--seed", type=cli.seed_int, default=0, help="candidate c of each prompt uses seed SEED + c")
     p.add_argument("--batch-size", type=cli.positive_int, default=32, help="images sampled together")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -91,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [name for name, _ in args.model]
     if len(set(names)) != len(names):
         raise SystemExit(f"--model names must differ, got {names}")
+    if 1.0 in args.sft_guided or 0.0 in args.sft_guided:
+        raise SystemExit(f"--sft-guided scales must be above 0 and other than 1 (the plain sft row is always there), "
+                         f"got {args.sft_guided}")
     apply_threads(args.threads)
     device = resolve_device(args.device)
     exclude: list[str] = []
@@ -110,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot evaluate: {e}") from None
     settings = EvalSettings(best_of=tuple(args.best_of), diversity=args.diversity, seed=args.seed,
-                            batch_size=args.batch_size, judged=args.judged, guided=args.guided)
+                            batch_size=args.batch_size, judged=args.judged, guided=args.guided,
+                            sft_guided=tuple(args.sft_guided))
     bars: list[tqdm] = []
 
     def bar(desc: str, total: int):

@@ -184,7 +184,9 @@ def _sampling(args: argparse.Namespace, cfg: dict) -> int:
         else:
             extra = (", the rejected from n unguided draws" if o.rejected == "unguided" else "") \
                 + (f", and {o.unguided_pairs} more from n unguided draws" if o.unguided_pairs else "") \
-                + (f", caption-free KL weight {o.uncond_kl:g}" if o.uncond_kl else "")
+                + (f", caption-free KL weight {o.uncond_kl:g}" if o.uncond_kl else "") \
+                + (f", guidance at cond scale {o.distill_cond_scale:g} distilled with weight {o.distill_guidance:g}"
+                   if o.distill_guidance else "")
             what = f"DPO on {pairs} of {o.n} (dpo_beta {o.dpo_beta}, {source}{extra})"
     return run_training(task, cfg, args, f"{what} of {folder} on {len(task.train)} prompts")
 

@@ -10,8 +10,11 @@ Rows, each on held-out shapes prompts with the same seeds:
                    log N - (N - 1) / N (`best_of_n_kl`), since the kept sample's distribution is known
     fine-tuned     each policy's sample c = 0; KL by Monte Carlo, mean over the policy's own samples of
                    sum over image tokens of log pi - log pi_SFT
+    sft guided     the SFT model's sample c = 0 with classifier-free guidance at a scale s (`sft_guided`): a
+                   policy that moves by sampling, not training. KL by Monte Carlo as above, pi the guided
+                   next-token distribution softmax(uncond + s (cond - uncond)), exact at each token
 
-Every model samples plainly (temperature 1, no top-k/top-p, no guidance): the KL is then that of the
+Every other row samples plainly (temperature 1, no top-k/top-p, no guidance): the KL is then that of the
 distributions actually sampled, and best-of-N's formula holds. Candidate c of every prompt is sampled with
 seed `seed + c`, so the first-sample rows of two identical models are identical. With `judged` j > 1 each
 row also gets the mean all-correct of up to j independent draws of its selection per prompt (samples 0..j-1;
@@ -38,7 +41,7 @@ from dalle.evaluation.report import markdown_table
 from dalle.feedback.losses import best_of_n_kl, sequence_kl
 from dalle.generation import sample_codes
 from dalle.pipeline import Pipeline
-from dalle.transformer.sampling import token_logprobs
+from dalle.transformer.sampling import empty_text, token_logprobs
 
 # (prompts, codes (B, N), images (B, 3, H, W) uint8) -> rewards (B,)
 Scorer = Callable[[Sequence[str], Tensor, Tensor], Tensor]
@@ -58,8 +61,13 @@ class EvalSettings:
     # classifier-free guidance, as generate.py --cond-scale samples. Guidance leaves the KL and best-of-N
     # formulas behind (the distribution sampled is no longer the model's), so only the detector judges these.
     guided: float = 0.0
+    # cond scales of the "sft guided" rows: the supervised model's guided sample as a policy, on the KL axis
+    sft_guided: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        if any(s <= 0 or s == 1 for s in self.sft_guided):
+            raise ValueError(f"sft_guided scales must be > 0 and other than 1 (1 is the plain sft row), "
+                             f"got {self.sft_guided}")
         if any(n < 1 for n in self.best_of) or self.diversity < 0 or self.batch_size < 1 or self.judged < 1 \
                 or self.guided < 0:
             raise ValueError(f"need best_of >= 1, diversity >= 0, batch_size >= 1, judged >= 1 and guided >= 0, "
@@ -127,6 +135,21 @@ def policy_kl(policy: Pipeline, ref: Pipeline, prompts: Sequence[str], codes: Te
         logp = [token_logprobs(pipe.model(_text(pipe, texts), c.to(pipe.device))[1], c.to(pipe.device)).cpu()
                 for pipe in (policy, ref)]
         out.append(sequence_kl(*logp))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def guided_kl(ref: Pipeline, prompts: Sequence[str], codes: Tensor, cond_scale: float, batch_size: int) -> Tensor:
+    """Monte-Carlo KL(guided || pi_SFT) per sample (B,), in nats, for codes (B, N) sampled from `ref` with
+    classifier-free guidance at `cond_scale`: sum over image tokens of log softmax(uncond + s (cond - uncond))
+    - log softmax(cond), both of `ref`."""
+    out = []
+    for start in range(0, len(codes), batch_size):
+        texts, c = list(prompts[start : start + batch_size]), codes[start : start + batch_size].to(ref.device)
+        cond = ref.model(_text(ref, texts), c)[1].float()
+        uncond = ref.model(empty_text(ref.model, len(c), ref.device), c)[1].float()
+        out.append(sequence_kl(token_logprobs(torch.lerp(uncond, cond, cond_scale), c),
+                               token_logprobs(cond, c)).cpu())
     return torch.cat(out)
 
 
@@ -209,12 +232,17 @@ def _sft_rows(sft: Pipeline, split: str, prompts: Sequence[Prompt], reward: Scor
 
 
 def _policy_row(name: str, policy: Pipeline, sft: Pipeline, split: str, prompts: Sequence[Prompt], reward: Scorer,
-                s: EvalSettings, progress: Progress | None) -> dict[str, Any]:
+                s: EvalSettings, progress: Progress | None, cond_scale: float = 1.0) -> dict[str, Any]:
+    """A fine-tuned policy's row; with cond_scale != 1 (policy is sft), the supervised model's guided sample."""
     texts = [p.caption for p in prompts]
     k = max(s.diversity, s.judged, 1)
-    codes, images = draw(policy, texts, k, s.seed, s.batch_size, progress)
-    kl = policy_kl(policy, sft, [t for t in texts for _ in range(k)], codes.flatten(0, 1), s.batch_size)
-    row = {"name": name, "model_id": policy.model_id, "selection": "first sample", "split": split,
+    codes, images = draw(policy, texts, k, s.seed, s.batch_size, progress, cond_scale=cond_scale)
+    every = [t for t in texts for _ in range(k)]
+    kl = policy_kl(policy, sft, every, codes.flatten(0, 1), s.batch_size) if cond_scale == 1 else \
+        guided_kl(sft, every, codes.flatten(0, 1), cond_scale, s.batch_size)
+    row = {"name": name, "model_id": policy.model_id,
+           "selection": "first sample" if cond_scale == 1 else f"first sample at cond scale {cond_scale:g}",
+           "split": split,
            "kl": kl.mean().item(),
            "kl_estimate": f"monte carlo, {len(kl)} samples",
            "reward": reward(texts, codes[:, 0], images[:, 0]).mean().item(), **_judge(prompts, images[:, 0])}
@@ -222,7 +250,8 @@ def _policy_row(name: str, policy: Pipeline, sft: Pipeline, split: str, prompts:
         row.update(diversity(codes[:, : s.diversity], images[:, : s.diversity]))
     if s.judged > 1:
         row["mean"] = _judge_draws(prompts, images[:, : s.judged])
-    row.update(_guided(policy, prompts, s, progress))
+    if cond_scale == 1:
+        row.update(_guided(policy, prompts, s, progress))
     return row
 
 
@@ -235,6 +264,10 @@ def evaluate(sft: Pipeline, policies: Iterable[tuple[str, Pipeline]], prompts: d
     rows, times = [], 2 if settings.guided else 1
     for split, ps in prompts.items():
         rows += _sft_rows(sft, split, ps, reward, settings, bar(f"sft {split}", times * len(ps)))
+        for scale in settings.sft_guided:
+            name = f"sft cond scale {scale:g}"
+            rows.append(_policy_row(name, sft, sft, split, ps, reward, settings, bar(f"{name} {split}", len(ps)),
+                                    cond_scale=scale))
     for name, policy in policies:
         for split, ps in prompts.items():
             rows.append(_policy_row(name, policy, sft, split, ps, reward, settings,

@@ -62,6 +62,12 @@ class BoNObjective:
     # images, added to the loss. DPO's pairs always carry their caption, so the unconditional branch that
     # classifier-free guidance extrapolates from is otherwise left to drift with the shared weights
     uncond_kl: float = 0.0
+    # loss: dpo: weight of KL(guided reference || policy) of the captioned next-token distributions on the step's
+    # pair images, added to the loss: the reference's classifier-free guidance at `distill_cond_scale`, distilled
+    # into the policy's plain sample (on-policy, exact over the vocabulary at each position). Mild guidance buys
+    # accuracy for little KL (docs/feedback.md), and the policy keeps it without a second stream at sampling time
+    distill_guidance: float = 0.0
+    distill_cond_scale: float = 1.2
     beta: float = 0.05  # weight of the held-out KL in the objective checkpoints/best follows (not in the loss)
     val_fraction: float = 0.2
     split_seed: int = 0
@@ -84,6 +90,11 @@ class BoNObjective:
         if self.uncond_kl < 0 or (self.uncond_kl > 0 and self.loss != "dpo"):
             raise ValueError(f"uncond_kl must be >= 0, and above 0 only with loss: dpo; got {self.uncond_kl} with "
                              f"loss {self.loss!r}")
+        if self.distill_guidance < 0 or (self.distill_guidance > 0 and (
+                self.loss != "dpo" or self.distill_cond_scale <= 0 or self.distill_cond_scale == 1)):
+            raise ValueError(f"distill_guidance must be >= 0, and above 0 only with loss: dpo and a "
+                             f"distill_cond_scale > 0 other than 1; got {self.distill_guidance} with loss "
+                             f"{self.loss!r}, distill_cond_scale {self.distill_cond_scale}")
         if self.rejected not in REJECTED or (self.rejected != "same" and self.loss != "dpo"):
             raise ValueError(f"rejected must be one of {REJECTED}, and other than 'same' only with loss: dpo; got "
                              f"{self.rejected!r} with loss {self.loss!r}")
@@ -146,9 +157,11 @@ class BoNTask(RewardSampling):
              logs: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
         both = torch.cat([best, worst])  # one forward for the chosen and the rejected images
         text, codes = text[both], codes[both]
-        logp = token_logprobs(model(text, codes)[1], codes).sum(-1)
+        logits = model(text, codes)[1]
+        logp = token_logprobs(logits, codes).sum(-1)
         with torch.no_grad():
-            ref = token_logprobs(self.ref.to(codes.device)(text, codes)[1], codes).sum(-1)
+            ref_logits = self.ref.to(codes.device)(text, codes)[1]
+            ref = token_logprobs(ref_logits, codes).sum(-1)
         chosen, rejected = logp.chunk(2)
         ref_chosen, ref_rejected = ref.chunk(2)
         margin = ((chosen - ref_chosen) - (rejected - ref_rejected)).detach()
@@ -162,4 +175,11 @@ class BoNTask(RewardSampling):
             kl = distribution_kl(ref_logits, model(empty, codes)[1]).mean()
             loss = loss + self.objective.uncond_kl * kl
             logs["uncond_kl"] = kl.item()
+        if self.objective.distill_guidance > 0:
+            with torch.no_grad():
+                uncond = self.ref(empty_text(self.ref, len(codes), codes.device), codes)[1]
+                guided = torch.lerp(uncond.float(), ref_logits.float(), self.objective.distill_cond_scale)
+            kl = distribution_kl(guided, logits).mean()
+            loss = loss + self.objective.distill_guidance * kl
+            logs["distill_kl"] = kl.item()
         return loss, logs
