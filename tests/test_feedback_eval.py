@@ -141,6 +141,17 @@ def test_judged_draws_average_the_detector_over_each_rows_selection(tiny_parts, 
     assert "Mean over several draws" in table and "| same | 4 |" in table
 
 
+def reading_sft(tiny_parts):
+    """The tiny model with random weights large enough that its logits depend on the text: an untrained one's
+    ignore it, which would leave guidance nothing to do."""
+    sft = load_pipeline(tiny_parts / "model")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for w in sft.model.parameters():
+            w.normal_(0, 0.3)
+    return sft
+
+
 def test_guided_draws_are_judged_at_their_cond_scale(tiny_parts, monkeypatch):
     """guided: 3.0 judges each first-sample row's draws again, sampled with guidance: the column is the judge's
     share over exactly those images, which differ from the unguided ones."""
@@ -152,11 +163,7 @@ def test_guided_draws_are_judged_at_their_cond_scale(tiny_parts, monkeypatch):
                 for im in images]
 
     monkeypatch.setattr(policy_eval, "score_images", judge)
-    sft = load_pipeline(tiny_parts / "model")
-    torch.manual_seed(0)
-    with torch.no_grad():  # the untrained model's logits ignore the text, which would leave guidance nothing to do
-        for w in sft.model.parameters():
-            w.normal_(0, 0.3)
+    sft = reading_sft(tiny_parts)
     prompts = _prompts(4)
     settings = EvalSettings(best_of=(), diversity=0, batch_size=8, judged=3, guided=3.0)
     counted: dict[str, list[int]] = {}
@@ -186,11 +193,7 @@ def test_sft_guided_rows_are_the_guided_sample_with_its_kl(tiny_parts):
     """sft_guided: (2.0,) adds a row per split for the supervised model's guided sample: its reward is of those
     images, and its KL is the mean over them of sum over tokens of log softmax(uncond + 2 (cond - uncond)) -
     log softmax(cond), computed here by hand from the model's two streams."""
-    sft = load_pipeline(tiny_parts / "model")
-    torch.manual_seed(0)
-    with torch.no_grad():  # the untrained model's logits ignore the text, which would leave guidance nothing to do
-        for w in sft.model.parameters():
-            w.normal_(0, 0.3)
+    sft = reading_sft(tiny_parts)
     prompts = _prompts(3)
     settings = EvalSettings(best_of=(), diversity=2, batch_size=8, sft_guided=(2.0,))
     rows = evaluate(sft, [], prompts, low_codes, settings)

@@ -367,11 +367,11 @@ def test_bon_guided_candidates_are_sampled_at_the_cond_scale(parts):
         BoNObjective(cond_scale=-1.0)
 
 
-def guided_step_by_hand(task):
-    """One DPO step of `task` (cond_scale 3, drawing n more unguided) on 3 prompts of 4 candidates, and the same
-    step's draws by hand: the guided ones, then the unguided ones from the same RNG. Returns (loss, logs, the
-    prompts' text, guided (3, 4, N), unguided (3, 4, N), pick) with pick(codes, worst) each prompt's best (or
-    worst) of `codes` by the reward."""
+def step_by_hand(task, scales):
+    """One DPO step of `task` on 3 prompts of 4 candidates, and the same step's draws by hand: 4 a prompt from
+    the reference at each cond scale of `scales` in turn, from the RNG the step started with. Returns (loss, logs,
+    the prompts' text, [draws (3, 4, N) per scale], pick) with pick(codes, worst) each prompt's best (or worst)
+    of `codes` by the reward."""
     from dalle.transformer.sampling import sample
 
     batch = {"prompt": torch.tensor(task.train.rows[:3].tolist())}
@@ -380,13 +380,20 @@ def guided_step_by_hand(task):
     torch.manual_seed(7)
     text = task.text[batch["prompt"]]
     with torch.inference_mode():
-        guided = sample(task.ref, text.repeat_interleave(4, dim=0), cond_scale=3.0).clone().view(3, 4, -1)
-        unguided = sample(task.ref, text.repeat_interleave(4, dim=0)).clone().view(3, 4, -1)
+        draws = [sample(task.ref, text.repeat_interleave(4, dim=0), cond_scale=s).clone().view(3, 4, -1)
+                 for s in scales]
 
     def pick(codes, worst=False):
         scores = LowCodes()(None, codes.flatten(0, 1)).view(3, 4)
         return codes[torch.arange(3), scores.argmin(-1) if worst else scores.argmax(-1)]
 
+    return loss, logs, text, draws, pick
+
+
+def guided_step_by_hand(task):
+    """step_by_hand for a step at cond_scale 3 that draws n more unguided: (loss, logs, text, guided, unguided,
+    pick)."""
+    loss, logs, text, (guided, unguided), pick = step_by_hand(task, (3.0, 1.0))
     assert logs["reward_unguided"] == pytest.approx(LowCodes()(None, unguided.flatten(0, 1)).mean().item())
     return loss, logs, text, guided, unguided, pick
 
@@ -464,22 +471,15 @@ def test_bon_dpo_distill_guidance_adds_the_guided_references_kl(parts):
     """distill_guidance: w adds w x KL(guided reference || policy) of the captioned next-token distributions on
     the pair's images, the reference guided at distill_cond_scale (exact over the vocabulary, summed over image
     positions, averaged over the pair images): computed here by hand from the same draws."""
-    from dalle.transformer.sampling import empty_text, sample
+    from dalle.transformer.sampling import empty_text
 
     task = reading_text(bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5, distill_guidance=2.0,
                                  distill_cond_scale=1.5))
     with torch.no_grad():  # a policy apart from its reference, so the DPO term is not log 2 and its gradient not 0
         for p in task.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    batch = {"prompt": torch.tensor(task.train.rows[:3].tolist())}
-    torch.manual_seed(7)
-    loss, logs = task.loss(task.model.eval(), batch, 0)
-    torch.manual_seed(7)
-    text = task.text[batch["prompt"]]
-    with torch.inference_mode():
-        codes = sample(task.ref, text.repeat_interleave(4, dim=0)).clone().view(3, 4, -1)
-    scores = LowCodes()(None, codes.flatten(0, 1)).view(3, 4)
-    chosen, rejected = (codes[torch.arange(3), pick(-1)] for pick in (scores.argmax, scores.argmin))
+    loss, logs, text, (codes,), pick = step_by_hand(task, (1.0,))
+    chosen, rejected = pick(codes), pick(codes, worst=True)
     both, text2 = torch.cat([chosen, rejected]), text.repeat(2, 1)
     with torch.no_grad():
         cond, uncond = task.ref(text2, both)[1], task.ref(empty_text(task.ref, 6, "cpu"), both)[1]
