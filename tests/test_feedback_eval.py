@@ -251,6 +251,8 @@ def test_eval_cli_errors_are_one_line(tiny_parts, reward_dir, tmp_path, capsys):
         assert e.value.code == 2 and "Traceback" not in err and "error: argument" in err.strip().splitlines()[-1]
     with pytest.raises(SystemExit, match="cannot load"):
         _cli(tiny_parts, reward_dir, tmp_path / "y", "--model", f"gone={tmp_path / 'missing'}")
+    with pytest.raises(SystemExit, match="--sft-guided scales must be above 0 and other than 1"):
+        _cli(tiny_parts, reward_dir, tmp_path / "w", "--sft-guided", "1")
     with pytest.raises(SystemExit, match="cannot evaluate"):
         eval_feedback.main(["--sft", str(tiny_parts / "model"), "--reward", str(tiny_parts / "model"),
                             "--out", str(tmp_path / "z")])
