@@ -490,6 +490,15 @@ def test_bon_dpo_distill_guidance_adds_the_guided_references_kl(parts):
     assert logs["distill_kl"] == pytest.approx(kl.item(), rel=1e-4)
     expect = dpo_by_hand(task, text, chosen, rejected, 0.5) + 2.0 * kl
     torch.testing.assert_close(loss.detach(), expect, rtol=1e-4, atol=1e-5)
+    anchored = reading_text(bon_task(parts, n=4, val_fraction=0.3, loss="dpo", dpo_beta=0.5, distill_guidance=2.0,
+                                     distill_cond_scale=1.5, uncond_kl=1.0))
+    with torch.no_grad():  # the same weights as `task` (bon_task reseeds), with the caption-free term as well
+        for p in anchored.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.manual_seed(7)
+    _, logs2 = anchored.loss(anchored.model.eval(), {"prompt": torch.tensor(anchored.train.rows[:3].tolist())}, 0)
+    assert logs2["distill_kl"] == pytest.approx(logs["distill_kl"], rel=1e-5)  # each term reads its own logits
+    assert logs2["uncond_kl"] > 0
     with pytest.raises(ValueError, match="above 0 only with loss: dpo"):
         BoNObjective(distill_guidance=1.0)
     with pytest.raises(ValueError, match="distill_cond_scale > 0 other than 1"):

@@ -168,18 +168,18 @@ class BoNTask(RewardSampling):
         loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.objective.dpo_beta)
         logs = {**logs, "margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item(),
                 "log_ratio_best": (chosen - ref_chosen).detach().mean().item()}
-        if self.objective.uncond_kl > 0:
+        o = self.objective
+        if o.uncond_kl > 0 or o.distill_guidance > 0:  # the reference's caption-free logits, for either term
             empty = empty_text(self.ref, len(codes), codes.device)
             with torch.no_grad():
-                ref_logits = self.ref(empty, codes)[1]
-            kl = distribution_kl(ref_logits, model(empty, codes)[1]).mean()
-            loss = loss + self.objective.uncond_kl * kl
+                ref_uncond = self.ref(empty, codes)[1]
+        if o.uncond_kl > 0:
+            kl = distribution_kl(ref_uncond, model(empty, codes)[1]).mean()
+            loss = loss + o.uncond_kl * kl
             logs["uncond_kl"] = kl.item()
-        if self.objective.distill_guidance > 0:
-            with torch.no_grad():
-                uncond = self.ref(empty_text(self.ref, len(codes), codes.device), codes)[1]
-                guided = torch.lerp(uncond.float(), ref_logits.float(), self.objective.distill_cond_scale)
+        if o.distill_guidance > 0:
+            guided = torch.lerp(ref_uncond.float(), ref_logits.float(), o.distill_cond_scale)
             kl = distribution_kl(guided, logits).mean()
-            loss = loss + self.objective.distill_guidance * kl
+            loss = loss + o.distill_guidance * kl
             logs["distill_kl"] = kl.item()
         return loss, logs
