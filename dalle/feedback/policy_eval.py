@@ -27,7 +27,7 @@ absolute pixel difference of every pair of them, in [0, 1]. Pure library code: n
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,8 +130,7 @@ def policy_kl(policy: Pipeline, ref: Pipeline, prompts: Sequence[str], codes: Te
     """Monte-Carlo KL(pi || pi_SFT) per sample (B,), in nats: sum over image tokens of log pi - log pi_SFT
     for codes (B, N) sampled from the policy. Each model reads the prompt through its own tokenizer."""
     out = []
-    for start in range(0, len(codes), batch_size):
-        texts, c = list(prompts[start : start + batch_size]), codes[start : start + batch_size]
+    for texts, c in _batches(prompts, codes, batch_size):
         logp = [token_logprobs(pipe.model(_text(pipe, texts), c.to(pipe.device))[1], c.to(pipe.device)).cpu()
                 for pipe in (policy, ref)]
         out.append(sequence_kl(*logp))
@@ -144,13 +143,19 @@ def guided_kl(ref: Pipeline, prompts: Sequence[str], codes: Tensor, cond_scale: 
     classifier-free guidance at `cond_scale`: sum over image tokens of log softmax(uncond + s (cond - uncond))
     - log softmax(cond), both of `ref`."""
     out = []
-    for start in range(0, len(codes), batch_size):
-        texts, c = list(prompts[start : start + batch_size]), codes[start : start + batch_size].to(ref.device)
+    for texts, c in _batches(prompts, codes, batch_size):
+        c = c.to(ref.device)
         cond = ref.model(_text(ref, texts), c)[1].float()
         uncond = ref.model(empty_text(ref.model, len(c), ref.device), c)[1].float()
         out.append(sequence_kl(token_logprobs(torch.lerp(uncond, cond, cond_scale), c),
                                token_logprobs(cond, c)).cpu())
     return torch.cat(out)
+
+
+def _batches(prompts: Sequence[str], codes: Tensor, batch_size: int) -> Iterator[tuple[list[str], Tensor]]:
+    """(prompts, codes) in consecutive batches of batch_size rows."""
+    for start in range(0, len(codes), batch_size):
+        yield list(prompts[start : start + batch_size]), codes[start : start + batch_size]
 
 
 def _text(pipe: Pipeline, texts: list[str]) -> Tensor:
