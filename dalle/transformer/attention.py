@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+if TYPE_CHECKING:  # imported where used: the module pulls in sympy, a sixth of generate.py's start on a CPU
+    from torch.nn.attention.flex_attention import BlockMask
 
 from dalle.transformer import blocksparse
 from dalle.transformer.masks import KINDS, _check_geometry, layer_kinds, mask_mod
@@ -128,12 +131,16 @@ def attend_newest(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tenso
 def _block_mask(kind: str, text_len: int, grid: int, kernel: int, length: int, device: torch.device,
                 image_first: bool = False) -> BlockMask:
     # The pattern does not depend on the length, so a prefix of the stream just asks for a smaller mask.
+    from torch.nn.attention.flex_attention import create_block_mask
+
     fn = mask_mod(kind, text_len, grid, kernel, image_first)
     return create_block_mask(fn, None, None, length, length, device=device)
 
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex() -> Callable[..., Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
     # Eager flex materialises every score; only the compiled kernel skips the fully masked tiles.
     return torch.compile(flex_attention, dynamic=False)
 
@@ -200,6 +207,8 @@ def attend(
     use_flex = full_seq and (backend == "flex" or (backend == "auto" and q.is_cuda and kind != "full"))
     if use_flex:
         block_mask = _block_mask(kind, text_len, grid, kernel, lq, q.device, first)
+        from torch.nn.attention.flex_attention import flex_attention
+
         fn = _compiled_flex() if q.is_cuda else flex_attention
         return fn(q, k, v, block_mask=block_mask)  # (B, H, Lq, Dv)
     if (full_seq and backend == "auto" and q.device.type == "cpu" and not first
