@@ -25,6 +25,7 @@ from dalle.captioning import DRAWN_CANDIDATES, DRAWN_PRIOR_SCALE
 from dalle.cli import (
     DTYPES,
     SEED_MAX,
+    HelpFormatter,
     add_debug_flag,
     add_sampling_flags,
     add_threads_flag,
@@ -44,7 +45,7 @@ PRIOR_SCALE, CANDIDATES = DRAWN_PRIOR_SCALE, DRAWN_CANDIDATES  # the defaults wh
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("images", nargs="+", help="image files (any size: centre-cropped and resized for the dVAE)")
     p.add_argument("--question", action="append", default=[],
                    help="answer this question about each image instead of captioning it (repeat for several)")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from dalle.cli import (
     DTYPES,
     SEED_MAX,
+    HelpFormatter,
     add_debug_flag,
     add_sampling_flags,
     add_threads_flag,
@@ -54,7 +55,7 @@ from dalle.pipeline import DEFAULT_MODEL, load_pipeline, prime_codes
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("prompts", nargs="*", help="one or more prompts (quote each)")
     p.add_argument("--prompts", dest="prompt_file", default="", help="file with one prompt per line")
     p.add_argument("--model", default=str(DEFAULT_MODEL),

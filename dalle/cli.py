@@ -21,6 +21,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64-1; numpy's generators take any n >= 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default after its help, except where the help already says what the default
+    means (a path on this machine says less than "the shipped model") or there is none to show (None, "",
+    False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if "default" in (action.help or "") or default is None or default is False or default in ("", []):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _number(text: str, kind: type, what: str) -> float | int:
     try:
         value = kind(text)

@@ -180,13 +180,34 @@ def test_console_entry_points_run_their_tool_under_the_wrapper(monkeypatch, caps
         monkeypatch.setattr(sys, "argv", [name, "--help"])
         with pytest.raises(SystemExit) as e:
             entry()
-        assert e.value.code == 0 and "--debug" in capsys.readouterr().out, name
+        out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+        assert e.value.code == 0 and "--debug" in out, name
+        # a default is shown where it says something: not a path on this machine, not None, False, "" or []
+        assert str(ROOT) not in out and not re.search(r"\(default: (None|False|\[\])?\)", out), name
     monkeypatch.setattr(sys, "argv", ["dalle-estimate", "--config", "/no/such.yaml"])  # raises FileNotFoundError
     with pytest.raises(SystemExit) as e:
         console.estimate()
     assert e.value.code == 2
     assert capsys.readouterr().err == "dalle-estimate: error: config file /no/such.yaml does not exist " \
                                       "(--debug shows the traceback)\n"
+
+
+def test_help_shows_the_defaults_that_say_something():
+    import argparse
+
+    p = argparse.ArgumentParser(formatter_class=cli.HelpFormatter)
+    p.add_argument("--steps", type=int, default=0, help="steps (0: until the budget)")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate")
+    p.add_argument("--model", default="/home/me/model", help="model (default: the shipped one)")
+    p.add_argument("--name", default="", help="run name")
+    p.add_argument("--dvae", default=None, help="dVAE directory")
+    p.add_argument("--tag", action="append", default=[], help="a tag")
+    p.add_argument("--grid", action="store_true", help="write a grid")
+    text = " ".join(p.format_help().split())
+    assert "steps (0: until the budget) (default: 0)" in text and "learning rate (default: 0.0003)" in text
+    assert "model (default: the shipped one) --name" in text and "/home/me" not in text
+    for flag in ("run name", "dVAE directory", "a tag", "write a grid"):
+        assert f"{flag} (default" not in text
 
 
 # ------------------------------------------------------------------------------------------------ data

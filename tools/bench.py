@@ -496,7 +496,7 @@ def run_order(names: list[str], peer_names: list[str]) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--cases", default=",".join(CPU_CASES),
                    help="comma-separated cases of ours to run: " + ", ".join(CASES))
     p.add_argument("--threads", type=cli.positive_int, default=2,

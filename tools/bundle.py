@@ -67,7 +67,7 @@ def bundle(dalle_dir: str | Path, out: str | Path, *, reranker_dir: str | Path |
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--dalle", required=True, help="transformer run or model directory (tools/train_dalle.py)")
     p.add_argument("--dvae", default=None, help="dVAE directory (default: the one the transformer names)")
     p.add_argument("--reranker", default=None, help="reranker run or model directory (tools/train_reranker.py)")

@@ -75,7 +75,7 @@ def activation_memory(cfg: DALLEConfig, batch: int, act_bytes: int) -> tuple[flo
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--config", required=True, help="a transformer config (its model and train sections are read)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a value, e.g. --set model.n_layer=32 or --set train.batch_size=4")

@@ -193,8 +193,9 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="joint transformer model or run directory")
+                                formatter_class=cli.HelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="joint transformer model or run directory (default: the shipped model)")
     p.add_argument("--reranker", default=None, help="reranker directory (default: the model's reranker/ folder)")
     p.add_argument("--split", nargs="+", default=["train", "zeroshot"], choices=["train", "val", "zeroshot"],
                    help="shapes splits whose scenes and captions are used")

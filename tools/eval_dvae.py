@@ -98,7 +98,7 @@ def random_grid(model, dataset, n: int, k: int, seed: int, batch_size: int = 64)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--model", required=True, help="dVAE model directory, or a training run directory")
     p.add_argument("--source", default="shapes", choices=["shapes", "folder", "webdataset"],
                    help="where the evaluation images come from")

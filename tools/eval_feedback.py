@@ -38,8 +38,9 @@ def parser() -> argparse.ArgumentParser:
     from dalle.pipeline import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sft", default=str(DEFAULT_MODEL), help="the supervised transformer (the KL reference)")
+                                formatter_class=cli.HelpFormatter)
+    p.add_argument("--sft", default=str(DEFAULT_MODEL),
+                   help="the supervised transformer, the KL reference (default: the shipped model)")
     p.add_argument("--reward", required=True, help="reward model (model or run directory) for best-of-N and scores")
     p.add_argument("--model", type=_named, action="append", default=[], metavar="NAME=DIR",
                    help="a fine-tuned transformer to evaluate (repeatable), e.g. dpo=runs/dpo")

@@ -187,8 +187,9 @@ def reference_distances(pipe, pairs, extractor, real: dict, args: argparse.Names
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="transformer model or run directory")
+                                formatter_class=cli.HelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="transformer model or run directory (default: the shipped model)")
     p.add_argument("--reranker", default=None, help="reranker directory (default: the model's reranker/ folder)")
     p.add_argument("--source", default="shapes", choices=["shapes", "folder", "webdataset", "coco"],
                    help="where the held-out captions and their real images come from")

@@ -123,8 +123,9 @@ def markdown(rows: list[dict], keys: tuple[str, ...]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="transformer model or run directory")
+                                formatter_class=cli.HelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="transformer model or run directory (default: the shipped model)")
     p.add_argument("--reranker", default=None, help="reranker directory (default: the model's reranker/ folder)")
     p.add_argument("--split", nargs="+", default=["train", "zeroshot"], choices=["train", "val", "zeroshot"],
                    help="shapes splits whose captions are the prompts")

@@ -28,7 +28,7 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint directory (step-N), or a run directory for its latest")
     p.add_argument("--out", required=True, help="model directory to write (must not exist)")
     p.add_argument("--live", action="store_true",

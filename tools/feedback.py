@@ -23,12 +23,12 @@ if __package__ in (None, ""):  # run as a script from a source checkout
 
 from tqdm.auto import tqdm
 
-from dalle.cli import DTYPES, add_debug_flag, add_sampling_flags, resolve_device, run
+from dalle.cli import DTYPES, HelpFormatter, add_debug_flag, add_sampling_flags, resolve_device, run
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_debug_flag(p)
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default=None, help="transformer model or run directory (default: the shipped one)")
     model.add_argument("--device", default="auto", help="cpu, cuda or auto")
     model.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights and compute dtype")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     s = sub.add_parser("sample", parents=[common, model], formatter_class=fmt, help="sample pairs into the store")
     source = s.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts", default="", help="file with one prompt per line")

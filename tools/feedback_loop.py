@@ -44,7 +44,7 @@ DEFAULT_METHODS = ("dpo", "grpo")  # bon samples n images per prompt in every st
 DATA_SETTINGS = ("model", "prompts", "pairs_per_prompt", "noise", "seed")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _Formatter(cli.HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in the flags' help, and the epilog's table of stages as written."""
 
 
@@ -62,7 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=_Formatter)
     p.add_argument("--out", required=True, help="run directory: the store, each stage's run, the evaluation")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="the supervised transformer the loop starts from")
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="the supervised transformer the loop starts from (default: the shipped model)")
     p.add_argument("--reranker", default=None,
                    help="reranker the reward model starts from (default: the model's reranker/ folder)")
     p.add_argument("--prompts", type=cli.positive_int, default=50, help="shapes train captions sampled")
@@ -77,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
                         "(on-policy), with that model as its reference; every round is evaluated")
     for stage in ("reward", *METHODS):
         p.add_argument(f"--{stage}-config", default=str(CONFIGS / f"{stage}-shapes.yaml"),
-                       help=f"config of the {stage} stage")
+                       help=f"config of the {stage} stage (default: configs/feedback/{stage}-shapes.yaml)")
     p.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
                    metavar="STAGE.SECTION.KEY=VALUE", help="change one config value of a training stage (repeatable)")
     p.add_argument("--eval-n", type=cli.positive_int, default=20, help="held-out prompts per split evaluated")

@@ -36,7 +36,7 @@ def _rgb(text: str) -> tuple[int, int, int]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Generate deterministic synthetic captioned shape images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument("--n", type=cli.positive_int, default=1000, help="number of samples to write (indices 0..n-1)")
     p.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")

@@ -32,7 +32,7 @@ from dalle.data.readers import scan_image_text_folder
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Pack a folder of image + caption pairs into webdataset tar shards (img2dataset layout).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument(
         "--src", required=True, help="folder of name.jpg|jpeg|png|webp + name.txt (+ name.json) pairs"

@@ -44,7 +44,7 @@ def build_source(args: argparse.Namespace, image_size: int):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--dvae", required=True, help="dVAE model directory or training run directory")
     p.add_argument("--source", default="shapes", choices=["shapes", "folder", "webdataset"],
                    help="where the captioned images come from")

@@ -127,7 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from dalle.data.transforms import PREPROCESS_MODES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--data", required=True,
                    help="a folder of name.jpg|png|webp + name.txt pairs (recursive), a webdataset shard pattern, or "
                         f"shapes[:N] (the built-in shapes world: N training scenes pre-tokenised for the transformer, "
@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sized: plan the models and steps from the data and --budget; or the name of config files "
                         "to train as they are (shapes: configs/{dvae,dalle,reranker}/shapes.yaml), --budget unused")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="dtype of the bundled weights in RUN/model (fp16 halves the size; the default model's)")
+                   help="dtype of the bundled weights in RUN/model (fp16 halves the size, as in the shipped model)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a free prompt for the report's sample grid (repeatable)")
     p.add_argument("--preprocess", default="paper", choices=PREPROCESS_MODES,

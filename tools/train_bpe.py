@@ -30,7 +30,7 @@ from dalle.tokenizer import TextTokenizer
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train the byte-level BPE text tokenizer (lower-cased captions) and write tokenizer.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shapes", type=cli.positive_int, metavar="N",

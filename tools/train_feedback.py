@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_debug_flag(p)
     sub = p.add_subparsers(dest="method", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = cli.HelpFormatter
     for name, what in (("reward", "train a reward model on the store's comparisons"),
                        ("dpo", "fine-tune the transformer on its compared samples with DPO"),
                        ("grpo", "fine-tune the transformer against a reward model (per-token KL penalty)"),

@@ -64,7 +64,7 @@ def entries(meta: list[dict]) -> list[tuple[str, list[str]]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--package", type=Path, required=True,
                    help="the unpacked npm package (the folder holding emoji.json and img/)")
     p.add_argument("--size", type=int, default=64, choices=[16, 20, 32, 64], help="image size in the package")

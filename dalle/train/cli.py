@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dalle.cli import add_debug_flag, apply_threads, non_negative_int, resolve_device
+from dalle.cli import HelpFormatter, add_debug_flag, apply_threads, non_negative_int, resolve_device
 from dalle.config import from_dict, to_dict
 from dalle.train.config import apply_overrides, load_yaml
 
@@ -28,7 +28,7 @@ def setup_logging(level: str = "INFO") -> None:
 
 def training_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", required=True,
                    help="YAML config with one section per dataclass (model, train, data, ...)")
     p.add_argument("--out", required=True, help="run directory: checkpoints, logs, eval grids")
