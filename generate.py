@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     per_image = pipe.model.config.image_seq_len - (0 if prime is None else len(prime))
     batch_size = args.batch_size or auto_batch_size(pipe, int(args.batch_memory * 2**20), guided=args.cond_scale != 1)
     # Counted in candidates, advanced a token at a time, so a batch of 64 still shows it moving.
-    bar = tqdm(total=len(args.prompts) * candidates, desc=f"sampling in batches of {batch_size}",
+    total = len(args.prompts) * candidates
+    bar = tqdm(total=total, desc=f"sampling in batches of {min(batch_size, total)}",
                bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} candidates [{elapsed}<{remaining}]",
                disable=args.no_progress)
     results = generate_many(pipe, args.prompts, keep=args.num_images, candidates=candidates, seed=args.seed,
