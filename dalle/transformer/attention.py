@@ -137,12 +137,12 @@ def _block_mask(kind: str, text_len: int, grid: int, kernel: int, length: int, d
     return create_block_mask(fn, None, None, length, length, device=device)
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex() -> Callable[..., Tensor]:
+@functools.lru_cache(maxsize=2)
+def _flex(compiled: bool) -> Callable[..., Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
 
     # Eager flex materialises every score; only the compiled kernel skips the fully masked tiles.
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
 def _check_attend(q: Tensor, k: Tensor, v: Tensor, length: int, backend: str, q_offset: int) -> None:
@@ -207,10 +207,7 @@ def attend(
     use_flex = full_seq and (backend == "flex" or (backend == "auto" and q.is_cuda and kind != "full"))
     if use_flex:
         block_mask = _block_mask(kind, text_len, grid, kernel, lq, q.device, first)
-        from torch.nn.attention.flex_attention import flex_attention
-
-        fn = _compiled_flex() if q.is_cuda else flex_attention
-        return fn(q, k, v, block_mask=block_mask)  # (B, H, Lq, Dv)
+        return _flex(q.is_cuda)(q, k, v, block_mask=block_mask)  # (B, H, Lq, Dv)
     if (full_seq and backend == "auto" and q.device.type == "cpu" and not first
             and blocksparse.routes(kind, text_len, grid, lq, q.dtype)):
         return blocksparse.attend(q, k, v, kind=kind, text_len=text_len, grid=grid, kernel=kernel)  # (B, H, Lq, Dv)
