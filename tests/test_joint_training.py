@@ -158,6 +158,45 @@ def test_joint_resume_equals_uninterrupted(assets, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
 
 
+def test_stop_at_then_a_second_phase_with_another_mix(assets, tmp_path, capsys):
+    # A curriculum by command line: --stop-at ends a run with a checkpoint as a crash would; the same command
+    # continues it exactly, and --resume CHECKPOINT into a new --out continues it with another objective.
+    def train(out, *extra):
+        return train_dalle.main(["--config", "configs/dalle/tiny-joint.yaml", "--out", str(out), "--no-progress",
+                                 "--device", "cpu", "--set", f"data.path={assets / 'tok-train'}",
+                                 "--set", f"data.val_path={assets / 'tok-val'}", "--set", "model.text_seq_len=16",
+                                 "--set", f"inputs.tokenizer={assets / 'tokenizer.json'}",
+                                 "--set", f"inputs.dvae={assets / 'dvae'}", "--set", "train.steps=6",
+                                 "--set", "train.log_every=1", "--set", "train.eval_every=6",
+                                 "--set", "train.save_every=6", *extra])
+
+    def log(out, event="train"):
+        return [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if e.get("event") == event]
+
+    assert train(tmp_path / "whole") == 0
+    assert train(tmp_path / "a", "--stop-at", "3") == 0
+    assert "stopped at step 3 of 6 (--stop-at)" in capsys.readouterr().out
+    assert (tmp_path / "a" / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+    with pytest.raises(SystemExit, match=r"--stop-at 2: the run is already at step 3"):
+        train(tmp_path / "a", "--stop-at", "2")
+    with pytest.raises(SystemExit, match=r"--stop-at 7 is past train.steps \(6\)"):
+        train(tmp_path / "never", "--stop-at", "7")
+    assert not (tmp_path / "never").exists()
+
+    assert train(tmp_path / "b", "--resume", str(tmp_path / "a" / "checkpoints" / "step-0000003"),
+                 "--set", "objective.mix_t2i=1", "--set", "objective.mix_caption=0", "--set", "objective.mix_qa=0") == 0
+    assert train(tmp_path / "a") == 0  # the same command again: to the end, as if never stopped
+    whole, again, phased = (load_pretrained(tmp_path / d).state_dict() for d in ("whole", "a", "b"))
+    for k in whole:
+        torch.testing.assert_close(again[k], whole[k], rtol=0, atol=1e-6, msg=k)
+    assert any(not torch.equal(phased[k], whole[k]) for k in whole)
+    second = log(tmp_path / "b")
+    assert [e["step"] for e in second] == [4, 5, 6]  # the step, and so the learning rate, go on
+    assert [e["lr"] for e in second] == [e["lr"] for e in log(tmp_path / "whole")[3:]]
+    assert not any("caption_loss" in e or "answer_loss" in e for e in second)  # the new mix: drawing only
+    assert all("caption_loss" in e for e in log(tmp_path / "a")[:3])
+
+
 @pytest.mark.parametrize("rows", [[0, 0, 0], [1, 1, 1], [2, 2, 2], [0, 1, 2]])
 def test_every_weight_gets_a_gradient_whatever_the_batchs_mix(rows):
     # DDP and DeepSpeed expect a gradient for every weight in every step: a batch that happens to hold one

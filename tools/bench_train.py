@@ -86,7 +86,7 @@ def summary(run: Path, warmup: int) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = training_parser(__doc__.split("\n\n")[0])
+    parser = training_parser(__doc__.split("\n\n")[0], resumable=False)
     parser.add_argument("--json", help="write the figures here too (rank 0)")
     parser.add_argument("--warmup", type=cli.non_negative_int, default=10,
                         help="steps left out of the timing (compilation), >= 0")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dalle.cli import HelpFormatter, add_debug_flag, apply_threads, non_negative_int, resolve_device
+from dalle.cli import HelpFormatter, add_debug_flag, apply_threads, non_negative_int, positive_int, resolve_device
 from dalle.config import from_dict, to_dict
 from dalle.train.config import apply_overrides, load_yaml
 
@@ -26,7 +26,9 @@ def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def training_parser(description: str) -> argparse.ArgumentParser:
+def training_parser(description: str, resumable: bool = True) -> argparse.ArgumentParser:
+    """The flags every training tool shares; `resumable=False` leaves out --resume and --stop-at (a benchmark
+    that always starts afresh)."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=HelpFormatter)
     p.add_argument("--config", required=True,
@@ -42,9 +44,15 @@ def training_parser(description: str) -> argparse.ArgumentParser:
                         "section. Default: $DALLE_DEEPSPEED, else plain PyTorch (DDP under torchrun)")
     p.add_argument("--local_rank", "--local-rank", type=non_negative_int, default=None,
                    help=argparse.SUPPRESS)  # the deepspeed launcher passes it; LOCAL_RANK says the same
-    p.add_argument("--resume", default="auto",
-                   help="auto: continue from OUT's latest checkpoint if any; never: refuse a run "
-                        "directory that has checkpoints; or a checkpoint directory to start from")
+    if resumable:
+        p.add_argument("--resume", default="auto",
+                       help="auto: continue from OUT's latest checkpoint if any; never: refuse a run "
+                            "directory that has checkpoints; or a checkpoint directory to start from")
+        p.add_argument("--stop-at", type=positive_int, default=None, metavar="STEP",
+                       help="stop after this step, with a checkpoint, as if interrupted there (the learning-rate "
+                            "schedule still runs to train.steps): the same command without it continues the run; "
+                            "--out NEW --resume OUT/checkpoints/step-STEP with other --set objective values "
+                            "continues it in another phase (docs/training.md)")
     p.add_argument("--threads", type=non_negative_int, default=0,
                    help="CPU threads for torch (0: auto, the cores not already busy by the load average; >= 0)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -95,6 +103,10 @@ def run_training(task: Any, sections: dict[str, Any], args: argparse.Namespace, 
     from dalle.train.engine import NonFiniteLossError, Trainer
 
     n = sum(p.numel() for p in task.model.parameters())  # before ZeRO-3 splits them across ranks
+    stop_at, steps = getattr(args, "stop_at", None), sections["train"].steps
+    if stop_at is not None and stop_at > steps:
+        raise SystemExit(f"--stop-at {stop_at} is past train.steps ({steps}): give a step in 1..{steps}, or raise "
+                         "train.steps (which also stretches the learning-rate schedule)")
     try:
         trainer = Trainer(task, sections["train"], args.out, device=resolve_device(args.device),
                           resume=args.resume, record=record(sections, args), progress=not args.no_progress,
@@ -104,11 +116,15 @@ def run_training(task: Any, sections: dict[str, Any], args: argparse.Namespace, 
     except Exception as e:
         _exit_if_disk_problem(e, args.out)
         raise
+    if stop_at is not None and stop_at <= trainer.step:
+        trainer.close()
+        raise SystemExit(f"--stop-at {stop_at}: the run is already at step {trainer.step} ({args.out}); give a "
+                         f"step in {trainer.step + 1}..{trainer.cfg.steps}, or leave the flag out to train to the end")
     if trainer.is_main:
         logging.getLogger("dalle").info("%s; %.2fM parameters, run dir %s", describe, n / 1e6, args.out)
         print(trainer.describe(), flush=True)
     try:
-        metrics = trainer.fit()
+        metrics = trainer.fit(stop_at=stop_at)
     except NonFiniteLossError as e:
         raise SystemExit(f"training stopped: {e}") from None
     except Exception as e:
@@ -123,6 +139,9 @@ def run_training(task: Any, sections: dict[str, Any], args: argparse.Namespace, 
             print(f"model directory: {latest}")
         if trainer.best.describe():  # --model RUN loads this one
             print(f"best checkpoint ({trainer.best.describe()}): {best_checkpoint(args.out)}")
+        if stop_at is not None and trainer.step == stop_at < trainer.cfg.steps:
+            print(f"stopped at step {stop_at} of {trainer.cfg.steps} (--stop-at): the same command without "
+                  "--stop-at continues the run")
     trainer.close()
     return 0
 
