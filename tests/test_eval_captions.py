@@ -102,6 +102,38 @@ def test_interference_compares_the_recipes_runs_in_one_table(joint, tiny_parts, 
     assert result["answers"] and not result["captions"]  # --parts as given, interference added to them
     assert "## Interference" in (out / "captions-eval.md").read_text()
 
+    # The text-to-image-only run as this evaluation recorded it: not drawn again, the same comparison
+    again = tmp_path / "again"
+    assert eval_captions.main(["--model", str(joint), "--t2i-recorded", str(out / "captions-eval.json"),
+                               "--reranker", str(tiny_parts / "reranker"), "--parts", "interference", "--split",
+                               "zeroshot", "--n", "2", "--interference-candidates", "1", "2",
+                               "--interference-cond-scale", "1", "--out", str(again), "--no-progress",
+                               "--device", "cpu"]) == 0
+    recorded = json.loads((again / "captions-eval.json").read_text())["interference"]
+    assert recorded["runs"]["t2i"] == [f"{tiny_parts / 'model'} (recorded in {out / 'captions-eval.json'})"]
+    assert recorded["t2i"] == got["t2i"] and recorded["joint"] == got["joint"][:1]
+    assert not (again / "interference" / "t2i-0").exists()
+
+
+def test_a_recorded_evaluation_must_have_drawn_the_same_prompts(joint, tmp_path, capsys):
+    recorded = tmp_path / "recorded.json"
+    recorded.write_text(json.dumps({
+        "settings": {"split": ["zeroshot"], "n": 2, "seed": 0},
+        "interference": {"runs": {"t2i": ["t2i-a"]}, "columns": [["zeroshot", 1.0, 1]], "t2i": [[0.5]]}}))
+    (tmp_path / "broken.json").write_text("{")
+    base = ["--model", str(joint), "--split", "zeroshot", "--interference-candidates", "1",
+            "--interference-cond-scale", "1", "--out", str(tmp_path / "e")]
+    for extra, message in ((["--n", "3", "--t2i-recorded", str(recorded)], "drawn with --n 2, this evaluation with 3"),
+                           (["--n", "2", "--interference-candidates", "1", "8", "--t2i-recorded", str(recorded)],
+                            "no zeroshot row at cond scale 1 with best of 8"),
+                           (["--n", "2", "--t2i-recorded", str(tmp_path / "broken.json")],
+                            "not the output of an interference evaluation"),
+                           (["--n", "2", "--t2i-recorded", str(tmp_path / "nowhere.json")], "nowhere.json")):
+        with pytest.raises(SystemExit):
+            eval_captions.main([*base, *extra])
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "e").exists()
+
 
 @pytest.mark.parametrize("extra, message", [
     (["--joint-runs", "{joint}"], "add --t2i-only"),

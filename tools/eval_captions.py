@@ -18,6 +18,11 @@ self-reranking against the CLIP-style reranker, on shapes, judged without the mo
 
     python tools/eval_captions.py --model runs/joint-s0 --joint-runs runs/joint-s1 \
         --t2i-only runs/t2i-s0 runs/t2i-s1 --parts interference --out runs/interference
+    python tools/eval_captions.py --model runs/joint-new --t2i-recorded runs/interference/captions-eval.json
+
+  The second form compares a new joint run with the text-to-image-only runs as an earlier evaluation recorded
+  them: the same prompts and seeds (the same --split, --n and --seed) give them the same images, so they are not
+  drawn again, and their weights are not needed.
 
 Writes OUT/captions-eval.json and OUT/captions-eval.md; refuses an OUT that holds them unless --overwrite.
 """
@@ -144,9 +149,8 @@ def eval_interference(args: argparse.Namespace, out: Path) -> dict:
 
     eval_shapes = importlib.import_module(f"{__package__}.eval_shapes" if __package__ else "eval_shapes")
     groups = {"joint": [args.model, *args.joint_runs], "t2i": args.t2i_only}
-    rows = {}
+    rows = {"joint": [], "t2i": []}
     for group, models in groups.items():
-        rows[group] = []
         for i, model in enumerate(models):
             sub = out / "interference" / f"{group}-{i}"
             argv = ["--model", model, "--split", *args.split, "--n", str(args.n), "--seed", str(args.seed),
@@ -157,8 +161,38 @@ def eval_interference(args: argparse.Namespace, out: Path) -> dict:
                 ["--no-progress"] if args.no_progress else [])
             eval_shapes.main(argv)
             rows[group].append(json.loads((sub / "shapes-eval.json").read_text())["rows"])
+    if args.recorded:
+        groups["t2i"] = [*groups["t2i"], *args.recorded[0]]
+        rows["t2i"] += args.recorded[1]
     result = interference.compare(rows["joint"], rows["t2i"])
     return {"runs": groups, **result}
+
+
+def recorded_t2i(path: str, args: argparse.Namespace) -> tuple[list[str], list[list[dict]]]:
+    """The text-to-image-only runs of an earlier interference evaluation (its captions-eval.json): a name and
+    the eval_shapes rows of each. Raises ValueError when the file is not one, or was drawn on other prompts or
+    seeds, or lacks a setting this evaluation compares."""
+    try:
+        data = json.loads(Path(path).read_text())
+        settings, found = data["settings"], data["interference"]
+        names, values, columns = found["runs"]["t2i"], found["t2i"], found["columns"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--t2i-recorded {path}: not the output of an interference evaluation "
+                         f"(tools/eval_captions.py --t2i-only ...): {cli.one_line(e)}") from None
+    for key in ("split", "n", "seed"):
+        if settings.get(key) != getattr(args, key):
+            raise ValueError(f"--t2i-recorded {path} was drawn with --{key} {settings.get(key)}, this evaluation with "
+                             f"{getattr(args, key)}: other prompts or seeds; evaluate with the recorded value")
+    have = {(split, float(cs), int(k)) for split, cs, k in columns}
+    missing = [(split, cs, k) for split in args.split for cs in args.interference_cond_scale
+               for k in args.interference_candidates if (split, cs, k) not in have]
+    if missing:
+        split, cs, k = missing[0]
+        raise ValueError(f"--t2i-recorded {path} has no {split} row at cond scale {cs:g} with best of {k}: set "
+                         "--interference-cond-scale and --interference-candidates to what it recorded")
+    rows = [[{"split": split, "cond_scale": cs, "candidates": k, "all_correct": v}
+             for (split, cs, k), v in zip(columns, run)] for run in values]
+    return [f"{name} (recorded in {path})" for name in names], rows
 
 
 def _agrees(verdict, mentions) -> bool:
@@ -221,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="interference: text-to-image-only models trained as --model was (same data, as many "
                         "text-to-image samples), drawing compared with the joint runs' on the compositional "
                         "evaluation")
+    p.add_argument("--t2i-recorded", metavar="JSON",
+                   help="interference: text-to-image-only runs as an earlier interference evaluation recorded them "
+                        "(its captions-eval.json, e.g. docs/eval/interference.json), beside or instead of "
+                        "--t2i-only; drawn with the same --split, --n and --seed, so not drawn again")
     p.add_argument("--joint-runs", nargs="+", default=[], metavar="MODEL",
                    help="interference: more runs of --model's recipe (other seeds), so that its run-to-run spread "
                         "is known")
@@ -236,12 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
-    if args.t2i_only and "interference" not in args.parts:
+    if (args.t2i_only or args.t2i_recorded) and "interference" not in args.parts:
         args.parts.append("interference")
-    if "interference" in args.parts and not args.t2i_only:
-        p.error("interference compares with text-to-image-only runs: name them with --t2i-only MODEL [MODEL ...]")
-    if args.joint_runs and not args.t2i_only:
+    if "interference" in args.parts and not (args.t2i_only or args.t2i_recorded):
+        p.error("interference compares with text-to-image-only runs: name them with --t2i-only MODEL [MODEL ...] "
+                "or --t2i-recorded JSON")
+    if args.joint_runs and not (args.t2i_only or args.t2i_recorded):
         p.error("--joint-runs is for the interference comparison: add --t2i-only MODEL [MODEL ...]")
+    try:
+        args.recorded = recorded_t2i(args.t2i_recorded, args) if args.t2i_recorded else None
+    except ValueError as e:
+        p.error(str(e))
     for flag, models in (("--joint-runs", args.joint_runs), ("--t2i-only", args.t2i_only)):
         for model in models:
             if not Path(model).exists():
@@ -260,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             require_reading(pipe, "qa")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot evaluate {args.model}: {e}") from None
-    result = {"model": pipe.model_id, "settings": {k: v for k, v in vars(args).items() if k not in ("no_progress",)},
+    result = {"model": pipe.model_id,
+              "settings": {k: v for k, v in vars(args).items() if k not in ("no_progress", "recorded")},
               "captions": [], "answers": [], "cycle": [], "rerank": [], "interference": None}
     with torch.no_grad():
         for split in tqdm(args.split, desc="splits", disable=args.no_progress):
