@@ -2,7 +2,7 @@
 
 import pytest
 
-from dalle.evaluation.interference import AHEAD, BEHIND, UNKNOWN, WITHIN, compare, markdown
+from dalle.evaluation.interference import AHEAD, BEHIND, UNKNOWN, WITHIN, compare, markdown, recorded_rows
 
 
 def rows(first: float, best: float, split: str = "zeroshot") -> list[dict]:
@@ -33,6 +33,14 @@ def test_only_the_columns_every_run_has_are_compared():
         compare([rows(0.5, 0.8, split="train")], [rows(0.6, 0.7)])
     with pytest.raises(ValueError, match="at least one joint run"):
         compare([], [rows(0.6, 0.7)])
+
+
+def test_a_recorded_comparison_gives_back_the_rows_it_compared():
+    joint, t2i = [rows(0.50, 0.80), rows(0.40, 0.70)], [rows(0.60, 0.70)]
+    got = compare(joint, t2i)
+    assert recorded_rows(got, "joint") == [[{k: r[k] for k in ("split", "cond_scale", "candidates", "all_correct")}
+                                            for r in run] for run in joint]
+    assert compare(recorded_rows(got, "joint"), recorded_rows(got, "t2i")) == got
 
 
 def test_the_table_has_a_row_per_run_and_the_summary_rows():

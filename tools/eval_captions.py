@@ -175,7 +175,7 @@ def recorded_t2i(path: str, args: argparse.Namespace) -> tuple[list[str], list[l
     try:
         data = json.loads(Path(path).read_text())
         settings, found = data["settings"], data["interference"]
-        names, values, columns = found["runs"]["t2i"], found["t2i"], found["columns"]
+        names, rows = found["runs"]["t2i"], interference.recorded_rows(found, "t2i")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--t2i-recorded {path}: not the output of an interference evaluation "
                          f"(tools/eval_captions.py --t2i-only ...): {cli.one_line(e)}") from None
@@ -183,15 +183,13 @@ def recorded_t2i(path: str, args: argparse.Namespace) -> tuple[list[str], list[l
         if settings.get(key) != getattr(args, key):
             raise ValueError(f"--t2i-recorded {path} was drawn with --{key} {settings.get(key)}, this evaluation with "
                              f"{getattr(args, key)}: other prompts or seeds; evaluate with the recorded value")
-    have = {(split, float(cs), int(k)) for split, cs, k in columns}
+    have = {(r["split"], r["cond_scale"], r["candidates"]) for r in rows[0]} if rows else set()
     missing = [(split, cs, k) for split in args.split for cs in args.interference_cond_scale
                for k in args.interference_candidates if (split, cs, k) not in have]
     if missing:
         split, cs, k = missing[0]
         raise ValueError(f"--t2i-recorded {path} has no {split} row at cond scale {cs:g} with best of {k}: set "
                          "--interference-cond-scale and --interference-candidates to what it recorded")
-    rows = [[{"split": split, "cond_scale": cs, "candidates": k, "all_correct": v}
-             for (split, cs, k), v in zip(columns, run)] for run in values]
     return [f"{name} (recorded in {path})" for name in names], rows
 
 

@@ -45,6 +45,13 @@ def compare(joint: Sequence[Sequence[dict]], t2i: Sequence[Sequence[dict]]) -> d
             "spread": spread, "difference": difference, "verdict": verdict}
 
 
+def recorded_rows(result: dict, group: str) -> list[list[dict]]:
+    """A `compare` result's runs of `group` ("joint" or "t2i") as the eval_shapes rows it read (all-correct
+    only): so runs evaluated once can join a later comparison without being drawn again."""
+    return [[{"split": split, "cond_scale": float(cs), "candidates": int(k), "all_correct": v}
+             for (split, cs, k), v in zip(result["columns"], run)] for run in result[group]]
+
+
 def label(column: Sequence) -> str:
     split, cond_scale, k = column
     return f"{split}: {'first' if k == 1 else f'best of {k}'}, cs {cond_scale:g}"
