@@ -174,8 +174,13 @@ def test_stop_at_then_a_second_phase_with_another_mix(assets, tmp_path, capsys):
         return [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if e.get("event") == event]
 
     assert train(tmp_path / "whole") == 0
+    assert "final: val_text_loss" in capsys.readouterr().out
     assert train(tmp_path / "a", "--stop-at", "3") == 0
-    assert "stopped at step 3 of 6 (--stop-at)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "stopped at step 3 of 6 (--stop-at)" in said
+    assert "final:" not in said  # no evaluation since step 0: nothing to report as the run's last figures
+    assert train(tmp_path / "c", "--stop-at", "3", "--set", "train.eval_every=2") == 0
+    assert "last evaluation (step 2): val_text_loss" in capsys.readouterr().out  # not passed off as step 3's
     assert (tmp_path / "a" / "checkpoints" / "latest").read_text().strip() == "step-0000003"
     with pytest.raises(SystemExit, match=r"--stop-at 2: the run is already at step 3"):
         train(tmp_path / "a", "--stop-at", "2")

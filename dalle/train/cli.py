@@ -131,7 +131,10 @@ def run_training(task: Any, sections: dict[str, Any], args: argparse.Namespace, 
         _exit_if_disk_problem(e, args.out)
         raise
     if trainer.is_main:
-        print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if metrics:  # none when the run stopped before its first evaluation in this process
+            at = trainer.last_eval_step
+            head = "final" if at == trainer.step else f"last evaluation (step {at})"
+            print(f"{head}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         latest = latest_checkpoint(args.out)
         if trainer.backend.sharded:
             print(f"DeepSpeed checkpoint: {latest}; make a model directory with: {EXPORT_HINT.format(path=latest)}")

@@ -153,6 +153,7 @@ class Trainer:
         self.progress = progress and self.is_main
         self.checkpoints = self.run_dir / "checkpoints"
         self.best = BestTracker.for_task(task)
+        self.last_eval_step: int | None = None  # fit's metrics are this step's: a stop may come between evaluations
         self._resume(resume)
         if self.step == 0:  # images a folder scan dropped (no usable caption) count once per run, not per rank
             self.counters["skipped_samples"] += getattr(task.train_dataset(), "num_skipped_at_scan", 0)
@@ -480,7 +481,7 @@ class Trainer:
                 self._log_train(window, samples, time.perf_counter() - t0)
                 window, samples, t0 = {}, 0, time.perf_counter()
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                eval_metrics = self._evaluate_or_save()
+                eval_metrics, self.last_eval_step = self._evaluate_or_save(), self.step
                 if self.is_main:
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
                 improved, stop = self._judge(eval_metrics)
