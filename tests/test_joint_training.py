@@ -201,6 +201,19 @@ def test_stop_at_then_a_second_phase_with_another_mix(assets, tmp_path, capsys):
     assert not any("caption_loss" in e or "answer_loss" in e for e in second)  # the new mix: drawing only
     assert all("caption_loss" in e for e in log(tmp_path / "a")[:3])
 
+    # The same curriculum in one run: objective.second_mix_at. Stopped inside the second phase and continued,
+    # it ends with the weights of the two commands above.
+    second_mix = ["--set", "objective.second_mix_at=3", "--set", "objective.second_mix_t2i=1"]
+    assert train(tmp_path / "one", *second_mix, "--stop-at", "5") == 0
+    assert train(tmp_path / "one", *second_mix) == 0
+    one_run = load_pretrained(tmp_path / "one").state_dict()
+    for k in whole:
+        torch.testing.assert_close(one_run[k], phased[k], rtol=0, atol=1e-6, msg=k)
+    assert [e["step"] for e in log(tmp_path / "one") if "caption_loss" in e] == [1, 2, 3]
+    with pytest.raises(SystemExit, match=r"objective.second_mix_at 6 is not before train.steps \(6\)"):
+        train(tmp_path / "late", "--set", "objective.second_mix_at=6", "--set", "objective.second_mix_t2i=1")
+    assert not (tmp_path / "late").exists()
+
 
 @pytest.mark.parametrize("rows", [[0, 0, 0], [1, 1, 1], [2, 2, 2], [0, 1, 2]])
 def test_every_weight_gets_a_gradient_whatever_the_batchs_mix(rows):
@@ -221,3 +234,20 @@ def test_every_weight_gets_a_gradient_whatever_the_batchs_mix(rows):
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
     names = {0: "image_loss", 1: "caption_loss", 2: "answer_loss"}
     assert {names[r] for r in rows} <= set(metrics)
+
+
+def test_a_second_mix_is_checked_like_the_first():
+    obj = DALLEObjective(mix_t2i=0.9, mix_caption=0.1, second_mix_at=5, second_mix_t2i=0.25, second_mix_qa=0.75)
+    assert obj.at(4) is obj and obj.at(5).mix == {"t2i": 0.25, "qa": 0.75} and obj.at(9).second_mix_at == 0
+    assert DALLEObjective().at(10**6) == DALLEObjective()  # no second mix: one mix throughout
+    with pytest.raises(ValueError, match="second_mix_at is 5: second_mix_t2i, second_mix_caption and second_mix_qa"):
+        DALLEObjective(second_mix_at=5)
+    with pytest.raises(ValueError, match="second_mix_at must be >= 0"):
+        DALLEObjective(second_mix_at=-1)
+
+    class Tok:
+        vocab_size = 40
+
+    model = DALLE(tiny_config("dalle", text_vocab_size=40, layouts=("t2i", "caption")))
+    with pytest.raises(ValueError, match=r"objective.second_mix_qa > 0 but the model has no 'qa' layout"):
+        DALLETask(model, DALLEObjective(mix_caption=1, second_mix_at=3, second_mix_qa=1), Tok(), [], [])

@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     inputs: DALLEInputs = cfg["inputs"]
     if not inputs.tokenizer:
         raise SystemExit("inputs.tokenizer is not set: train one with tools/train_bpe.py and point to it")
+    switch, steps = cfg["objective"].second_mix_at, cfg["train"].steps
+    if switch >= steps:
+        raise SystemExit(f"objective.second_mix_at {switch} is not before train.steps ({steps}): the second mix "
+                         f"would never be used; give a step in 1..{steps - 1}, or 0 for one mix throughout")
     tokenizer = TextTokenizer.from_file(inputs.tokenizer)
     device = resolve_device(args.device)
     dvae = load_pretrained(inputs.dvae, expect="dvae", map_location=device) if inputs.dvae else None

@@ -38,7 +38,9 @@ log = logging.getLogger("dalle.train.engine")
 
 class Task(Protocol):
     """What a stage gives the engine. `model` is trained; the rest are pure functions of their inputs.
-    A task may also define `tokens_per_sample` (throughput in tokens/s) and `save_extra(directory)`."""
+    A task may also define `tokens_per_sample` (throughput in tokens/s), `save_extra(directory)`, and
+    `data_changes_at`: steps from which `train_dataset(step)` gives other data (a curriculum); the engine starts
+    a new loader there, at the same data position, exactly as a run resumed at that step would."""
 
     model: nn.Module
 
@@ -278,10 +280,14 @@ class Trainer:
     def eval_model(self) -> nn.Module:
         return self.ema.model if self.ema is not None else self.model
 
+    def _train_dataset(self) -> Dataset:
+        return self.task.train_dataset(self.step) if getattr(self.task, "data_changes_at", ()) else \
+            self.task.train_dataset()
+
     def _loader(self) -> Iterator[dict[str, Any]]:
         from dalle.data.readers import collate_skip_bad
 
-        cfg, ds = self.cfg, self.task.train_dataset()
+        cfg, ds = self.cfg, self._train_dataset()
         common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_skip_bad,
                       persistent_workers=cfg.num_workers > 0)
         if isinstance(ds, IterableDataset):
@@ -468,6 +474,8 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True)
         while self.step < end:
             improved = stop = False
+            if self.step in getattr(self.task, "data_changes_at", ()):
+                batches = self._loader()
             metrics, n = self.train_step(batches)
             self.step += 1
             self.data_position += self.global_batch

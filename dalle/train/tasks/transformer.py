@@ -10,7 +10,8 @@ image, write its caption) or qa (read the image and a question, write the answer
 `mix_t2i`, `mix_caption` and `mix_qa`, from its own seed. A reading row's loss is the cross-entropy of the
 text it writes (the caption or the answer, and its end-of-text token) only; each row counts in the step's loss
 by its share of the batch, a reading row with weight `reading_loss_weight`. The default mix is text-to-image
-only, and then training is exactly what it was before the reading layouts existed.
+only, and then training is exactly what it was before the reading layouts existed. A second mix from a given
+step on (`second_mix_*`) makes a curriculum under one learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,6 +57,13 @@ class DALLEObjective:
     mix_caption: float = 0.0
     mix_qa: float = 0.0  # a sample without questions is captioned instead
     reading_loss_weight: float = 1.0  # a caption or answer row's loss against a text-to-image row's
+    # A curriculum under one learning-rate schedule: from step `second_mix_at` on (0: never), samples are drawn
+    # with the second mix's shares instead. Drawing first, reading last (0.9 text to image, then 0.25) is the
+    # order measured best in docs/evaluation.md. The same as --stop-at there and resuming with the second mix.
+    second_mix_at: int = 0
+    second_mix_t2i: float = 0.0
+    second_mix_caption: float = 0.0
+    second_mix_qa: float = 0.0
     # Caption rows write a two-object shapes caption in either order, the stored one or its converse ("a
     # circle left of a square", "a square right of a circle"), half each: the same image named both ways is
     # what teaches which relation word follows which object. Other captions are written as stored.
@@ -67,6 +75,12 @@ class DALLEObjective:
         shares = (self.mix_t2i, self.mix_caption, self.mix_qa)
         if min(shares) < 0 or sum(shares) <= 0:
             raise ValueError(f"mix_t2i, mix_caption and mix_qa must be >= 0 with a positive sum, got {shares}")
+        second = (self.second_mix_t2i, self.second_mix_caption, self.second_mix_qa)
+        if self.second_mix_at < 0:
+            raise ValueError(f"second_mix_at must be >= 0 (0: one mix throughout), got {self.second_mix_at}")
+        if self.second_mix_at and (min(second) < 0 or sum(second) <= 0):
+            raise ValueError(f"second_mix_at is {self.second_mix_at}: second_mix_t2i, second_mix_caption and "
+                             f"second_mix_qa must be >= 0 with a positive sum, got {second}")
 
     @property
     def mix(self) -> dict[str, float]:
@@ -74,6 +88,17 @@ class DALLEObjective:
         total = self.mix_t2i + self.mix_caption + self.mix_qa
         shares = {T2I: self.mix_t2i, CAPTION: self.mix_caption, QA: self.mix_qa}
         return {name: share / total for name, share in shares.items() if share > 0}
+
+    def at(self, step: int) -> DALLEObjective:
+        """The objective samples of `step` are drawn with: the second mix as the first, from `second_mix_at` on."""
+        if not self.second_mix_at or step < self.second_mix_at:
+            return self
+        return replace(self, mix_t2i=self.second_mix_t2i, mix_caption=self.second_mix_caption,
+                       mix_qa=self.second_mix_qa, second_mix_at=0)
+
+    @property
+    def phases(self) -> tuple[DALLEObjective, ...]:
+        return (self,) if not self.second_mix_at else (self, self.at(self.second_mix_at))
 
 
 @dataclass(frozen=True)
@@ -183,19 +208,24 @@ class DALLETask:
                   dvae_vocab_size=dvae and dvae.config.vocab_size, where="model")
         self.model, self.objective, self.tokenizer, self.dvae = model, objective, tokenizer, dvae
         self.dvae_path = dvae_path
-        missing = [name for name in objective.mix if name not in cfg.layouts]
+        trained = {name: "mix_" if i == 0 else "second_mix_"
+                   for i, phase in reversed(list(enumerate(objective.phases))) for name in phase.mix}
+        missing = [name for name in trained if name not in cfg.layouts]
         if missing:
-            raise ValueError(f"objective.mix_{missing[0]} > 0 but the model has no {missing[0]!r} layout: set "
-                             f"model.layouts to {list(LAYOUTS)} (configs/dalle/shapes.yaml), or the share to 0")
+            raise ValueError(f"objective.{trained[missing[0]]}{missing[0]} > 0 but the model has no {missing[0]!r} "
+                             f"layout: set model.layouts to {list(LAYOUTS)} (configs/dalle/shapes.yaml), or the "
+                             "share to 0")
         self.tokens_per_sample = cfg.seq_len  # text + image slots: what tokens/s in the logs counts
-        self.train = captioned(train, tokenizer, cfg.text_seq_len, objective, True)
+        self.train = [captioned(train, tokenizer, cfg.text_seq_len, phase, True) for phase in objective.phases]
+        # the engine starts a new loader at this step, as resuming there with the second mix would
+        self.data_changes_at = (objective.second_mix_at,) if objective.second_mix_at else ()
         self.val = captioned(val, tokenizer, cfg.text_seq_len, objective, False, T2I)
         # one held-out view per reading direction trained, each sample read in that direction
         self.val_reading = {name: captioned(val, tokenizer, cfg.text_seq_len, objective, False, name)
-                            for name in objective.mix if name != T2I}
+                            for name in trained if name != T2I}
 
-    def train_dataset(self) -> Dataset:
-        return self.train
+    def train_dataset(self, step: int = 0) -> Dataset:
+        return self.train[1 if self.data_changes_at and step >= self.data_changes_at[0] else 0]
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         return matrix_decay_groups(model)
@@ -245,7 +275,7 @@ class DALLETask:
         return out
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, float]]:
-        o = self.objective
+        o = self.objective.at(step)  # step: the steps done, as data_changes_at counts them
         if T2I in o.mix and len(o.mix) == 1:  # text-to-image only: the loss as it always was
             text_loss, image_loss = self.losses(model, batch)
             loss = o.text_loss_weight * text_loss + o.image_loss_weight * image_loss
