@@ -208,6 +208,7 @@ class DALLETask:
                   dvae_vocab_size=dvae and dvae.config.vocab_size, where="model")
         self.model, self.objective, self.tokenizer, self.dvae = model, objective, tokenizer, dvae
         self.dvae_path = dvae_path
+        # every direction either mix trains, with the name of the first setting that asks for it (for the error)
         trained = {name: "mix_" if i == 0 else "second_mix_"
                    for i, phase in reversed(list(enumerate(objective.phases))) for name in phase.mix}
         missing = [name for name in trained if name not in cfg.layouts]
