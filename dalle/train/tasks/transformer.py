@@ -208,14 +208,12 @@ class DALLETask:
                   dvae_vocab_size=dvae and dvae.config.vocab_size, where="model")
         self.model, self.objective, self.tokenizer, self.dvae = model, objective, tokenizer, dvae
         self.dvae_path = dvae_path
-        # every direction either mix trains, with the name of the first setting that asks for it (for the error)
-        trained = {name: "mix_" if i == 0 else "second_mix_"
-                   for i, phase in reversed(list(enumerate(objective.phases))) for name in phase.mix}
+        trained = list(dict.fromkeys(name for phase in objective.phases for name in phase.mix))  # either mix
         missing = [name for name in trained if name not in cfg.layouts]
         if missing:
-            raise ValueError(f"objective.{trained[missing[0]]}{missing[0]} > 0 but the model has no {missing[0]!r} "
-                             f"layout: set model.layouts to {list(LAYOUTS)} (configs/dalle/shapes.yaml), or the "
-                             "share to 0")
+            setting = ("mix_" if missing[0] in objective.mix else "second_mix_") + missing[0]
+            raise ValueError(f"objective.{setting} > 0 but the model has no {missing[0]!r} layout: set "
+                             f"model.layouts to {list(LAYOUTS)} (configs/dalle/shapes.yaml), or the share to 0")
         self.tokens_per_sample = cfg.seq_len  # text + image slots: what tokens/s in the logs counts
         self.train = [captioned(train, tokenizer, cfg.text_seq_len, phase, True) for phase in objective.phases]
         # the engine starts a new loader at this step, as resuming there with the second mix would
@@ -226,7 +224,7 @@ class DALLETask:
                             for name in trained if name != T2I}
 
     def train_dataset(self, step: int = 0) -> Dataset:
-        return self.train[1 if self.data_changes_at and step >= self.data_changes_at[0] else 0]
+        return self.train[sum(step >= at for at in self.data_changes_at)]  # one phase per switch passed
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         return matrix_decay_groups(model)
