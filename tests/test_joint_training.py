@@ -138,12 +138,12 @@ def test_joint_config_trains_in_bf16_with_every_directions_losses(assets):
     assert load_pretrained(run).config.layouts == ("t2i", "caption", "qa")
 
 
-def _task(assets, seed=0):
+def _task(assets, seed=0, obj=None):
     tok = TextTokenizer.from_file(assets / "tokenizer.json")
     torch.manual_seed(seed)
     model = DALLE(tiny_config("dalle", text_vocab_size=tok.vocab_size, text_seq_len=16, n_layer=2,
                               layouts=("t2i", "caption", "qa")))
-    obj = DALLEObjective(mix_t2i=0.5, mix_caption=0.25, mix_qa=0.25, val_samples=8)
+    obj = obj or DALLEObjective(mix_t2i=0.5, mix_caption=0.25, mix_qa=0.25, val_samples=8)
     return DALLETask(model, obj, tok, TokenShards(assets / "tok-train"), TokenShards(assets / "tok-val"))
 
 
@@ -213,6 +213,20 @@ def test_stop_at_then_a_second_phase_with_another_mix(assets, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"objective.second_mix_at 6 is not before train.steps \(6\)"):
         train(tmp_path / "late", "--set", "objective.second_mix_at=6", "--set", "objective.second_mix_t2i=1")
     assert not (tmp_path / "late").exists()
+
+
+def test_a_curriculum_keeps_its_best_and_stops_early_only_in_its_last_phase(assets, tmp_path):
+    # Held-out image loss rising from the first evaluation: without the rule, patience 1 would stop the run at
+    # step 2 and keep step 1 as best, a model that never saw the second mix.
+    task = _task(assets, obj=DALLEObjective(mix_t2i=0.9, mix_caption=0.1, second_mix_at=4, second_mix_caption=1,
+                                            val_samples=8))
+    task.evaluate = lambda model, step, sink: {"val_image_loss": float(step)}
+    cfg = TrainConfig(steps=8, batch_size=4, lr=3e-3, warmup_steps=1, eval_every=1, save_every=100, log_every=100,
+                      early_stop_evals=1)
+    trainer = Trainer(task, cfg, tmp_path / "run", progress=False)
+    trainer.fit()
+    assert trainer.best.step == 4 and trainer.step == 5  # judged from the switch on: best at 4, one stale, stop
+    assert (tmp_path / "run" / "checkpoints" / "best").read_text().strip() == "step-0000004"
 
 
 @pytest.mark.parametrize("rows", [[0, 0, 0], [1, 1, 1], [2, 2, 2], [0, 1, 2]])

@@ -516,9 +516,12 @@ class Trainer:
     def _judge(self, eval_metrics: dict[str, float]) -> tuple[bool, bool]:
         """(a new best to save now, stop early); rank 0 decides, as only it evaluates, and the others follow
         (a collective call: saving is collective too)."""
-        improved = self.best.observe(eval_metrics, self.step) if self.is_main else False
+        # A curriculum is judged from its last phase on: a best kept (or an early stop) before then would be a
+        # model that never trained on that phase's data, such as a drawing-first transformer that never read.
+        judged = self.step >= max(getattr(self.task, "data_changes_at", ()), default=0)
+        improved = self.best.observe(eval_metrics, self.step) if self.is_main and judged else False
         patience = self.cfg.early_stop_evals
-        stop = self.is_main and (patience > 0 and self.best.evals_since >= patience or self._out_of_time())
+        stop = self.is_main and (patience > 0 and judged and self.best.evals_since >= patience or self._out_of_time())
         agreed = self.backend.sum(torch.tensor([float(improved), float(stop)], dtype=torch.float64)).tolist()
         return bool(agreed[0]), bool(agreed[1])
 
