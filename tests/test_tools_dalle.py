@@ -174,8 +174,8 @@ def test_shapes_config_trains_through_an_evaluation_with_its_sample_grid(assets,
     run = tmp_path / "run"
     tiny = ["model.text_seq_len=12", "model.image_vocab_size=64", "model.image_grid_size=4", "model.n_embd=32",
             "model.n_layer=4", "model.n_head=4", "model.conv_kernel=3", "objective.val_samples=8",
-            "train.steps=4", "train.batch_size=4", "train.warmup_steps=1", "train.eval_every=2",
-            "train.save_every=4", "train.log_every=2", f"data.path={assets / 'tok-train'}",
+            "train.steps=4", "objective.second_mix_at=2", "train.batch_size=4", "train.warmup_steps=1",
+            "train.eval_every=2", "train.save_every=4", "train.log_every=2", f"data.path={assets / 'tok-train'}",
             f"data.val_path={assets / 'tok-val'}", f"inputs.tokenizer={assets / 'tokenizer.json'}",
             f"inputs.dvae={assets / 'dvae'}"]
     args = ["--config", "configs/dalle/shapes.yaml", "--out", str(run), "--no-progress", "--device", "cpu"]

@@ -118,6 +118,12 @@ def test_recipe_sizes_images_codes_and_text_from_the_data() -> None:
     assert cfg["train"]["ema_decay"] == 0.99  # averages the last ~100 steps, not the first weights
     assert cfg["train"]["warmup_steps"] == 100 and cfg["objective"]["temp_steps"] == 333
     assert cfg["train"]["eval_every"] == 125 and cfg["train"]["early_stop_evals"] == 3
+    shipped = recipe.base("dalle", "shapes")  # drawing first, reading last: the switch keeps its share of the run
+    share = shipped["objective"]["second_mix_at"] / shipped["train"]["steps"]
+    recipe.set_steps(shipped, 1000, early_stop=3)
+    assert shipped["objective"]["second_mix_at"] == round(1000 * share) and shipped["train"]["steps"] == 1000
+    recipe.set_steps(shipped, recipe.MIN_STEPS, early_stop=3)
+    assert 0 < shipped["objective"]["second_mix_at"] < recipe.MIN_STEPS
 
 
 def test_held_out_split_depends_on_the_keys_not_their_order() -> None:

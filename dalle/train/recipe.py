@@ -144,13 +144,15 @@ def set_steps(cfg: dict[str, Any], steps: int, *, early_stop: int) -> int:
     """Fill in steps, evaluation and save intervals, warm-up and schedules for `steps` steps."""
     every = max(5, steps // 8)
     train = cfg["train"]
+    obj = cfg.get("objective", {})
+    if obj.get("second_mix_at") and train.get("steps"):  # a curriculum switches at the same share of the run
+        obj["second_mix_at"] = min(steps - 1, max(1, round(obj["second_mix_at"] * steps / train["steps"])))
     train.update(steps=steps, eval_every=every, save_every=every, log_every=max(1, min(100, every // 2)),
                  early_stop_evals=early_stop)
     if train.get("ema_decay"):  # an average over at most a tenth of the run, or the start's weights linger in it
         train["ema_decay"] = max(0.0, round(min(train["ema_decay"], 1 - 10 / steps), 4))
     if "warmup_steps" in train:
         train["warmup_steps"] = min(train["warmup_steps"], steps // 10)
-    obj = cfg.get("objective", {})
     if "temp_steps" in obj:
         obj["temp_steps"] = min(obj["temp_steps"], max(1, steps // 3))
     if "kl_steps" in obj:
