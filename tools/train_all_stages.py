@@ -232,3 +232,8 @@ STAGE_FUNCTIONS = {"split": split, "bpe": bpe, "plan": plan, "dvae": _train("tra
                    "pretokenize": pretokenize, "dalle": _train("train_dalle", "dalle"),
                    "reranker": _train("train_reranker", "reranker"), "bundle": bundle, "evaluate": evaluate,
                    "report": report}
+
+
+if __name__ == "__main__":  # a part of another command, not one itself
+    raise SystemExit("tools/train_all_stages.py holds stages of tools/train_all.py: "
+                     "run python tools/train_all.py --help")
