@@ -195,8 +195,17 @@ def _train(tool: str, kind: str):
         p = _paths(run)
         _tool(tool).main(["--config", str(run.dir / "configs" / f"{kind}.yaml"), "--out", p[kind],
                           *_common(args, "train")])
-        return {}
+        return {"earlier_seconds": earlier_seconds(Path(p[kind]))}
     return stage
+
+
+def earlier_seconds(run_dir: Path) -> float:
+    """The training seconds that earlier processes left in the checkpoint this process resumed from (0 for a
+    run that started here): a stage resumed after a crash then counts the work it kept."""
+    log = run_dir / "log.jsonl"
+    starts = [e for e in map(json.loads, log.read_text().splitlines()) if e.get("event") == "start"] \
+        if log.is_file() else []
+    return float(starts[-1].get("seconds_before", 0.0)) if starts else 0.0
 
 
 def pretokenize(run, args, source) -> dict:
