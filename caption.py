@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--beam and --sample exclude each other: search or sample")
     if not args.sample and (args.temperature, args.top_k, args.top_p) != (1.0, 0, 1.0):
         p.error("--temperature, --top-k and --top-p shape sampling: add --sample")
+    if any(not q.strip() for q in args.question):
+        p.error("--question is empty: give a question such as \"how many objects?\", or leave the flag out to caption")
     if args.prior_scale is not None and args.question:
         p.error("--prior-scale guides captions; answers have no caption prior: leave it out with --question")
     if args.candidates is not None and args.question:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,7 @@ from dalle.generation import (
     generate_many,
 )
 from dalle.pipeline import DEFAULT_MODEL, load_pipeline, prime_codes
+from dalle.tokenizer import TruncationWarning
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -176,6 +179,23 @@ def labelled_grid(images: torch.Tensor, labels: list[str], nrow: int) -> Image.I
     return Image.fromarray(make_grid(torch.stack(tiles), nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy())
 
 
+def warn_truncated(pipe, prompts: list[str]) -> None:
+    """One line per prompt longer than the model (or its reranker) reads, said once here rather than as a
+    library warning per batch and per scorer."""
+    readers = [("the model", pipe.tokenizer, pipe.model.config.text_seq_len)]
+    if pipe.reranker is not None:
+        readers.append(("the reranker", pipe.reranker_tokenizer, pipe.reranker.config.text_seq_len))
+    for prompt in dict.fromkeys(prompts):
+        cuts: dict[tuple[int, int], list[str]] = {}
+        for who, tok, length in readers:
+            cut = tok.encode_batch([prompt], length, truncate_warn=False)[1][0]
+            if cut:
+                cuts.setdefault((length, cut), []).append(who)
+        for (length, cut), who in cuts.items():
+            print(f"warning: {' and '.join(who)} read{'s' if len(who) == 1 else ''} {length} text tokens: the last "
+                  f"{cut} tokens of {prompt!r} are left out (shorten the prompt)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -220,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, Image.DecompressionBombError) as e:  # the latter: over PIL's 179 MP limit
             raise SystemExit(f"cannot read --prime-image {args.prime_image}: {e}") from None
         prime = prime_codes(pipe, image, args.prime_rows)
+    warn_truncated(pipe, args.prompts)
     settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "cond_scale", "prime_image",
                                               "prime_rows", "dtype")}
     per_image = pipe.model.config.image_seq_len - (0 if prime is None else len(prime))
@@ -229,11 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=total, desc=f"sampling in batches of {min(batch_size, total)}",
                bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} candidates [{elapsed}<{remaining}]",
                disable=args.no_progress)
-    results = generate_many(pipe, args.prompts, keep=args.num_images, candidates=candidates, seed=args.seed,
-                            batch_size=batch_size, progress=lambda n: bar.update(n / per_image),
-                            temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale, prime=prime,
-                            rerank=args.rerank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncationWarning)
+        results = generate_many(pipe, args.prompts, keep=args.num_images, candidates=candidates, seed=args.seed,
+                                batch_size=batch_size, progress=lambda n: bar.update(n / per_image),
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                cond_scale=args.cond_scale, prime=prime, rerank=args.rerank)
     bar.close()
     for position, (prompt, stem, kept) in enumerate(zip(args.prompts, stems, results), 1):
         for rank, g in enumerate(kept):

@@ -157,6 +157,9 @@ def answer(pipe: Pipeline, images: Tensor, questions: Sequence[str], *, num: int
     if isinstance(questions, str) or len(questions) != len(images):
         raise ValueError(f"give one question per image: {len(images)} images, "
                          f"{1 if isinstance(questions, str) else len(questions)} questions")
+    blank = [i for i, q in enumerate(questions) if not q.strip()]
+    if blank:  # with no question to answer, the model writes a caption in the answer's place
+        raise ValueError(f"question {blank[0]} is empty: give one question per image")
     require_reading(pipe, QA)
     cfg = pipe.model.config
     codes = encode_images(pipe, images)

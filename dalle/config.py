@@ -7,6 +7,7 @@ overrides: one vocabulary everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from typing import Any, TypeVar
@@ -25,17 +26,42 @@ def from_dict(cls: type[T], values: dict[str, Any] | None, where: str = "") -> T
         )
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
+        hint, key = hints.get(name), f"{where or cls.__name__}.{name}"
         # YAML gives lists where the dataclass wants tuples (hashable, frozen).
-        hint = hints.get(name)
         if isinstance(value, list) and "tuple" in str(hint):
             values[name] = tuple(value)
-        # YAML 1.1 reads 3e-4 (no dot) as a string; a float field takes it as the number it means.
-        elif isinstance(value, str) and hint in (float, float | None):
-            try:
-                values[name] = float(value)
-            except ValueError:
-                raise ValueError(f"{where or cls.__name__}.{name}: expected a number, got {value!r}") from None
+        elif value is None:
+            continue
+        elif hint in (float, float | None):
+            values[name] = _number(value, key)
+        elif hint in (int, int | None):
+            values[name] = _integer(value, key)
+        elif hint is bool and not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}")
     return cls(**values)
+
+
+def _number(value: Any, key: str) -> float | int:
+    # YAML 1.1 reads 3e-4 (no dot) as a string; a float field takes it as the number it means.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    raise ValueError(f"{key}: expected a number, got {value!r}")
+
+
+def _integer(value: Any, key: str) -> int:
+    # A whole number written as 1e4 or 2000.0 is the integer it means; anything else would fail later, far from
+    # the key that caused it (a comparison with a string, a float step count).
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"{key}: expected an integer, got {value!r}")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -294,7 +294,7 @@ class TextTokenizer:
     def _warn_truncated(texts: Sequence[str], encodings: list[list[int]], cut: list[int], text_len: int) -> None:
         b = max(range(len(cut)), key=cut.__getitem__)  # name the worst prompt
         text = texts[b] if len(texts[b]) <= 60 else texts[b][:57] + "..."
-        n = sum(c > 0 for c in cut)
+        n = len({t for t, c in zip(texts, cut) if c > 0})  # a prompt's candidates share its text
         others = f" ({n - 1} more prompts in this batch were truncated too)" if n > 1 else ""
         warnings.warn(
             f"prompt truncated: {cut[b]} of {len(encodings[b])} tokens cut to fit text_seq_len {text_len}: "

@@ -105,10 +105,15 @@ def test_bad_flags_are_parser_errors(joint, capsys):
                            (["--prior-scale", "1", "--question", "how many?"], "answers have no caption prior"),
                            (["--prior-scale", "-1"], "expected a finite number >= 0"),
                            (["--candidates", "2", "--question", "how many?"], "answers have no such score"),
-                           (["--candidates", "0"], "expected an integer >= 1")):
+                           (["--candidates", "0"], "expected an integer >= 1"),
+                           (["--question", " "], "--question is empty")):
         with pytest.raises(SystemExit):
             caption.main([str(joint / "scene0.png"), "--model", str(joint / "model"), *extra])
         assert message in capsys.readouterr().err
+    from dalle.captioning import answer
+
+    with pytest.raises(ValueError, match="question 1 is empty"):  # the library refuses it too
+        answer(load_pipeline(joint / "model"), torch.zeros(2, 3, 64, 64), ["how many objects?", " "])
 
 
 def test_self_reranking_keeps_the_best_by_the_models_own_score(joint, tmp_path):

@@ -56,3 +56,17 @@ def test_overrides_parse_numbers_as_numbers():
     assert cfg.lr == 3e-3 and cfg.steps == 7 and cfg.betas == (0.9, 0.95)
     with pytest.raises(ValueError, match=r"train\.lr: expected a number, got 'fast'"):
         from_dict(TrainConfig, {"lr": "fast"}, "train")
+
+
+def test_integer_and_boolean_keys_refuse_what_they_cannot_mean():
+    # A wrong type is named at its key, not met later as a comparison of a string with an int.
+    from dalle.train.tasks.transformer import DALLEObjective
+
+    assert from_dict(TrainConfig, {"steps": "1e4", "save_every": 500.0}, "train").steps == 10000
+    for bad in ("abc", 1.5, [1], True):
+        with pytest.raises(ValueError, match=r"objective\.second_mix_at: expected an integer, got "):
+            from_dict(DALLEObjective, {"second_mix_at": bad}, "objective")
+    with pytest.raises(ValueError, match=r"objective\.bpe_dropout: expected true or false, got 3"):
+        from_dict(DALLEObjective, {"bpe_dropout": 3}, "objective")
+    with pytest.raises(ValueError, match=r"train\.lr: expected a number, got True"):
+        from_dict(TrainConfig, {"lr": True}, "train")

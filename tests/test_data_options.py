@@ -3,6 +3,8 @@ training time limit that tools/train_all.py sets from its budget."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -117,5 +119,15 @@ def test_time_limit_stops_training_at_an_evaluation_with_a_checkpoint(tmp_path, 
                             "--set", "train.time_limit_minutes=0.5"]) == 0
     steps = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")]
     assert max(steps) < 40 and max(steps) % 5 == 0  # stopped at an evaluation, long before the end
+    # The limit counts the run's training time across resumes: run again, it stops at its first evaluation.
+    first = max(steps)
+    held = json.loads((out / "checkpoints" / f"step-{first:07d}" / "train" / "state.json").read_text())["seconds"]
+    assert held > 30
+    assert train_dvae.main(["--config", "configs/dvae/tiny.yaml", "--out", str(out), "--threads", "1",
+                            "--no-progress", "--set", "train.steps=40", "--set", "train.eval_every=5",
+                            "--set", "train.time_limit_minutes=0.5"]) == 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{first + 5:07d}"
+    starts = [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if e["event"] == "start"]
+    assert [e["seconds_before"] for e in starts] == [0.0, held]
     with pytest.raises(ValueError, match="time_limit_minutes"):
         TrainConfig(time_limit_minutes=-1)

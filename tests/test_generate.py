@@ -66,6 +66,18 @@ def test_candidates_without_a_reranker_is_an_error(tiny_parts, tmp_path, capsys)
     assert "--candidates 2 is fewer than --num-images 3" in capsys.readouterr().err
 
 
+def test_a_prompt_too_long_is_said_once_in_one_line(tiny_parts, tmp_path, capsys, recwarn):
+    long = " ".join(["a red circle above a blue square"] * 8)
+    assert generate.main([long, "--model", str(tiny_parts / "model"), "--reranker", str(tiny_parts / "reranker"),
+                          "--num-images", "1", "--candidates", "4", "--batch-size", "2", "--out", str(tmp_path),
+                          "--no-progress"]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line]
+    # one line per reader (these two read different lengths; one line for both when they cut alike)
+    assert [line.split(" read")[0] for line in said] == ["warning: the model", "warning: the reranker"]
+    assert all(long in line and line.endswith("(shorten the prompt)") for line in said)
+    assert not [w for w in recwarn if "truncated" in str(w.message)]  # not again per batch and per scorer
+
+
 def test_bundle_is_self_contained(tiny_parts, tmp_path):
     assert bundle.main(["--dalle", str(tiny_parts / "model"), "--reranker", str(tiny_parts / "reranker"), "--out",
                         str(tmp_path / "b")]) == 0

@@ -74,3 +74,16 @@ def test_no_import_cycles():
 def test_the_cycle_check_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "d": {"a", "c"}}) is None
+
+
+def test_every_file_in_tools_does_something_when_run():
+    # A helper module run by hand says which command it belongs to, rather than nothing or an import traceback.
+    import subprocess
+    import sys
+
+    silent = [p.name for p in sorted((ROOT / "tools").glob("*.py"))
+              if p.name != "__init__.py" and 'if __name__ == "__main__"' not in p.read_text()]
+    assert not silent, f"tools without a __main__ block: {silent}"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_cases.py")], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "tools/bench.py --cases" in done.stderr

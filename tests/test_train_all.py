@@ -253,3 +253,13 @@ def test_unknown_recipe_is_a_usage_error(tmp_path, capsys, name, message) -> Non
     with pytest.raises(SystemExit) as e:
         train_all.main(["--data", "shapes", "--recipe", name, "--out", str(tmp_path / "run")])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_resumed_stage_counts_the_training_its_checkpoint_kept(tmp_path) -> None:
+    from dalle_tools.train_all_stages import earlier_seconds
+
+    assert earlier_seconds(tmp_path) == 0.0  # a stage that never logged
+    events = [{"step": 0, "event": "start", "seconds_before": 0.0}, {"step": 100, "event": "train"},
+              {"step": 100, "event": "start", "seconds_before": 412.5}, {"step": 200, "event": "train"}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert earlier_seconds(tmp_path) == 412.5  # the last process's start: what the checkpoint it resumed held

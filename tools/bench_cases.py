@@ -32,6 +32,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+if __name__ == "__main__":  # a part of tools/bench.py, which picks these cases by name
+    raise SystemExit("tools/bench_cases.py holds cases of tools/bench.py: run python tools/bench.py --cases "
+                     "gen:candidates,paper:decode,paper:train,caption:64 (or --help)")
+
 from tools import bench
 
 # bench-small's width and vocabularies, the paper's stream: 256 text tokens, a 32 x 32 grid

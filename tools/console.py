@@ -38,3 +38,8 @@ train_feedback = _command("train_feedback")
 feedback_loop = _command("feedback_loop")
 eval_feedback = _command("eval_feedback")
 train_all = _command("train_all")
+
+
+if __name__ == "__main__":  # a part of another command, not one itself
+    raise SystemExit("tools/console.py holds the installed dalle-* commands: run one of them, or a tool "
+                     "such as python tools/train_all.py --help")

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(STAGES)} {stage}] elapsed {fmt(run.elapsed())}{left}", flush=True)
         t0 = time.perf_counter()
         info = functions[stage](run, args, source) or {}
-        run.finish(stage, time.perf_counter() - t0, **info)
+        run.finish(stage, time.perf_counter() - t0 + info.pop("earlier_seconds", 0.0), **info)
     print(f"done in {fmt(time.perf_counter() - t_start)} this time ({fmt(run.elapsed())} in all): "
           + (f"see {Path(args.out) / 'report.md'}" if run.done("report") else f"stopped after {args.until}"))
     return 0

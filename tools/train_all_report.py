@@ -201,3 +201,8 @@ def _last_eval(run_dir: Path) -> tuple[int | str, str]:
     shown = ("psnr", "codes_used", "i2t_top1", "t2i_top1")
     keep = {k: v for k, v in last.items() if isinstance(v, float) and (k.startswith("val_") or k in shown)}
     return last.get("step", "?"), ", ".join(f"{k} {v:.4g}" for k, v in list(keep.items())[:3])
+
+
+if __name__ == "__main__":  # a part of another command, not one itself
+    raise SystemExit("tools/train_all_report.py holds stages of tools/train_all.py: "
+                     "run python tools/train_all.py --help")

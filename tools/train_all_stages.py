@@ -195,8 +195,17 @@ def _train(tool: str, kind: str):
         p = _paths(run)
         _tool(tool).main(["--config", str(run.dir / "configs" / f"{kind}.yaml"), "--out", p[kind],
                           *_common(args, "train")])
-        return {}
+        return {"earlier_seconds": earlier_seconds(Path(p[kind]))}
     return stage
+
+
+def earlier_seconds(run_dir: Path) -> float:
+    """The training seconds that earlier processes left in the checkpoint this process resumed from (0 for a
+    run that started here): a stage resumed after a crash then counts the work it kept."""
+    log = run_dir / "log.jsonl"
+    starts = [e for e in map(json.loads, log.read_text().splitlines()) if e.get("event") == "start"] \
+        if log.is_file() else []
+    return float(starts[-1].get("seconds_before", 0.0)) if starts else 0.0
 
 
 def pretokenize(run, args, source) -> dict:
@@ -232,3 +241,8 @@ STAGE_FUNCTIONS = {"split": split, "bpe": bpe, "plan": plan, "dvae": _train("tra
                    "pretokenize": pretokenize, "dalle": _train("train_dalle", "dalle"),
                    "reranker": _train("train_reranker", "reranker"), "bundle": bundle, "evaluate": evaluate,
                    "report": report}
+
+
+if __name__ == "__main__":  # a part of another command, not one itself
+    raise SystemExit("tools/train_all_stages.py holds stages of tools/train_all.py: "
+                     "run python tools/train_all.py --help")

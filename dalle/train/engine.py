@@ -156,6 +156,10 @@ class Trainer:
         self.checkpoints = self.run_dir / "checkpoints"
         self.best = BestTracker.for_task(task)
         self.last_eval_step: int | None = None  # fit's metrics are this step's: a stop may come between evaluations
+        # Training seconds the resumed checkpoint holds (earlier processes' work up to it, not work lost in a crash):
+        # a run's time and its time limit count across resumes.
+        self.seconds_before = 0.0
+        self._fit_start: float | None = None
         self._resume(resume)
         if self.step == 0:  # images a folder scan dropped (no usable caption) count once per run, not per rank
             self.counters["skipped_samples"] += getattr(task.train_dataset(), "num_skipped_at_scan", 0)
@@ -221,6 +225,7 @@ class Trainer:
         self.step = state["step"]
         self.data_position = state.get("data_position", self.step * self.cfg.batch_size)
         self.counters.update(state.get("counters", {}))
+        self.seconds_before = float(state.get("seconds", 0.0))
         self.backend.load_extra(state)
         self.best.load(state.get("best"))
         log.info("resumed from %s at step %d", path, self.step)
@@ -269,12 +274,17 @@ class Trainer:
                 ckpt.save_weights(ckpt.unique_state(self.model), tmp / "train" / "live.safetensors")
         ckpt.write_json(tmp / "train" / "state.json", {
             "step": self.step, "data_position": self.data_position, "counters": self.counters,
-            "world_size": self.backend.world, "backend": self.backend.name, **self.backend.state(),
-            "best": self.best.state(),
+            "seconds": round(self.train_seconds, 1), "world_size": self.backend.world, "backend": self.backend.name,
+            **self.backend.state(), "best": self.best.state(),
         })
         extra = getattr(self.task, "save_extra", None)
         if extra is not None:
             extra(tmp)
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds of training in this run so far, earlier processes' included (up to the checkpoint resumed)."""
+        return self.seconds_before + (0.0 if self._fit_start is None else time.perf_counter() - self._fit_start)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -470,7 +480,7 @@ class Trainer:
         self._fit_start = t0
         eval_metrics: dict[str, float] = {}
         self._log({"event": "start", "effective_batch_size": self.global_batch, "world_size": self.backend.world,
-                   "grad_accum": cfg.grad_accum, "backend": self.backend.name})
+                   "grad_accum": cfg.grad_accum, "backend": self.backend.name, "seconds_before": self.seconds_before})
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True)
         while self.step < end:
             improved = stop = False
@@ -527,7 +537,7 @@ class Trainer:
 
     def _out_of_time(self) -> bool:
         limit = self.cfg.time_limit_minutes
-        return limit > 0 and time.perf_counter() - self._fit_start > 60 * limit
+        return limit > 0 and self.train_seconds > 60 * limit
 
     def _check_ranks_agree(self) -> None:
         spread = self.backend.weight_spread()
