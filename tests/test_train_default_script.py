@@ -55,3 +55,17 @@ def test_a_wrong_flag_in_the_script_would_fail(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         _check(bad[0], monkeypatch)
     assert "--eval-count" in capsys.readouterr().err
+
+
+def test_an_argument_never_starts_a_build(tmp_path):
+    # Settings come from the environment; `--help` (or a flag by mistake) must not start a hours-long build.
+    import subprocess
+
+    env = {"PATH": "/usr/bin:/bin", "WORK": str(tmp_path / "w"), "OUT": str(tmp_path / "o")}
+    shown = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, env=env, timeout=30)
+    assert shown.returncode == 0 and shown.stdout.startswith("Rebuild the default model")
+    assert "SUPERVISED=DIR bash tools/train_default.sh" in shown.stdout and "set -euo" not in shown.stdout
+    wrong = subprocess.run(["bash", str(SCRIPT), "--threads", "2"], capture_output=True, text=True, env=env,
+                           timeout=30)
+    assert wrong.returncode == 2 and "takes no arguments (got: --threads 2)" in wrong.stderr
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
