@@ -57,15 +57,18 @@ def test_a_wrong_flag_in_the_script_would_fail(monkeypatch, capsys):
     assert "--eval-count" in capsys.readouterr().err
 
 
-def test_an_argument_never_starts_a_build(tmp_path):
-    # Settings come from the environment; `--help` (or a flag by mistake) must not start a hours-long build.
+@pytest.mark.parametrize("script, first", [(SCRIPT, "Rebuild the default model"),
+                                           (SCRIPT.parent / "gpu_check.sh", "The GPU check"),
+                                           (SCRIPT.parents[1] / "benchmarks/peer/setup_venv.sh", "Builds the venv")])
+def test_a_flag_never_starts_the_scripts_work(script, first, tmp_path):
+    # `--help` (or a flag by mistake) must not start a build of hours, a GPU run, or make a venv named --help.
     import subprocess
 
-    env = {"PATH": "/usr/bin:/bin", "WORK": str(tmp_path / "w"), "OUT": str(tmp_path / "o")}
-    shown = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, env=env, timeout=30)
-    assert shown.returncode == 0 and shown.stdout.startswith("Rebuild the default model")
-    assert "SUPERVISED=DIR bash tools/train_default.sh" in shown.stdout and "set -euo" not in shown.stdout
-    wrong = subprocess.run(["bash", str(SCRIPT), "--threads", "2"], capture_output=True, text=True, env=env,
-                           timeout=30)
-    assert wrong.returncode == 2 and "takes no arguments (got: --threads 2)" in wrong.stderr
-    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+    env = {"PATH": "/usr/bin:/bin", "WORK": str(tmp_path / "w"), "OUT": str(tmp_path / "o"), "HOME": str(tmp_path)}
+    shown = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, env=env, timeout=30,
+                           cwd=tmp_path)
+    assert shown.returncode == 0 and shown.stdout.startswith(first) and "set -euo" not in shown.stdout
+    wrong = subprocess.run(["bash", str(script), "--threads"], capture_output=True, text=True, env=env, timeout=30,
+                           cwd=tmp_path)
+    assert wrong.returncode == 2 and "(got: --threads)" in wrong.stderr and not wrong.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing made: no run, no venv

@@ -16,15 +16,12 @@
 # (THREADS=2), WORK/report.md the supervised build's figures and WORK/feedback/eval and WORK/eval-shipped
 # the shipped model's.
 set -euo pipefail
-if [ $# -gt 0 ]; then  # settings come from the environment only: any argument is a question or a mistake
-    if [ "$*" = "-h" ] || [ "$*" = "--help" ]; then
-        sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-        exit 0
-    fi
-    echo "train_default.sh takes no arguments (got: $*): set WORK, OUT, THREADS or SUPERVISED in the" \
-         "environment (--help says more)" >&2
-    exit 2
-fi
+case "$*" in  # settings come from the environment only: an argument is a question or a mistake
+    "") ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "train_default.sh takes no arguments (got: $*): set WORK, OUT, THREADS or SUPERVISED in the" \
+            "environment (--help says more)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-0}
 WORK=${WORK:-runs/default}
