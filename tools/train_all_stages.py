@@ -224,7 +224,7 @@ def pretokenize(run, args, source) -> dict:
 
 def bundle(run, args, source) -> dict:
     p = _paths(run)
-    _tool("bundle").main(["--dalle", p["dalle"], "--reranker", p["reranker"], "--out", p["model"],
+    _tool("bundle").main(["--dalle", p["dalle"], "--reranker", p["reranker"], "--out", p["model"], "--overwrite",
                           "--dtype", args.dtype])
     return {}
 
