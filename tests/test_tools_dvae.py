@@ -51,6 +51,8 @@ def test_train_then_eval(tmp_path, capsys):
 def test_folder_with_corrupt_images_is_skipped_and_counted(tmp_path, caplog):
     data = tmp_path / "data"
     assert make_shapes.main(["--n", "24", "--out", str(data), "--image-size", "32"]) == 0
+    with pytest.raises(SystemExit, match=r"already holds .*\.png: choose another --out, or pass --overwrite"):
+        make_shapes.main(["--n", "24", "--out", str(data), "--image-size", "48"])  # would replace them, resized
     pngs = sorted(data.glob("*.png"))
     pngs[0].write_bytes(b"definitely not a png")
     pngs[1].write_bytes(pngs[2].read_bytes()[:100])  # truncated

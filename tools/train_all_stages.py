@@ -120,10 +120,10 @@ def bpe(run, args, source) -> dict:
     Path(p["tokenizer"]).unlink(missing_ok=True)
     if s["source"] == "shapes":  # the default model's tokenizer: shapes captions and questions, room for any vocabulary
         _tool("train_bpe").main(["--shapes", str(_shapes_bpe_captions(s["n_train"])), "--questions", "--vocab",
-                                 "16384", "--out", p["tokenizer"]])
+                                 "16384", "--out", p["tokenizer"], "--overwrite"])
         return {"vocab": 16384}
     where = ["--folder", s["train"]] if s["source"] == "folder" else ["--captions", s["captions"]]
-    _tool("train_bpe").main([*where, "--vocab", str(vocab), "--out", p["tokenizer"]])
+    _tool("train_bpe").main([*where, "--vocab", str(vocab), "--out", p["tokenizer"], "--overwrite"])
     return {"vocab": vocab}
 
 
