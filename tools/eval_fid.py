@@ -136,10 +136,11 @@ def claim_image_dir(image_dir: Path, made_by: dict, *, overwrite: bool) -> None:
     images = sorted(image_dir.glob("[0-9]*.png")) if image_dir.is_dir() else []
     if images and earlier != made_by:
         if not overwrite:
-            differ = sorted(k for k in made_by if earlier is None or earlier.get(k) != made_by[k])
-            raise SystemExit(f"--out {image_dir.parent} holds {len(images)} images drawn by another model or with "
-                             f"other settings ({', '.join(differ)} differ): choose another --out, or pass --overwrite "
-                             "to draw them again")
+            why = (f"with no record of what drew them ({MADE_BY})" if earlier is None else
+                   "drawn by another model or with other settings "
+                   f"({', '.join(sorted(k for k in made_by if earlier.get(k) != made_by[k]))} differ)")
+            raise SystemExit(f"--out {image_dir.parent} holds {len(images)} images {why}: choose another --out, or "
+                             "pass --overwrite to draw them again")
         for f in images:
             f.unlink()
     image_dir.mkdir(parents=True, exist_ok=True)
