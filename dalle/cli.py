@@ -106,6 +106,22 @@ def add_background_flag(p: argparse.ArgumentParser) -> None:
                         "the models were trained with (data.background)")
 
 
+def add_overwrite_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what} (refused otherwise)")
+
+
+def refuse_existing(flag: str, path: str | os.PathLike[str], names: tuple[str, ...] = (), *,
+                    overwrite: bool) -> None:
+    """The one-line error for an output that would replace an earlier one: `path` itself, or any of `names`
+    inside it, already exists and --overwrite was not given."""
+    path = os.fspath(path)
+    found = [n for n in names if os.path.exists(os.path.join(path, n))] if names else \
+        ([path] if os.path.exists(path) else [])
+    if found and not overwrite:
+        what = f"already holds {found[0]}" if names else "already exists"
+        raise SystemExit(f"{flag} {path} {what}: choose another {flag}, or pass --overwrite to replace it")
+
+
 def add_debug_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true",
                    help="on an error, show Python's full traceback instead of a one-line message")

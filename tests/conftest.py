@@ -8,6 +8,9 @@ from tiny import tiny_config
 # Tests must not depend on how many cores the machine has, and must not fight over them.
 torch.set_num_threads(int(os.environ.get("DALLE_TEST_THREADS", min(2, os.cpu_count() or 1))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# tools/bench.py waits up to 30 s for a quiet machine before each timed call; tests check figures' arithmetic,
+# never timings, so a busy machine must not slow them by minutes.
+os.environ.setdefault("BENCH_MAX_WAIT", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,7 @@
 """tools/bench.py: the figures it derives and the verdicts it prints (timings themselves are not tested)."""
 
+import pytest
+
 from tools import bench
 
 
@@ -81,3 +83,11 @@ def test_the_user_cases_verdicts():
     assert bench._figure(train) == ("paper 1.100 s vs full 1.000 s: +10.0% (slower: NOT met); dense masks 1.300 s "
                                     "(+30.0%) (contended)")
     assert "no slower: met" in bench._figure({**train, "paper_over_full": 0.95})
+
+
+def test_an_earlier_runs_figures_are_not_replaced_unasked(tmp_path):
+    earlier = tmp_path / "run.json"
+    earlier.write_text('{"ours": {}}\n')
+    with pytest.raises(SystemExit, match="run.json already exists: choose another --json, or pass --overwrite"):
+        bench.main(["--cases", "gen:cached", "--json", str(earlier)])  # refused before any case runs
+    assert earlier.read_text() == '{"ours": {}}\n'

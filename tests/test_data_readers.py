@@ -281,6 +281,9 @@ def shards(tmp_path: Path) -> Path:
 
 def test_make_shards_layout(shards: Path) -> None:
     assert sorted(p.name for p in shards.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+    with pytest.raises(SystemExit, match="already holds shard-000000.tar: choose another --out, or pass --overwrite"):
+        make_shards_main(["--src", str(shards.parent / "src"), "--out", str(shards), "--shard-size", "1"])
+    assert sorted(p.name for p in shards.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]  # untouched
     assert count_shard_samples(str(shards / "shard-{000000..000001}.tar")) == 5
     names = [n for url in sorted(shards.iterdir()) for n in _tar_names(url)]
     assert "a.png" in names and "a.json" in names and "sub/b.jpg" in names and "e.jpg" in names

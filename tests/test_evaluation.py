@@ -169,16 +169,30 @@ def test_eval_fid_pipeline_resumes_and_agrees_with_pytorch_fid(tiny_parts, tmp_p
     (m1, s1), (m2, s2) = statistics(ext(fake)[0]), statistics(ext(real)[0])
     ref = calculate_frechet_distance(m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy())
     assert result["fid"]["0"] == pytest.approx(ref, rel=1e-4, abs=1e-6)
-    # A restart keeps what exists and remakes only what is missing, identically.
+    # A finished evaluation is not replaced unasked.
+    with pytest.raises(SystemExit, match="already holds fid.json: choose another --out, or pass --overwrite"):
+        eval_fid.main(args)
+    # A restart after a crash keeps what exists and remakes only what is missing, identically.
     kept = (out / "images" / "000001.png").read_bytes()
-    (out / "images" / "000001.png").unlink()
+    for f in (out / "images" / "000001.png", out / "fid.json", out / "fid.md"):
+        f.unlink()
     assert eval_fid.main(args) == 0
     assert (out / "images" / "000001.png").read_bytes() == kept
     assert json.loads((out / "fid.json").read_text())["fid"] == result["fid"]
+    # Images drawn another way (here at another temperature) are never mixed into the figure: refused, or drawn
+    # again.
+    (out / "fid.json").unlink(), (out / "fid.md").unlink()
+    with pytest.raises(SystemExit, match=r"holds 6 images drawn by another model or with other settings "
+                                         r"\(temperature differ\): choose another --out, or pass --overwrite"):
+        eval_fid.main([*args, "--temperature", "0.5"])
+    assert eval_fid.main([*args, "--temperature", "0.5", "--overwrite"]) == 0
+    assert (out / "images" / "000001.png").read_bytes() != kept
+    assert eval_fid.main([*args, "--overwrite"]) == 0  # and back: the first images again
+    assert (out / "images" / "000001.png").read_bytes() == kept
     # A damaged statistics cache is only a cache: warned about, computed again, the same figures.
     for f in (tmp_path / "cache").glob("*.safetensors"):
         f.write_bytes(b"not a safetensors file")
-    assert eval_fid.main(args) == 0
+    assert eval_fid.main([*args, "--overwrite"]) == 0
     assert "is not readable" in capsys.readouterr().err
     assert json.loads((out / "fid.json").read_text())["fid"] == result["fid"]
 
@@ -193,6 +207,10 @@ def test_eval_shapes_tool(tiny_parts, tmp_path):
         (s, c, k) for s in ("train", "zeroshot") for c in (1.0, 2.0) for k in (1, 2)]
     assert all(0 <= r["all_correct"] <= 1 and "clip_score" in r for r in rows)
     assert (out / "zeroshot-cond2.png").is_file() and "| split |" in (out / "shapes-eval.md").read_text()
+    before = (out / "shapes-eval.json").read_bytes()
+    with pytest.raises(SystemExit, match="already holds shapes-eval.json: choose another --out, or pass --overwrite"):
+        eval_shapes.main(["--model", str(tiny_parts / "model"), "--n", "2", "--out", str(out), "--no-progress"])
+    assert (out / "shapes-eval.json").read_bytes() == before
     check = tmp_path / "check"
     assert eval_shapes.main(["--check-detector", "--n", "20", "--out", str(check), "--no-progress"]) == 0
     assert all(r["all_correct"] == 1.0 for r in json.loads((check / "shapes-eval.json").read_text())["rows"])

@@ -81,6 +81,9 @@ def test_a_prompt_too_long_is_said_once_in_one_line(tiny_parts, tmp_path, capsys
 def test_bundle_is_self_contained(tiny_parts, tmp_path):
     assert bundle.main(["--dalle", str(tiny_parts / "model"), "--reranker", str(tiny_parts / "reranker"), "--out",
                         str(tmp_path / "b")]) == 0
+    with pytest.raises(SystemExit, match="--out .*b already exists: choose another --out, or pass --overwrite"):
+        bundle.main(["--dalle", str(tiny_parts / "model"), "--out", str(tmp_path / "b")])
+    assert (tmp_path / "b" / "reranker").is_dir()  # the bundle written first is untouched
     moved = tmp_path / "elsewhere"
     shutil.move(tmp_path / "b", moved)  # no pointer back to the training runs is needed
     assert {"config.json", "model.safetensors", "tokenizer.json", "dvae", "reranker", "bundle.json"} <= {

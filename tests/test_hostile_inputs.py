@@ -324,3 +324,17 @@ def test_a_damaged_token_shard_is_named_before_training_starts(tmp_path, damage)
         (out / "tokens-000001.jsonl").write_text('{"key": "k3", "captions": ["x"]}\n')
     with pytest.raises(ValueError, match=r"tokens-000001\.safetensors .*tools/pretokenize\.py"):
         TokenShards(out)
+
+
+def test_a_stage_input_that_is_missing_names_its_key_and_the_tool_that_makes_it(tiny_parts, tmp_path):
+    from dalle_tools import train_dalle, train_reranker
+
+    for tool, config, key, maker, extra in (
+            (train_dalle, "configs/dalle/tiny.yaml", "inputs.tokenizer", "train_bpe.py", []),
+            (train_dalle, "configs/dalle/tiny.yaml", "inputs.dvae", "train_dvae.py",
+             ["--set", f"inputs.tokenizer={tiny_parts / 'model' / 'tokenizer.json'}"]),
+            (train_reranker, "configs/reranker/tiny.yaml", "inputs.tokenizer", "train_bpe.py", [])):
+        missing = tmp_path / "missing"
+        with pytest.raises(SystemExit, match=rf"^{key} {missing} does not exist: train one with tools/{maker}"):
+            tool.main(["--config", config, "--out", str(tmp_path / "run"), "--set", f"{key}={missing}", *extra])
+        assert not (tmp_path / "run").exists()

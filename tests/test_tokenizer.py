@@ -240,6 +240,11 @@ def test_cli_shapes(tmp_path, capsys):
     loaded = TextTokenizer.from_file(tmp_path / "bpe" / "tokenizer.json")
     assert loaded.vocab_size == 300 and Tokenizer.from_file(str(tmp_path / "bpe" / "tokenizer.json"))
     assert "vocab_size 300" in capsys.readouterr().out
+    before = (tmp_path / "bpe" / "tokenizer.json").read_bytes()
+    with pytest.raises(SystemExit, match="tokenizer.json already exists: choose another --out, or pass --overwrite"):
+        train_bpe.main(["--shapes", "50", "--vocab", "260", "--out", str(tmp_path / "bpe")])
+    assert (tmp_path / "bpe" / "tokenizer.json").read_bytes() == before  # a model's tokenizer, kept
+    assert train_bpe.main(["--shapes", "50", "--vocab", "260", "--out", str(tmp_path / "bpe"), "--overwrite"]) == 0
 
 
 def test_cli_captions_and_folder(tmp_path):

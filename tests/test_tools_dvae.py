@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from dalle.checkpoint import load_pretrained
@@ -41,11 +42,17 @@ def test_train_then_eval(tmp_path, capsys):
     misread = metrics["detector_on_reconstructions"]["misread_scenes"]  # a 20-step dVAE draws blobs
     assert misread > 0 and Image.open(tmp_path / "bad.png").size[0] == min(misread, 12) * (32 + 1) + 1
     assert Image.open(grid).size[0] > 32
+    with pytest.raises(SystemExit, match=r"--json .*metrics.json already exists: choose another --json, or pass "
+                                         r"--overwrite"):
+        eval_dvae.main(["--model", str(run), "--n", "8", "--json", str(out), "--device", "cpu"])
+    assert json.loads(out.read_text()) == metrics  # nothing replaced
 
 
 def test_folder_with_corrupt_images_is_skipped_and_counted(tmp_path, caplog):
     data = tmp_path / "data"
     assert make_shapes.main(["--n", "24", "--out", str(data), "--image-size", "32"]) == 0
+    with pytest.raises(SystemExit, match=r"already holds .*\.png: choose another --out, or pass --overwrite"):
+        make_shapes.main(["--n", "24", "--out", str(data), "--image-size", "48"])  # would replace them, resized
     pngs = sorted(data.glob("*.png"))
     pngs[0].write_bytes(b"definitely not a png")
     pngs[1].write_bytes(pngs[2].read_bytes()[:100])  # truncated

@@ -55,3 +55,20 @@ def test_a_wrong_flag_in_the_script_would_fail(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         _check(bad[0], monkeypatch)
     assert "--eval-count" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, first", [(SCRIPT, "Rebuild the default model"),
+                                           (SCRIPT.parent / "gpu_check.sh", "The GPU check"),
+                                           (SCRIPT.parents[1] / "benchmarks/peer/setup_venv.sh", "Builds the venv")])
+def test_a_flag_never_starts_the_scripts_work(script, first, tmp_path):
+    # `--help` (or a flag by mistake) must not start a build of hours, a GPU run, or make a venv named --help.
+    import subprocess
+
+    env = {"PATH": "/usr/bin:/bin", "WORK": str(tmp_path / "w"), "OUT": str(tmp_path / "o"), "HOME": str(tmp_path)}
+    shown = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, env=env, timeout=30,
+                           cwd=tmp_path)
+    assert shown.returncode == 0 and shown.stdout.startswith(first) and "set -euo" not in shown.stdout
+    wrong = subprocess.run(["bash", str(script), "--threads"], capture_output=True, text=True, env=env, timeout=30,
+                           cwd=tmp_path)
+    assert wrong.returncode == 2 and "(got: --threads)" in wrong.stderr and not wrong.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing made: no run, no venv

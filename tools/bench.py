@@ -508,8 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-python", default=os.path.expanduser("~/.cache/dalle-peer-venv/bin/python"),
                    help="python of the peer's venv (benchmarks/peer/setup_venv.sh builds it)")
     p.add_argument("--peer-cases", default=",".join(PEER_CASES), help="peer cases to run with --compare-peer")
-    p.add_argument("--json", default="benchmarks/results.json", help="write every figure here (after each case)")
+    p.add_argument("--json", default="runs/bench/results.json", help="write every figure here (after each case)")
     p.add_argument("--markdown", default="", help="also write the tables to this file")
+    cli.add_overwrite_flag(p, "existing --json and --markdown files")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
@@ -520,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         p.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path:  # an earlier run's figures are kept unless replaced on purpose
+            cli.refuse_existing(flag, path, overwrite=args.overwrite)
     peer_names = [n for n in args.peer_cases.split(",") if n] if args.compare_peer else []
     if peer_names and not Path(args.peer_python).exists():
         p.error(f"--peer-python {args.peer_python} does not exist; build the peer's venv with "

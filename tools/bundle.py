@@ -1,6 +1,7 @@
 """Pack a trained transformer, its dVAE and a reranker into one self-contained model directory.
 
-    python tools/bundle.py --dalle runs/dalle-shapes --reranker runs/reranker-shapes --out dalle/default_model
+    python tools/bundle.py --dalle runs/dalle-shapes --reranker runs/reranker-shapes --out dalle/default_model \
+        --overwrite
 
 The result is what generate.py --model reads, with no pointer outside itself:
 
@@ -71,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dalle", required=True, help="transformer run or model directory (tools/train_dalle.py)")
     p.add_argument("--dvae", default=None, help="dVAE directory (default: the one the transformer names)")
     p.add_argument("--reranker", default=None, help="reranker run or model directory (tools/train_reranker.py)")
-    p.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    cli.add_overwrite_flag(p, "an existing --out (written anew beside it, then swapped in)")
     p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES), help="dtype the weights are stored in")
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
+    cli.refuse_existing("--out", args.out, overwrite=args.overwrite)
     try:
         out = bundle(args.dalle, args.out, reranker_dir=args.reranker, dvae_dir=args.dvae, dtype=DTYPES[args.dtype])
     except (FileNotFoundError, ValueError) as e:

@@ -156,7 +156,7 @@ def eval_interference(args: argparse.Namespace, out: Path) -> dict:
             argv = ["--model", model, "--split", *args.split, "--n", str(args.n), "--seed", str(args.seed),
                     "--candidates", *map(str, args.interference_candidates),
                     "--cond-scale", *map(str, args.interference_cond_scale), "--batch-size", str(args.batch_size),
-                    "--device", args.device, "--threads", str(args.threads), "--out", str(sub)]
+                    "--device", args.device, "--threads", str(args.threads), "--out", str(sub), "--overwrite"]
             argv += (["--reranker", args.reranker] if args.reranker else []) + (
                 ["--no-progress"] if args.no_progress else [])
             eval_shapes.main(argv)

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --detector: write the scenes with a misread colour or shape to this PNG (each "
                         "original above its reconstruction, up to 48)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    cli.add_overwrite_flag(p, "existing --json, --grid and --misread-grid files")
     cli.add_background_flag(p)
     cli.add_debug_flag(p)
     add_threads_flag(p)
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--detector reads shapes scenes: it needs --source shapes")
     if args.misread_grid and not args.detector:
         p.error("--misread-grid shows what --detector misreads: give --detector N too")
+    for flag, path in (("--json", args.json), ("--grid", args.grid), ("--misread-grid", args.misread_grid)):
+        if path:
+            cli.refuse_existing(flag, path, overwrite=args.overwrite)
 
     device = resolve_device(args.device)
     model = load_pretrained(args.model, expect="dvae", map_location=device)

@@ -10,7 +10,10 @@ webdataset (shards) or coco (a captions JSON, with --path the image folder; the 
 the first N images by id). Real images are centre-cropped and resized to the model's output size.
 
 Generated images are written to OUT/images/ as they are made, so a restarted run continues where it
-stopped. Real-image statistics are cached in --stats-cache, keyed by the data, the features and the blur.
+stopped; OUT/images/made-by.json names the model and settings that drew them, and images of another model or
+other settings are refused, never mixed in (--overwrite draws them again). A finished evaluation (OUT/fid.json)
+is replaced only with --overwrite. Real-image statistics are cached in --stats-cache, keyed by the data, the
+features and the blur.
 Writes OUT/fid.json and OUT/fid.md: FID for each blur radius, IS, Reranker score, N, settings and model id.
 With --reference-path (the training split, read like --path; for shapes, --reference-split train) it also
 writes the FID's floor (N real training images, drawn at random, against the held-out ones) and its stage-1
@@ -112,6 +115,36 @@ def write_png(image: torch.Tensor, path: Path) -> None:
     tmp = path.with_suffix(".tmp.png")
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp)
     os.replace(tmp, path)  # a crash never leaves a half-written image that a restart would trust
+
+
+MADE_BY = "made-by.json"
+
+
+def drawn_by(pipe, captions: list[str], args: argparse.Namespace) -> dict:
+    """What decides the images of OUT/images: the model (and the reranker that picks among candidates), the
+    captions and the sampling settings."""
+    return {"model": pipe.model_id, "reranker": pipe.reranker_id if args.candidates > 1 else None,
+            "captions": hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16], "n": len(captions),
+            **{k: getattr(args, k) for k in ("seed", "candidates", "temperature", "top_k", "top_p", "cond_scale")}}
+
+
+def claim_image_dir(image_dir: Path, made_by: dict, *, overwrite: bool) -> None:
+    """Resume only images drawn the same way: another model's or other settings' images are refused (or,
+    with --overwrite, removed), so a reused --out never mixes two models in one FID."""
+    record = image_dir / MADE_BY
+    earlier = json.loads(record.read_text()) if record.is_file() else None
+    images = sorted(image_dir.glob("[0-9]*.png")) if image_dir.is_dir() else []
+    if images and earlier != made_by:
+        if not overwrite:
+            why = (f"with no record of what drew them ({MADE_BY})" if earlier is None else
+                   "drawn by another model or with other settings "
+                   f"({', '.join(sorted(k for k in made_by if earlier.get(k) != made_by[k]))} differ)")
+            raise SystemExit(f"--out {image_dir.parent} holds {len(images)} images {why}: choose another --out, or "
+                             "pass --overwrite to draw them again")
+        for f in images:
+            f.unlink()
+    image_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(made_by, indent=1) + "\n")
 
 
 def generate_missing(pipe, captions: list[str], image_dir: Path, args: argparse.Namespace) -> None:
@@ -223,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     add_threads_flag(p)
     p.add_argument("--stats-cache", default="~/.cache/dalle-repro/fid-stats", help="real-image statistics cache")
     p.add_argument("--out", required=True, help="directory for images/, fid.json and fid.md")
+    cli.add_overwrite_flag(p, "a finished evaluation in --out, and images drawn another way")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
@@ -261,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(str(e)) from None
     out = Path(args.out)
+    cli.refuse_existing("--out", out, ("fid.json", "fid.md"), overwrite=args.overwrite)
     image_dir = out / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
+    claim_image_dir(image_dir, drawn_by(pipe, captions, args), overwrite=args.overwrite)
     generate_missing(pipe, captions, image_dir, args)
     key = {"source": args.source, "path": args.path, "captions": args.captions, "split": args.split, "n": len(pairs),
            "seed": args.seed, "size": pipe.dvae.config.image_size, "features": feat_id,
@@ -284,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": pipe.model_id, "features": args.features, "feature_extractor": feat_id, "n": len(pairs),
               "fid": {f"{r:g}": v for r, v in fid.items()}, "is": [is_mean, is_std], "clip_score": clip_score,
               **{name: {f"{r:g}": v for r, v in d.items()} for name, d in refs.items()},
-              "settings": {k: v for k, v in vars(args).items() if k not in ("no_progress", "out")}}
+              "settings": {k: v for k, v in vars(args).items() if k not in ("no_progress", "out", "overwrite")}}
     (out / "fid.json").write_text(json.dumps(result, indent=2) + "\n")
     note = "" if args.features == "inception" else " (Reranker features: not comparable with published FIDs)"
     lines = [f"Model {pipe.model_id}, {len(pairs)} captions of {args.source}"

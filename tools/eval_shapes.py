@@ -7,7 +7,8 @@
 For every (split, cond_scale), samples max(--candidates) images per prompt once; "best of k" keeps the
 reranker's favourite among the first k of them (k = 1: the first sample, no reranking), so the rows of one
 table differ only in reranking. Writes OUT/shapes-eval.json and OUT/shapes-eval.md (accuracy per
-attribute, relation, object count, all-correct, Reranker score), plus a grid per setting.
+attribute, relation, object count, all-correct, Reranker score), plus a grid per setting; refuses an OUT
+that holds them unless --overwrite.
 
 --check-detector runs the detector on the ground-truth renders instead (after JPEG compression with
 --jpeg, or paired with shuffled prompts with --shuffle) to show how far its verdicts can be trusted.
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     add_threads_flag(p)
     p.add_argument("--out", default="runs/eval-shapes", help="directory for the JSON, Markdown and grids")
+    cli.add_overwrite_flag(p, "an earlier evaluation in --out")
     p.add_argument("--check-detector", action="store_true", help="score ground-truth renders, not a model")
     p.add_argument("--jpeg", type=cli.int_range(0, 100), default=0,
                    help="with --check-detector: JPEG quality 1..100 applied first (0: none)")
@@ -152,12 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     if (args.jpeg or args.shuffle) and not args.check_detector:
         p.error("--jpeg and --shuffle go with --check-detector")
     out = Path(args.out)
+    cli.refuse_existing("--out", out, ("shapes-eval.json", "shapes-eval.md"), overwrite=args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if args.check_detector:
         rows, model_id, keys = check_detector(args), "ground truth", ("split", "images")
     else:
         (rows, model_id), keys = evaluate_model(args, out), ("split", "cond_scale", "candidates")
-    settings = {k: v for k, v in vars(args).items() if k not in ("no_progress", "out")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("no_progress", "out", "overwrite")}
     (out / "shapes-eval.json").write_text(json.dumps({"model": model_id, "settings": settings, "rows": rows},
                                                      indent=2) + "\n")
     table = markdown(rows, keys)

@@ -11,8 +11,13 @@
 # Figures (tokens/s, MFU, peak memory, the scaler's record) are appended to docs/performance.md with
 # the date and the card's name. Exit status 1 when a run fails or fp16 does not skip and recover.
 #
-#   tools/gpu_check.sh                # env: PYTHON, STEPS (30), OUT_DIR (a temporary directory)
+#   tools/gpu_check.sh                # env: PYTHON, STEPS (30), OUT_DIR (a temporary directory); --help: this
 set -euo pipefail
+case "$*" in  # settings come from the environment; --help must not start a run on the GPU
+    "") ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check.sh takes no arguments (got: $*): set PYTHON, STEPS or OUT_DIR in the environment" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 STEPS=${STEPS:-30}

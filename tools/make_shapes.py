@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n", type=cli.positive_int, default=1000, help="number of samples to write (indices 0..n-1)")
     p.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
+    cli.add_overwrite_flag(p, "the samples of this split and seed already in --out")
     p.add_argument("--split", choices=SPLITS, default="train", help="which split to generate")
     p.add_argument("--seed", type=cli.seed_int, default=0, help="data set seed; sample i is a pure function of it")
     p.add_argument("--image-size", type=cli.int_range(16), default=64, help="image side in pixels (>= 16)")
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         make_sample(0, args.split, args.seed, args.image_size, background=args.background)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
+    first = "shapes-000000.tar" if args.shards else f"{sample_key(0, args.split, args.seed)}.png"
+    cli.refuse_existing("--out", args.out, (first,), overwrite=args.overwrite)
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder for the shards (created if missing)")
     p.add_argument("--shard-size", type=cli.positive_int, default=10000, help="samples per shard (>= 1)")
     p.add_argument("--prefix", default="shard", help="shard file names are OUT/PREFIX-%%06d.tar")
+    cli.add_overwrite_flag(p, "shards of this --prefix already in --out")
     p.add_argument(
         "--allow-missing-captions",
         action="store_true",
@@ -77,6 +78,7 @@ def _image_ok(path: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    cli.refuse_existing("--out", args.out, (f"{args.prefix}-000000.tar",), overwrite=args.overwrite)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -71,19 +71,19 @@ def evaluate(run, args, p: dict, common) -> dict:
     where = ["--source", "shapes"] if shapes else ["--source", s["source"], "--path", s["val"]]
     _tool("eval_dvae").main(["--model", p["dvae"], *where, "--n", str(n_val),
                              "--grid", str(out / "reconstructions.png"), "--grid-images", str(min(16, n_val)),
-                             "--grid-seed", str(args.seed), "--json", str(out / "dvae.json"),
+                             "--grid-seed", str(args.seed), "--json", str(out / "dvae.json"), "--overwrite",
                              *(["--detector", str(min(500, n_val))] if shapes else []),
                              "--background", args.background, *common(args)])
     features = fid_features()
     reference = ["--split", "val", "--reference-split", "train"] if shapes else ["--reference-path", s["train"]]
     _tool("eval_fid").main(["--model", p["model"], *where, *reference, "--n", str(min(n_val, 500)),
-                            "--features", features,
-                            "--blur", "0", "--out", str(out / "fid"), "--stats-cache", str(out / "fid-stats"),
+                            "--features", features, "--blur", "0", "--out", str(out / "fid"), "--overwrite",
+                            "--stats-cache", str(out / "fid-stats"),
                             "--background", args.background, "--seed", str(args.seed), *common(args, "fid")])
     if shapes:  # compositional accuracy, as docs/evaluation.md reports it for the shipped model
         _tool("eval_shapes").main(["--model", p["model"], "--split", "train", "zeroshot", "--n", str(min(100, n_val)),
                                    "--candidates", "1", "8", "32", "--cond-scale", "1", "3", "--seed", str(args.seed),
-                                   "--out", str(out / "shapes"), *common(args, "fid")])
+                                   "--out", str(out / "shapes"), "--overwrite", *common(args, "fid")])
     pipe = load_pipeline(p["model"])
     if shapes and "caption" in pipe.model.config.layouts:  # a model that reads: docs/evaluation.md's reading table
         _tool("eval_captions").main(["--model", p["model"], "--split", "train", "zeroshot",

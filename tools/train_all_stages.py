@@ -120,10 +120,10 @@ def bpe(run, args, source) -> dict:
     Path(p["tokenizer"]).unlink(missing_ok=True)
     if s["source"] == "shapes":  # the default model's tokenizer: shapes captions and questions, room for any vocabulary
         _tool("train_bpe").main(["--shapes", str(_shapes_bpe_captions(s["n_train"])), "--questions", "--vocab",
-                                 "16384", "--out", p["tokenizer"]])
+                                 "16384", "--out", p["tokenizer"], "--overwrite"])
         return {"vocab": 16384}
     where = ["--folder", s["train"]] if s["source"] == "folder" else ["--captions", s["captions"]]
-    _tool("train_bpe").main([*where, "--vocab", str(vocab), "--out", p["tokenizer"]])
+    _tool("train_bpe").main([*where, "--vocab", str(vocab), "--out", p["tokenizer"], "--overwrite"])
     return {"vocab": vocab}
 
 
@@ -224,7 +224,7 @@ def pretokenize(run, args, source) -> dict:
 
 def bundle(run, args, source) -> dict:
     p = _paths(run)
-    _tool("bundle").main(["--dalle", p["dalle"], "--reranker", p["reranker"], "--out", p["model"],
+    _tool("bundle").main(["--dalle", p["dalle"], "--reranker", p["reranker"], "--out", p["model"], "--overwrite",
                           "--dtype", args.dtype])
     return {}
 

@@ -24,7 +24,7 @@ from dalle import cli
 from dalle.data.qa import shapes_qa
 from dalle.data.readers import scan_image_text_folder
 from dalle.data.shapes import _rng_for, make_caption, sample_scene
-from dalle.tokenizer import TextTokenizer
+from dalle.tokenizer import TOKENIZER_NAME, TextTokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--captions", type=Path, nargs="+", metavar="FILE", help="text files, one caption per line")
     src.add_argument("--folder", type=Path, metavar="DIR", help="image folder: its name.txt files (recursive)")
     p.add_argument("--out", type=Path, required=True, help="tokenizer.json path, or a directory to write it in")
+    cli.add_overwrite_flag(p, "an existing tokenizer file")
     p.add_argument("--vocab", type=cli.int_range(256), default=16384,
                    help="maximum BPE vocabulary size in tokens (>= 256)")
     p.add_argument("--min-frequency", type=cli.positive_int, default=2,
@@ -81,6 +82,8 @@ def file_captions(paths: list[Path]) -> Iterator[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    target = args.out / TOKENIZER_NAME if args.out.is_dir() or args.out.suffix.lower() != ".json" else args.out
+    cli.refuse_existing("--out", target, overwrite=args.overwrite)  # a model's tokenizer is not replaced unasked
     if args.questions and args.shapes is None:
         parser.error("--questions goes with --shapes (other sources: put the questions in a caption file)")
     if args.shapes is not None:

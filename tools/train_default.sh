@@ -16,6 +16,12 @@
 # (THREADS=2), WORK/report.md the supervised build's figures and WORK/feedback/eval and WORK/eval-shipped
 # the shipped model's.
 set -euo pipefail
+case "$*" in  # settings come from the environment only: an argument is a question or a mistake
+    "") ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "train_default.sh takes no arguments (got: $*): set WORK, OUT, THREADS or SUPERVISED in the" \
+            "environment (--help says more)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-0}
 WORK=${WORK:-runs/default}
@@ -41,12 +47,12 @@ python tools/feedback_loop.py --model "$SUPERVISED" --out "$WORK/feedback" --pro
 # The run's last checkpoint, not its checkpoints/best: the held-out reward that picks best moves between
 # evaluations by more than the checkpoints differ (docs/feedback.md).
 python tools/bundle.py --dalle "$WORK/feedback/bon/checkpoints/step-0000300" --dvae "$SUPERVISED/dvae" \
-    --reranker "$SUPERVISED/reranker" --out "$WORK/model-feedback"
+    --reranker "$SUPERVISED/reranker" --out "$WORK/model-feedback" --overwrite
 python tools/eval_feedback.py --sft "$SUPERVISED" --reward "$WORK/feedback/reward" --model "shipped=$WORK/model-feedback" \
     --exclude-store "$WORK/feedback/fb.db" --n 150 --best-of --diversity 16 --judged 8 --seed 0 --threads "$THREADS" \
     --out "$WORK/eval-shipped/feedback" --overwrite
 python tools/eval_shapes.py --model "$WORK/model-feedback" --split train zeroshot --n 100 --candidates 1 8 32 \
-    --cond-scale 1 3 --seed 0 --out "$WORK/eval-shipped/shapes" --threads "$THREADS"
+    --cond-scale 1 3 --seed 0 --out "$WORK/eval-shipped/shapes" --overwrite --threads "$THREADS"
 python tools/eval_captions.py --model "$WORK/model-feedback" --split train zeroshot --n 100 --prior-scale 0 2 \
     --caption-candidates 1 2 --candidates 1 8 32 --seed 0 --out "$WORK/eval-shipped/captions" --overwrite \
     --threads "$THREADS"

@@ -10,6 +10,10 @@
 # taming import uses an API that lightning 2.x removed). The venv sees this interpreter's torch
 # (--system-site-packages), so both sides run the same torch build.
 set -euo pipefail
+case "${1:-}" in  # one optional argument, a path: an option is a question or a mistake, never a venv's name
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "setup_venv.sh takes one optional argument, the venv's path (got: $1)" >&2; exit 2 ;;
+esac
 VENV=${1:-$HOME/.cache/dalle-peer-venv}
 python3 -m venv --system-site-packages "$VENV"
 "$VENV/bin/pip" install -q --no-deps dalle-pytorch==1.6.6
