@@ -122,6 +122,14 @@ def refuse_existing(flag: str, path: str | os.PathLike[str], names: tuple[str, .
         raise SystemExit(f"{flag} {path} {what}: choose another {flag}, or pass --overwrite to replace it")
 
 
+def require_input(key: str, path: str | os.PathLike[str], maker: str) -> None:
+    """The one-line error for a config input (`inputs.tokenizer`, `inputs.dvae`) that is not there, naming the
+    tool that makes one."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{key} {os.fspath(path)} does not exist: train one with tools/{maker} "
+                         f"(docs/training.md), or set --set {key}=PATH")
+
+
 def add_debug_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true",
                    help="on an error, show Python's full traceback instead of a one-line message")

@@ -40,14 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if switch >= steps:
         raise SystemExit(f"objective.second_mix_at {switch} is not before train.steps ({steps}): the second mix "
                          f"would never be used; give a step in 1..{steps - 1}, or 0 for one mix throughout")
-    if not Path(inputs.tokenizer).exists():
-        raise SystemExit(f"inputs.tokenizer {inputs.tokenizer} does not exist: train one with tools/train_bpe.py "
-                         "(docs/training.md), or set --set inputs.tokenizer=PATH")
+    cli.require_input("inputs.tokenizer", inputs.tokenizer, "train_bpe.py")
     tokenizer = TextTokenizer.from_file(inputs.tokenizer)
     device = resolve_device(args.device)
-    if inputs.dvae and not Path(inputs.dvae).exists():
-        raise SystemExit(f"inputs.dvae {inputs.dvae} does not exist: train one with tools/train_dvae.py "
-                         "(docs/training.md), or set --set inputs.dvae=PATH")
+    if inputs.dvae:
+        cli.require_input("inputs.dvae", inputs.dvae, "train_dvae.py")
     dvae = load_pretrained(inputs.dvae, expect="dvae", map_location=device) if inputs.dvae else None
     image_size = dvae.config.image_size if dvae is not None else 0
     if cfg["data"].source != "tokens" and dvae is None:

@@ -37,9 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg["data"].source == "tokens":
         raise SystemExit("data.source 'tokens' holds dVAE codes, not pixels: the reranker trains on raw images "
                          "(shapes, folder or webdataset)")
-    if not Path(inputs.tokenizer).exists():
-        raise SystemExit(f"inputs.tokenizer {inputs.tokenizer} does not exist: train one with tools/train_bpe.py "
-                         "(docs/training.md), or set --set inputs.tokenizer=PATH")
+    cli.require_input("inputs.tokenizer", inputs.tokenizer, "train_bpe.py")
     tokenizer = TextTokenizer.from_file(inputs.tokenizer)
     if cfg["model"].text_vocab_size == 0:  # "take it from the tokenizer"
         cfg["model"] = dataclasses.replace(cfg["model"], text_vocab_size=tokenizer.vocab_size)
