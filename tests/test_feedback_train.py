@@ -15,7 +15,7 @@ from tiny import tiny_config
 
 from dalle.checkpoint import load_pretrained
 from dalle.feedback.pairs import png_bytes
-from dalle.feedback.reward import RewardConfig, RewardModel
+from dalle.feedback.reward import RewardConfig, RewardModel, body_field
 from dalle.feedback.store import Store
 from dalle.reranker.model import Reranker
 from dalle.tokenizer import TextTokenizer
@@ -74,14 +74,16 @@ def parts(tmp_path_factory):
         save(d)
         (d / "dvae.json").write_text(json.dumps({"path": str(root / "dvae")}))
     save_pretrained(DALLE(tiny_config("dalle", text_vocab_size=tok.vocab_size, n_layer=2)), root / "dalle", extra=extra)
+    save_pretrained(DALLE(tiny_config("dalle", text_vocab_size=tok.vocab_size, n_layer=2, layouts=("t2i", "caption"))),
+                    root / "reader", extra=extra)
     toy_store(root / "toy.db").close()
     return root
 
 
 def reward_task(parts, body="reranker", seed=0, **objective):
     torch.manual_seed(seed)
-    init = load_pretrained(parts / ("reranker" if body == "reranker" else "dalle"))
-    model = RewardModel(RewardConfig(body=body, **{body: init.config}))
+    init = load_pretrained(parts / {"reranker": "reranker", "transformer": "dalle", "reader": "reader"}[body])
+    model = RewardModel(RewardConfig(body=body, **{body_field(body): init.config}))
     model.load_body(init)
     tok = TextTokenizer.from_file(parts / "tokenizer.json")
     return RewardTask(model, RewardObjective(val_fraction=0.25, **objective), tok, Store(parts / "toy.db"))
@@ -91,7 +93,7 @@ TRAIN = TrainConfig(steps=16, batch_size=8, lr=3e-3, lr_schedule="constant", log
                     save_every=8)
 
 
-@pytest.mark.parametrize("body", ["reranker", "transformer"])
+@pytest.mark.parametrize("body", ["reranker", "transformer", "reader"])
 def test_reward_model_learns_a_known_preference(parts, tmp_path, body):
     task = reward_task(parts, body)
     assert len(task.train) + len(task.val_judgements) == 48  # skips never counted, ties kept (half a win)
@@ -103,6 +105,26 @@ def test_reward_model_learns_a_known_preference(parts, tmp_path, body):
     assert after["val_accuracy"] >= 0.9, after
     saved = load_pretrained(tmp_path / "checkpoints", expect="reward")
     assert saved.config == task.model.config and float(saved.offset) == pytest.approx(after["offset"])
+
+
+def test_the_reader_body_starts_as_self_reranking(parts):
+    """Before training, the reader's reward is the model's own log p(prompt | image) (generate.py --rerank self)."""
+    from dalle.transformer.layouts import CAPTION
+    from dalle.transformer.reading import text_logprob
+
+    task = reward_task(parts, "reader")
+    rows = torch.arange(12)
+    text, codes = task.table.text[rows], task.table.codes[rows]
+    expected = text_logprob(task.model.body, codes, text, CAPTION, torch.zeros(12, dtype=torch.long))
+    with torch.no_grad():
+        assert torch.allclose(task.model.raw(text, codes), expected, atol=1e-5)
+    assert task.model.raw(text, codes).std() > 0  # not a constant
+
+
+def test_a_reader_needs_a_transformer_that_reads(parts):
+    t2i = load_pretrained(parts / "dalle").config
+    with pytest.raises(ValueError, match="reads images.*caption"):
+        RewardConfig(body="reader", transformer=t2i)
 
 
 def test_a_frozen_body_keeps_its_weights_and_the_head_still_learns(parts, tmp_path):
@@ -206,6 +228,13 @@ def _run(parts, tmp_path, method, *extra):
     init = parts / ("dalle" if method == "dpo" else "reranker")
     return train_feedback.main([method, "--config", config, "--out", str(tmp_path / method), "--no-progress",
                                 "--set", f"inputs.store={parts / 'toy.db'}", "--set", f"inputs.init={init}", *extra])
+
+
+def test_train_feedback_tool_trains_a_reader_reward_model(parts, tmp_path):
+    reader = parts / "reader"
+    assert _run(parts, tmp_path, "reward", "--set", "model.body=reader", "--set", f"inputs.init={reader}") == 0
+    model = load_pretrained(tmp_path / "reward", expect="reward")
+    assert model.config.body == "reader" and model.config.transformer.layouts == ("t2i", "caption")
 
 
 def test_train_feedback_tool_reward_dpo_and_evaluate(parts, tmp_path, capsys):
@@ -605,6 +634,9 @@ def test_train_feedback_errors_are_one_line(parts, tmp_path):
         _run(parts, tmp_path, "reward", "--set", "objective.rater=nobody")
     with pytest.raises(SystemExit, match="holds a 'reranker' model, but a 'dalle' model is needed"):
         _run(parts, tmp_path, "reward", "--set", "model.body=transformer")
+    with pytest.raises(SystemExit, match=r"inputs.init .*dalle: a 'reader' reward model starts from a transformer that "
+                                         r"reads images"):
+        _run(parts, tmp_path, "reward", "--set", "model.body=reader", "--set", f"inputs.init={parts / 'dalle'}")
     other = tmp_path / "other"
     from dalle.checkpoint import save_pretrained
 

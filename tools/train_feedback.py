@@ -6,7 +6,8 @@
     python tools/train_feedback.py bon --config configs/feedback/bon-shapes.yaml --out runs/bon
     python tools/train_feedback.py evaluate --store runs/fb.db --reward runs/reward --rater sim25 --reference-rater sim0
 
-reward: a reward model (Bradley-Terry) initialised from a trained reranker or transformer (model.body, inputs.init).
+reward: a reward model (Bradley-Terry) initialised from a trained reranker or transformer (model.body: reranker,
+        transformer, or reader = the reading transformer's own log p(prompt | image); inputs.init).
 dpo: Direct Preference Optimisation of the transformer on its own compared samples, against a frozen copy of it.
 grpo: policy gradient against the reward model on the store's prompts, with the per-token KL penalty to the start.
 bon: best-of-N distillation: learn the reward model's pick of N samples of the supervised model per prompt
@@ -106,7 +107,7 @@ def _load(path: str, expect: str, device: str):
 
 
 def _reward(args: argparse.Namespace, cfg: dict) -> int:
-    from dalle.feedback.reward import RewardModel
+    from dalle.feedback.reward import RewardModel, body_field
     from dalle.train.tasks.reward import RewardTask
 
     inputs: RewardInputs = cfg["inputs"]
@@ -116,7 +117,10 @@ def _reward(args: argparse.Namespace, cfg: dict) -> int:
     body = cfg["model"].body
     expect = "reranker" if body == "reranker" else "dalle"
     init, tokenizer, _ = _load(inputs.init, expect, "cpu")
-    cfg["model"] = dataclasses.replace(cfg["model"], **{body: init.config})
+    try:
+        cfg["model"] = dataclasses.replace(cfg["model"], **{body_field(body): init.config})
+    except ValueError as e:
+        raise SystemExit(f"inputs.init {inputs.init}: {e}") from None
     model = RewardModel(cfg["model"])
     model.load_body(init)
     try:

@@ -10,6 +10,10 @@ Two bodies, both initialised from a trained network of the project:
                  with every code at its own grid cell (the order the reading layouts use), and a scalar head
                  on the last slot's final hidden state, which has read the whole image. The head starts as
                  N(0, 1 / (d + 1)), the paper's initialisation.
+    reader       a transformer that reads images (its caption layout; codes in): the reward is
+                 w * log p(prompt | image) + b, the model's own judgement of how well the image fits the prompt
+                 (generate.py --rerank self), with w = 1 and b = 0 at the start: before training it ranks images
+                 exactly as self-reranking does, and training moves the whole network.
 
 Bradley-Terry training sees only reward differences, so the level is free: `offset` (a buffer, saved with
 the weights) is set after training to the mean raw reward of the supervised model's samples, so that those
@@ -27,15 +31,18 @@ from torch import Tensor, nn
 
 from dalle.config import from_dict
 from dalle.reranker.model import Reranker, RerankerConfig
+from dalle.transformer.layouts import CAPTION, LAYOUTS, generated_mask
 from dalle.transformer.model import DALLE, DALLEConfig
+from dalle.transformer.sampling import token_logprobs
 
-BODIES = ("reranker", "transformer")
+BODIES = ("reranker", "transformer", "reader")
 
 
 @dataclass(frozen=True)
 class RewardConfig:
-    body: str = "reranker"  # "reranker" (pixels in) or "transformer" (image codes in)
-    # The body's architecture: the init model's config (the training tool copies it from inputs.init).
+    body: str = "reranker"  # "reranker" (pixels in), "transformer" or "reader" (image codes in)
+    # The body's architecture: the init model's config (the training tool copies it from inputs.init); the
+    # "transformer" and "reader" bodies both keep it in `transformer`.
     reranker: RerankerConfig | None = None
     transformer: DALLEConfig | None = None
 
@@ -48,12 +55,20 @@ class RewardConfig:
             if isinstance(value, dict):
                 object.__setattr__(self, name, from_dict(cls, value, where=f"reward {name}"))
         other = "transformer" if self.body == "reranker" else "reranker"
+        if self.body == "reader" and self.transformer is not None and CAPTION not in self.transformer.layouts:
+            raise ValueError("a 'reader' reward model starts from a transformer that reads images (model.layouts "
+                             f"with 'caption'); this one has {list(self.transformer.layouts)}")
         if getattr(self, other) is not None:
             raise ValueError(f"a {self.body!r} reward model has no {other} config; remove it")
 
     @property
+    def body_field(self) -> str:
+        """The field holding the body's config."""
+        return body_field(self.body)
+
+    @property
     def body_config(self) -> RerankerConfig | DALLEConfig | None:
-        return getattr(self, self.body)
+        return getattr(self, self.body_field)
 
     @property
     def reads_pixels(self) -> bool:
@@ -65,6 +80,11 @@ class RewardConfig:
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))  # tuples as lists, as config.json holds them
+
+
+def body_field(body: str) -> str:
+    """The RewardConfig field that holds a body's config: "reranker" or "transformer"."""
+    return "reranker" if body == "reranker" else "transformer"
 
 
 class RewardModel(nn.Module):
@@ -79,6 +99,12 @@ class RewardModel(nn.Module):
             e = cfg.reranker.embed_dim
             self.head = nn.Linear(2 * e, 1)
             nn.init.zeros_(self.head.weight)
+        elif cfg.body == "reader":
+            self.body = DALLE(cfg.transformer)
+            self.head = nn.Linear(1, 1)  # w * log p(prompt | image) + b
+            nn.init.ones_(self.head.weight)
+            if not cfg.transformer.tie_embeddings:  # the image head is unused: frozen, so DDP and AdamW skip it
+                self.body.image_head.requires_grad_(False)
         else:
             self.body = DALLE(cfg.transformer)
             d = cfg.transformer.n_embd
@@ -106,6 +132,12 @@ class RewardModel(nn.Module):
         body, n = self.body, self.config.transformer.image_seq_len
         if image.ndim != 2 or image.shape[1] != n:
             raise ValueError(f"image codes must be (B, {n}), got {tuple(image.shape)}")
+        if self.config.body == "reader":  # log p(prompt | image) in the caption layout, as self-reranking scores
+            rows = torch.full((len(text),), LAYOUTS.index(CAPTION), dtype=torch.long, device=text.device)
+            start = torch.zeros_like(rows)
+            picked = token_logprobs(body(text, image, rows, start)[0], text)  # (B, T)
+            logp = torch.where(generated_mask(text, start, body.config.text_vocab_size), picked, 0.0).sum(dim=1)
+            return self.head(logp[:, None].to(self.head.weight.dtype)).squeeze(-1)
         x = torch.cat([body.embed_text(text), body.image_emb(image) + body.image_pos(0, n)], dim=1)  # (B, T+N, d)
         h = body.backbone(x)  # (B, T+N, d)
         return self.head(h[:, -1]).squeeze(-1)

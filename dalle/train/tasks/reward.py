@@ -151,7 +151,7 @@ def sft_samples(store: Store, model_id: str) -> list[int]:
 def check_fit(model: RewardModel, table: SampleTable) -> None:
     """The store's samples must be images this reward model can read."""
     cfg = model.config
-    if cfg.body == "transformer":
+    if not cfg.reads_pixels:
         t = cfg.transformer
         if table.codes.shape[1] != t.image_seq_len or int(table.codes.max()) >= t.image_vocab_size:
             raise ValueError(f"the store's samples have {table.codes.shape[1]} codes up to {int(table.codes.max())}, "
