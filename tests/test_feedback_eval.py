@@ -348,6 +348,13 @@ def test_the_loop_runs_end_to_end_and_resumes(tiny_parts, tmp_path, capsys, monk
     assert e.value.code == 2
 
 
+def test_the_loop_starts_a_transformer_bodied_reward_model_from_the_transformer(tiny_parts, tmp_path):
+    assert _loop(tiny_parts, tmp_path / "run", "--methods", "--set", "reward.model.body=transformer") == 0
+    run = json.loads((tmp_path / "run" / "reward" / "run.json").read_text())
+    assert Path(run["inputs"]["init"]) == tiny_parts / "model"
+    assert load_pretrained(tmp_path / "run" / "reward", expect="reward").config.body == "transformer"
+
+
 def test_held_out_prompts_leave_out_every_excluded_caption():
     seen = {p.caption for p in held_out_prompts("train", 100)}
     assert len(seen) < 100  # captions repeat within a split: excluded ones come back later in it

@@ -65,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="the supervised transformer the loop starts from (default: the shipped model)")
     p.add_argument("--reranker", default=None,
-                   help="reranker the reward model starts from (default: the model's reranker/ folder)")
+                   help="reranker the reward model starts from (default: the model's reranker/ folder); with "
+                        "--set reward.model.body=transformer or reader it starts from --model instead")
     p.add_argument("--prompts", type=cli.positive_int, default=50, help="shapes train captions sampled")
     p.add_argument("--pairs-per-prompt", type=cli.positive_int, default=2, help="pairs sampled for each prompt")
     p.add_argument("--batch-size", type=cli.positive_int, default=16, help="images sampled together")
@@ -166,6 +167,20 @@ def _train(args: argparse.Namespace, out: Path, stage: str, sets: dict[str, obje
     _stage(out, run, lambda: train_feedback.main(argv), key=json.dumps({"config": text, "set": sets}), trained=True)
 
 
+def _reward_init(args: argparse.Namespace, reranker: str) -> str:
+    """What the reward stage starts from: the reranker for its reranker body, else (transformer, reader) --model."""
+    from dalle.train.config import load_yaml
+
+    try:
+        body = load_yaml(args.reward_config).get("model", {}).get("body", "reranker")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"cannot read the reward stage's config: {e}") from None
+    for stage, rest in args.overrides:
+        key, _, value = rest.partition("=")
+        body = value.strip() if stage == "reward" and key == "model.body" else body
+    return reranker if body == "reranker" else args.model
+
+
 def main(argv: list[str] | None = None) -> int:
     from dalle_tools import eval_feedback
 
@@ -179,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     reranker = args.reranker or str(Path(args.model) / "reranker")
     _stage(out, "sample", lambda: _sample(args, store, args.model, args.seed))
     _stage(out, "simulate", lambda: _simulate(args, store, args.seed))
-    _train(args, out, "reward", {"inputs.store": store, "inputs.init": reranker, "objective.rater": "sim"})
+    _train(args, out, "reward", {"inputs.store": store, "inputs.init": _reward_init(args, reranker),
+                                 "objective.rater": "sim"})
     for method in args.methods:
         sets = {"inputs.store": store, "inputs.init": args.model}
         sets |= {"inputs.reward": out / "reward"} if method != "dpo" else {"objective.rater": "sim"}
