@@ -169,16 +169,13 @@ def _train(args: argparse.Namespace, out: Path, stage: str, sets: dict[str, obje
 
 def _reward_init(args: argparse.Namespace, reranker: str) -> str:
     """What the reward stage starts from: the reranker for its reranker body, else (transformer, reader) --model."""
-    from dalle.train.config import load_yaml
+    from dalle.train.config import apply_overrides, load_yaml
 
     try:
-        body = load_yaml(args.reward_config).get("model", {}).get("body", "reranker")
+        cfg = apply_overrides(load_yaml(args.reward_config), [v for s, v in args.overrides if s == "reward"])
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot read the reward stage's config: {e}") from None
-    for stage, rest in args.overrides:
-        key, _, value = rest.partition("=")
-        body = value.strip() if stage == "reward" and key == "model.body" else body
-    return reranker if body == "reranker" else args.model
+    return reranker if (cfg.get("model") or {}).get("body", "reranker") == "reranker" else args.model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from dalle.config import from_dict
 from dalle.reranker.model import Reranker, RerankerConfig
-from dalle.transformer.layouts import CAPTION, LAYOUTS, generated_mask
+from dalle.transformer.layouts import CAPTION
 from dalle.transformer.model import DALLE, DALLEConfig
-from dalle.transformer.sampling import token_logprobs
+from dalle.transformer.reading import text_logprob_grad
 
 BODIES = ("reranker", "transformer", "reader")
 
@@ -133,10 +133,8 @@ class RewardModel(nn.Module):
         if image.ndim != 2 or image.shape[1] != n:
             raise ValueError(f"image codes must be (B, {n}), got {tuple(image.shape)}")
         if self.config.body == "reader":  # log p(prompt | image) in the caption layout, as self-reranking scores
-            rows = torch.full((len(text),), LAYOUTS.index(CAPTION), dtype=torch.long, device=text.device)
-            start = torch.zeros_like(rows)
-            picked = token_logprobs(body(text, image, rows, start)[0], text)  # (B, T)
-            logp = torch.where(generated_mask(text, start, body.config.text_vocab_size), picked, 0.0).sum(dim=1)
+            start = torch.zeros(len(text), dtype=torch.long, device=text.device)
+            logp = text_logprob_grad(body, image, text, CAPTION, start)  # (B,)
             return self.head(logp[:, None].to(self.head.weight.dtype)).squeeze(-1)
         x = torch.cat([body.embed_text(text), body.image_emb(image) + body.image_pos(0, n)], dim=1)  # (B, T+N, d)
         h = body.backbone(x)  # (B, T+N, d)

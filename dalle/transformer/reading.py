@@ -31,6 +31,11 @@ def check_reads(model: DALLE, layout: str) -> None:
 def text_logprob(model: DALLE, image: Tensor, text: Tensor, layout: str, answer_at: Tensor) -> Tensor:
     """log p(text | image): (B, N) codes, (B, T) ids, (B,) answer starts -> (B,) summed over the slots the
     layout generates (the caption or the answer, and its end-of-text token), teacher-forced."""
+    return text_logprob_grad(model, image, text, layout, answer_at)
+
+
+def text_logprob_grad(model: DALLE, image: Tensor, text: Tensor, layout: str, answer_at: Tensor) -> Tensor:
+    """`text_logprob` with gradients, for training on it (the reward model's reader body)."""
     check_reads(model, layout)
     rows = torch.full_like(answer_at, LAYOUTS.index(layout))
     picked = token_logprobs(model(text, image, rows, answer_at)[0], text)  # (B, T)
