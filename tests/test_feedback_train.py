@@ -230,11 +230,23 @@ def _run(parts, tmp_path, method, *extra):
                                 "--set", f"inputs.store={parts / 'toy.db'}", "--set", f"inputs.init={init}", *extra])
 
 
-def test_train_feedback_tool_trains_a_reader_reward_model(parts, tmp_path):
+def test_train_feedback_tool_trains_a_reader_reward_model_and_grpo_against_it(parts, tmp_path):
     reader = parts / "reader"
     assert _run(parts, tmp_path, "reward", "--set", "model.body=reader", "--set", f"inputs.init={reader}") == 0
     model = load_pretrained(tmp_path / "reward", expect="reward")
     assert model.config.body == "reader" and model.config.transformer.layouts == ("t2i", "caption")
+    # the shipped model's feedback stage (tools/train_default.sh): its GRPO config, cut to a few steps of the toy
+    # store, against the reader just trained (codes in: no dVAE decode), from the transformer it started from
+    small = ["--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.eval_every=2", "--set",
+             "objective.group_size=3", "--set", "objective.val_fraction=0.4", "--set", "objective.eval_prompts=2"]
+    assert train_feedback.main(["grpo", "--config", "configs/feedback/grpo-reader-shapes.yaml", "--out",
+                                str(tmp_path / "grpo"), "--no-progress", "--set", f"inputs.store={parts / 'toy.db'}",
+                                "--set", f"inputs.init={reader}", "--set", f"inputs.reward={tmp_path / 'reward'}",
+                                *small]) == 0
+    evals = [json.loads(x) for x in (tmp_path / "grpo" / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert {"val_reward", "val_kl", "val_objective"} <= set(evals[-1])
+    tuned = load_pretrained(tmp_path / "grpo", expect="dalle")
+    assert tuned.config == load_pretrained(reader, expect="dalle").config
 
 
 def test_train_feedback_tool_reward_dpo_and_evaluate(parts, tmp_path, capsys):

@@ -4,8 +4,9 @@
 # (configs/{dvae,dalle,reranker}/shapes.yaml): shapes tokenizer (captions and questions) -> dVAE ->
 # pre-tokenised codes -> transformer (draws, captions, answers) -> reranker -> fp16 bundle -> evaluation and
 # report; then learning from feedback (tools/feedback_loop.py, docs/feedback.md): the supervised bundle's
-# samples compared by the noiseless simulated rater -> reward model -> online DPO -> the shipped bundle, with
-# the DPO transformer in place of the supervised one -> its evaluation.
+# samples compared by the noiseless simulated rater -> a reward model that starts from the transformer's own
+# reading -> GRPO against it -> the shipped bundle, with the GRPO transformer in place of the supervised one ->
+# its evaluation.
 #
 #     bash tools/train_default.sh            # WORK=runs/default OUT=dalle/default_model THREADS=0 (auto)
 #     SUPERVISED=DIR bash tools/train_default.sh   # skip the supervised build: start the feedback from DIR
@@ -36,17 +37,19 @@ if [ -z "$SUPERVISED" ]; then
     SUPERVISED="$WORK/model"
 fi
 
-# 2,000 train captions x 2 pairs; the reward model's 60 steps are where its held-out accuracy stops rising on
-# this store; the evaluation (150 held-out prompts a split) compares the DPO model with the supervised one and
-# its best of 4 and 16, each also averaged over 8 draws a prompt (one image a prompt moves by 5 points).
+# 2,000 train captions x 2 pairs; the reward model starts from the supervised transformer's own reading,
+# w * log p(prompt | image) (reward-reader-shapes.yaml), and GRPO fine-tunes the transformer against it with the
+# per-token KL penalty (grpo-reader-shapes.yaml); the evaluation (150 held-out prompts a split) compares the
+# GRPO model with the supervised one and its best of 4 and 16, each also averaged over 8 draws a prompt (one
+# image a prompt moves by 5 points).
 python tools/feedback_loop.py --model "$SUPERVISED" --out "$WORK/feedback" --prompts 2000 --pairs-per-prompt 2 \
-    --noise 0 --methods bon --bon-config configs/feedback/bon-online-dpo-shapes.yaml \
-    --set reward.train.steps=60 --set reward.train.eval_every=30 --set reward.train.save_every=30 \
-    --set reward.train.warmup_steps=5 --eval-n 150 --best-of 4 16 --diversity 16 --judged 8 --threads "$THREADS"
+    --noise 0 --methods grpo --reward-config configs/feedback/reward-reader-shapes.yaml \
+    --grpo-config configs/feedback/grpo-reader-shapes.yaml --eval-n 150 --best-of 4 16 --diversity 16 --judged 8 \
+    --threads "$THREADS"
 
 # The run's last checkpoint, not its checkpoints/best: the held-out reward that picks best moves between
 # evaluations by more than the checkpoints differ (docs/feedback.md).
-python tools/bundle.py --dalle "$WORK/feedback/bon/checkpoints/step-0000300" --dvae "$SUPERVISED/dvae" \
+python tools/bundle.py --dalle "$WORK/feedback/grpo/checkpoints/step-0000200" --dvae "$SUPERVISED/dvae" \
     --reranker "$SUPERVISED/reranker" --out "$WORK/model-feedback" --overwrite
 python tools/eval_feedback.py --sft "$SUPERVISED" --reward "$WORK/feedback/reward" --model "shipped=$WORK/model-feedback" \
     --exclude-store "$WORK/feedback/fb.db" --n 150 --best-of --diversity 16 --judged 8 --seed 0 --threads "$THREADS" \
