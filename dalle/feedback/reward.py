@@ -1,7 +1,7 @@
 """The reward model: a trained network with a scalar head, scoring how much people prefer an image for a prompt
 (Stiennon et al. 2020, sec. 3.4 "Reward models").
 
-Two bodies, both initialised from a trained network of the project:
+Three bodies, each initialised from a trained network of the project:
 
     reranker     the CLIP-style reranker's two encoders (pixels in). The reward is the reranker's own logit,
                  scale * cos(image, text), plus a learned linear map of (image * text, image) embeddings that
