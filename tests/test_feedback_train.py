@@ -339,6 +339,43 @@ def test_grpo_resume_equals_uninterrupted(parts, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
 
 
+def test_grpo_distill_guidance_adds_the_guided_references_kl(parts):
+    """distill_guidance: w adds w x KL(guided reference || policy) of the next-token distributions on the step's
+    own samples (the reference guided at distill_cond_scale), to the same policy-gradient loss: checked by hand
+    from the same draws."""
+    from dalle.transformer.sampling import empty_text, sample
+
+    torch.manual_seed(0)
+    model = load_pretrained(parts / "dalle").eval()  # no dropout: every forward here sees the same network
+    with torch.no_grad():  # as reading_text does: the briefly trained toy barely reads its text
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+
+    def task(**extra):
+        return GRPOTask(model, GRPOObjective(group_size=2, eval_prompts=2, **extra), task_tok(parts), PROMPTS * 2,
+                        LowCodes(), task_tok(parts))
+
+    plain, distilled = task(), task(distill_guidance=2.0, distill_cond_scale=1.5)
+    batch = {"prompt": plain.train.rows[:3]}
+    torch.manual_seed(3)
+    loss, logs = plain.loss(model, batch, 0)
+    torch.manual_seed(3)
+    loss_d, logs_d = distilled.loss(model, batch, 0)
+    torch.manual_seed(3)  # the draws both losses made
+    text = plain.text[batch["prompt"].repeat_interleave(2)]
+    codes = sample(model, text)
+    with torch.no_grad():
+        cond, uncond = model(text, codes)[1], model(empty_text(model, len(codes), "cpu"), codes)[1]
+        target = torch.log_softmax(uncond + 1.5 * (cond - uncond), dim=-1)
+        kl = (target.exp() * (target - torch.log_softmax(cond, dim=-1))).sum(dim=(-1, -2)).mean()
+    assert kl > 1e-3  # the reference reads its text, so guidance moves its distribution
+    assert "distill_kl" not in logs and logs_d["distill_kl"] == pytest.approx(kl.item(), rel=1e-4)
+    assert logs_d["reward"] == logs["reward"]  # the same samples
+    torch.testing.assert_close(loss_d.detach(), loss.detach() + 2.0 * kl, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="distill_cond_scale > 0 other than 1"):
+        GRPOObjective(distill_guidance=1.0, distill_cond_scale=1.0)
+
+
 def bon_task(parts, seed=0, **objective):
     torch.manual_seed(seed)
     return BoNTask(load_pretrained(parts / "dalle").train(), BoNObjective(**objective), task_tok(parts),

@@ -8,8 +8,10 @@ score at the image's last token. The return of token t is the sum of R from t to
 that return minus the mean return of the other samples of the same prompt at the same token (a leave-one-out
 group baseline instead of a value network), scaled by the batch's standard deviation. The loss is the policy
 gradient -A_t * log pi(token t). There is one gradient step per sampled batch, so PPO's probability ratio is
-1 and its clipping would never act: it is left out. Evaluation samples one image per held-out prompt (fixed
-seed) and reports the reward, the KL(pi || pi_SFT) estimate and the KL-penalised objective reward - beta * KL.
+1 and its clipping would never act: it is left out. With `distill_guidance` the loss also pulls the plain
+sample toward the reference's mildly guided one (an exact KL over the vocabulary on the step's samples).
+Evaluation samples one image per held-out prompt (fixed seed) and reports the reward, the KL(pi || pi_SFT)
+estimate and the KL-penalised objective reward - beta * KL.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from dalle.feedback.losses import kl_shaped_rewards
+from dalle.feedback.losses import distribution_kl, kl_shaped_rewards
 from dalle.tokenizer import TextTokenizer
 from dalle.train.engine import matrix_decay_groups
 from dalle.transformer.model import DALLE
-from dalle.transformer.sampling import token_logprobs
+from dalle.transformer.sampling import empty_text, token_logprobs
 
 if TYPE_CHECKING:
     from dalle.train.engine import EvalSink
@@ -47,6 +49,11 @@ class GRPOObjective:
     # held-out objective, would pick among checkpoints by chance.
     eval_samples: int = 1
     eval_seed: int = 0
+    # Weight of KL(guided reference || policy) of the next-token distributions on the step's samples, added to
+    # the loss: the reference's classifier-free guidance at `distill_cond_scale` distilled into the plain sample,
+    # as best-of-N distillation's option of the same name does beside DPO (docs/feedback.md)
+    distill_guidance: float = 0.0
+    distill_cond_scale: float = 1.3
 
     def __post_init__(self) -> None:
         evals = min(self.eval_prompts, self.eval_samples)
@@ -54,6 +61,10 @@ class GRPOObjective:
             raise ValueError(f"need beta >= 0, group_size >= 2 (a group baseline), val_fraction in (0, 1), "
                              f"eval_prompts >= 1 and eval_samples >= 1; got {self.beta}, {self.group_size}, "
                              f"{self.val_fraction}, {self.eval_prompts}, {self.eval_samples}")
+        if self.distill_guidance < 0 or (self.distill_guidance > 0 and self.distill_cond_scale in (0, 1)) \
+                or self.distill_cond_scale < 0:
+            raise ValueError(f"need distill_guidance >= 0 and, above 0, a distill_cond_scale > 0 other than 1; got "
+                             f"{self.distill_guidance}, {self.distill_cond_scale}")
 
 
 @dataclass(frozen=True)
@@ -168,9 +179,11 @@ class GRPOTask(RewardSampling):
         text = self.text[rows].to(device)
         codes = self._sample(model, text)  # the engine seeded the global RNG for this step
         reward = self.rewards(rows, codes)  # (BG,)
-        logp = token_logprobs(model(text, codes)[1], codes)  # (BG, N)
+        logits = model(text, codes)[1]
+        logp = token_logprobs(logits, codes)  # (BG, N)
         with torch.no_grad():
-            logp_ref = token_logprobs(self.ref.to(device)(text, codes)[1], codes)
+            ref_logits = self.ref.to(device)(text, codes)[1]
+            logp_ref = token_logprobs(ref_logits, codes)
         shaped = kl_shaped_rewards(reward, logp.detach(), logp_ref, o.beta)  # (BG, N)
         returns = shaped.flip(-1).cumsum(-1).flip(-1).view(-1, o.group_size, shaped.shape[-1])  # (B, G, N)
         others = (returns.sum(1, keepdim=True) - returns) / (o.group_size - 1)  # leave-one-out group baseline
@@ -178,5 +191,13 @@ class GRPOTask(RewardSampling):
         advantage = advantage / (advantage.std() + 1e-8)
         loss = -(advantage * logp).mean()
         kl = (logp.detach() - logp_ref).sum(-1)  # (BG,) per-sample KL estimate
-        return loss, {"reward": reward.mean().item(), "kl": kl.mean().item(), "kl_max": kl.max().item(),
-                      "objective": (reward - o.beta * kl).mean().item()}
+        logs = {"reward": reward.mean().item(), "kl": kl.mean().item(), "kl_max": kl.max().item(),
+                "objective": (reward - o.beta * kl).mean().item()}
+        if o.distill_guidance > 0:
+            with torch.no_grad():
+                uncond = self.ref(empty_text(self.ref, len(codes), device), codes)[1]
+                guided = torch.lerp(uncond.float(), ref_logits.float(), o.distill_cond_scale)
+            distill = distribution_kl(guided, logits).mean()
+            loss = loss + o.distill_guidance * distill
+            logs["distill_kl"] = distill.item()
+        return loss, logs
