@@ -61,8 +61,8 @@ class GRPOObjective:
             raise ValueError(f"need beta >= 0, group_size >= 2 (a group baseline), val_fraction in (0, 1), "
                              f"eval_prompts >= 1 and eval_samples >= 1; got {self.beta}, {self.group_size}, "
                              f"{self.val_fraction}, {self.eval_prompts}, {self.eval_samples}")
-        if self.distill_guidance < 0 or (self.distill_guidance > 0 and self.distill_cond_scale in (0, 1)) \
-                or self.distill_cond_scale < 0:
+        if self.distill_guidance < 0 or (self.distill_guidance > 0 and (
+                self.distill_cond_scale <= 0 or self.distill_cond_scale == 1)):
             raise ValueError(f"need distill_guidance >= 0 and, above 0, a distill_cond_scale > 0 other than 1; got "
                              f"{self.distill_guidance}, {self.distill_cond_scale}")
 
