@@ -243,6 +243,19 @@ def test_eval_cli_writes_table_and_json_and_refuses_an_existing_out(tiny_parts, 
     assert _cli(tiny_parts, reward_dir, out, "--overwrite") == 0
 
 
+def test_eval_cli_leaves_out_a_prompt_file(tiny_parts, reward_dir, tmp_path):
+    seen = [p.caption for p in held_out_prompts("train", 2)]  # what a model was fine-tuned on (inputs.prompts)
+    (tmp_path / "tuned-on.txt").write_text("\n".join(seen) + "\n")
+    assert _cli(tiny_parts, reward_dir, tmp_path / "eval", "--exclude-prompts", str(tmp_path / "tuned-on.txt")) == 0
+    record = json.loads((tmp_path / "eval" / "policy-eval.json").read_text())
+    assert record["prompts"]["train"] == [p.caption for p in held_out_prompts("train", 2, seen)]
+    assert not set(seen) & set(record["prompts"]["train"])
+    assert record["prompts"]["zeroshot"] == [p.caption for p in held_out_prompts("zeroshot", 2)]
+    with pytest.raises(SystemExit, match="cannot read --exclude-prompts .*absent.txt"):
+        _cli(tiny_parts, reward_dir, tmp_path / "x", "--exclude-prompts", str(tmp_path / "absent.txt"))
+    assert not (tmp_path / "x").exists()
+
+
 def test_eval_cli_errors_are_one_line(tiny_parts, reward_dir, tmp_path, capsys):
     for bad in (["--model", "nodir"], ["--best-of", "0"], ["--n", "x"]):
         with pytest.raises(SystemExit) as e:

@@ -23,7 +23,7 @@ from dalle.train.config import TrainConfig
 from dalle.train.engine import Trainer
 from dalle.train.tasks.bon import BoNObjective, BoNTask
 from dalle.train.tasks.dpo import DPOObjective, DPOTask, sequence_logprob
-from dalle.train.tasks.grpo import GRPOObjective, GRPOTask
+from dalle.train.tasks.grpo import GRPOObjective, GRPOTask, split_prompts
 from dalle.train.tasks.reward import RewardObjective, RewardTask
 from dalle.transformer.model import DALLE
 from dalle_tools import train_feedback
@@ -230,7 +230,7 @@ def _run(parts, tmp_path, method, *extra):
                                 "--set", f"inputs.store={parts / 'toy.db'}", "--set", f"inputs.init={init}", *extra])
 
 
-def test_train_feedback_tool_trains_a_reader_reward_model_and_grpo_against_it(parts, tmp_path):
+def test_train_feedback_tool_trains_a_reader_reward_model_and_grpo_against_it(parts, tmp_path, caplog):
     reader = parts / "reader"
     assert _run(parts, tmp_path, "reward", "--set", "model.body=reader", "--set", f"inputs.init={reader}") == 0
     model = load_pretrained(tmp_path / "reward", expect="reward")
@@ -247,6 +247,19 @@ def test_train_feedback_tool_trains_a_reader_reward_model_and_grpo_against_it(pa
     assert {"val_reward", "val_kl", "val_objective"} <= set(evals[-1])
     tuned = load_pretrained(tmp_path / "grpo", expect="dalle")
     assert tuned.config == load_pretrained(reader, expect="dalle").config
+    # the same on a prompt file in place of the store (which need not exist): its lines, each once
+    lines = PROMPTS[:12] + ["", PROMPTS[0], " a small blue cross "]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
+    caplog.set_level("INFO")
+    assert train_feedback.main(["grpo", "--config", "configs/feedback/grpo-reader-shapes.yaml", "--out",
+                                str(tmp_path / "grpo-file"), "--no-progress", "--set",
+                                f"inputs.store={tmp_path / 'missing.db'}", "--set",
+                                f"inputs.prompts={tmp_path / 'prompts.txt'}", "--set", f"inputs.init={reader}",
+                                "--set", f"inputs.reward={tmp_path / 'reward'}", *small]) == 0
+    train, _ = split_prompts(PROMPTS[:12] + ["a small blue cross"], 0.4, 0)
+    assert f"on {len(train)} prompts" in caplog.text and len(train) > 2
+    assert not (tmp_path / "missing.db").exists()
+    assert load_pretrained(tmp_path / "grpo-file", expect="dalle").config == tuned.config
 
 
 def test_train_feedback_tool_reward_dpo_and_evaluate(parts, tmp_path, capsys):
@@ -703,6 +716,15 @@ def test_train_feedback_errors_are_one_line(parts, tmp_path):
     with pytest.raises(SystemExit, match="inputs.init and inputs.reward must be set"):
         train_feedback.main(["bon", "--config", "configs/feedback/bon-tiny.yaml", "--out", str(tmp_path / "bon"),
                              "--set", f"inputs.store={parts / 'toy.db'}"])
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    given = ["--set", f"inputs.init={parts / 'dalle'}", "--set", f"inputs.reward={parts / 'reranker'}"]
+    with pytest.raises(SystemExit, match="blank.txt holds no prompt: give a file with one prompt a line"):
+        train_feedback.main(["grpo", "--config", "configs/feedback/grpo-tiny.yaml", "--out", str(tmp_path / "g"),
+                             "--set", f"inputs.prompts={tmp_path / 'blank.txt'}", *given])
+    with pytest.raises(SystemExit, match="cannot read inputs.prompts .*nowhere.txt"):
+        train_feedback.main(["grpo", "--config", "configs/feedback/grpo-tiny.yaml", "--out", str(tmp_path / "g"),
+                             "--set", f"inputs.prompts={tmp_path / 'nowhere.txt'}", *given])
+    assert not (tmp_path / "g").exists()
 
 
 def test_train_feedback_help_explains_every_flag(capsys):

@@ -302,6 +302,23 @@ def test_tool_shard_mode(tmp_path: Path) -> None:
     assert Image.open(io.BytesIO(members[f"{key}.png"])).convert("RGB").tobytes() == ref.image.tobytes()
 
 
+def test_tool_captions_mode_writes_each_caption_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    tool = _load_tool()
+    out = tmp_path / "prompts" / "train.txt"
+    assert tool.main(["--n", "300", "--captions", "--out", str(out)]) == 0
+    captions = [make_sample(i, "train").caption for i in range(300)]
+    assert out.read_text().splitlines() == list(dict.fromkeys(captions))  # first appearance sets the order
+    assert len(set(captions)) < 300 and not list(tmp_path.glob("**/*.png"))
+    before = out.read_bytes()
+    with pytest.raises(SystemExit, match="exists: choose another file or pass --overwrite"):
+        tool.main(["--n", "5", "--captions", "--out", str(out)])
+    assert out.read_bytes() == before
+    with pytest.raises(SystemExit, match="is a directory"):
+        tool.main(["--n", "5", "--captions", "--out", str(tmp_path)])
+    assert tool.main(["--n", "5", "--captions", "--out", str(out), "--overwrite", "--split", "zeroshot"]) == 0
+    assert out.read_text().splitlines() == list(dict.fromkeys(make_sample(i, "zeroshot").caption for i in range(5)))
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=cli.positive_int, default=50, help="prompts per split")
     p.add_argument("--exclude-store", default=None,
                    help="a feedback store whose prompts are left out, so the prompts are held out from tuning")
+    p.add_argument("--exclude-prompts", default=None,
+                   help="a prompt file (one a line) left out too: the inputs.prompts a model was fine-tuned on")
     p.add_argument("--best-of", type=cli.positive_int, nargs="*", default=[4, 16, 64],
                    help="N of the best-of-N rows (none: no such rows)")
     p.add_argument("--diversity", type=cli.non_negative_int, default=16,
@@ -111,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         store = Store(args.exclude_store)
         exclude = [r[0] for r in store.db.execute("SELECT text FROM prompts")]
         store.close()
+    if args.exclude_prompts:
+        try:
+            exclude += [x.strip() for x in Path(args.exclude_prompts).read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"cannot read --exclude-prompts {args.exclude_prompts}: {e}") from None
     sft = _load(args.sft, device)
     try:
         reward_model = load_pretrained(args.reward, expect="reward", map_location=device).eval()
@@ -138,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"sft": sft.model_id, "reward": str(args.reward), "models": dict(args.model),
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "no_progress",
                                                                            "model", "debug")},
-              "summary": summary(rows), "rows": rows}
+              "summary": summary(rows), "rows": rows,
+              "prompts": {split: [p.caption for p in ps] for split, ps in prompts.items()}}
     (out / "policy-eval.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "policy-eval.md").write_text(f"Supervised model: {sft.model_id}, {args.n} prompts per split\n\n{table}")
     print(table, end="")

@@ -3,6 +3,12 @@
 Each sample ``key`` produces ``key.png`` (image), ``key.txt`` (caption) and ``key.json`` (scene + mentions).
 
     python tools/make_shapes.py --n 10000 --out data/shapes-train --split train --shards
+
+With --captions it writes only the distinct captions of the n samples, one per line in order of first appearance,
+to the file --out: a prompt file for fine-tuning against a reward model (inputs.prompts of
+tools/train_feedback.py grpo or bon) or for tools/feedback.py sample --prompts.
+
+    python tools/make_shapes.py --n 16000 --captions --out runs/shapes-train-captions.txt
 """
 
 from __future__ import annotations
@@ -39,13 +45,16 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=cli.HelpFormatter,
     )
     p.add_argument("--n", type=cli.positive_int, default=1000, help="number of samples to write (indices 0..n-1)")
-    p.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory (created if missing); with --captions, the text file to write")
     cli.add_overwrite_flag(p, "the samples of this split and seed already in --out")
     p.add_argument("--split", choices=SPLITS, default="train", help="which split to generate")
     p.add_argument("--seed", type=cli.seed_int, default=0, help="data set seed; sample i is a pure function of it")
     p.add_argument("--image-size", type=cli.int_range(16), default=64, help="image side in pixels (>= 16)")
     p.add_argument("--shards", action="store_true", help="write webdataset tar shards instead of a folder")
     p.add_argument("--shard-size", type=cli.positive_int, default=1000, help="samples per shard (with --shards)")
+    p.add_argument("--captions", action="store_true",
+                   help="write only the distinct captions, one per line, to the file --out (no images)")
     p.add_argument(
         "--background",
         type=_rgb,
@@ -62,6 +71,23 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _write_captions(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    if out.is_dir():
+        raise SystemExit(f"--out {out} is a directory: with --captions it names the text file to write")
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"--out {out} exists: choose another file or pass --overwrite")
+    captions: dict[str, None] = {}  # insertion-ordered set: the first appearance sets a caption's line
+    for i in tqdm(range(args.n), desc=f"shapes/{args.split} captions", unit="img"):
+        captions.setdefault(make_sample(i, args.split, args.seed, args.image_size, background=args.background).caption)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(c + "\n" for c in captions), encoding="utf-8")
+    tmp.replace(out)  # a killed run leaves no half-written prompt file behind
+    print(f"wrote {len(captions)} distinct captions of {args.n} {args.split} samples to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -69,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         make_sample(0, args.split, args.seed, args.image_size, background=args.background)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
+    if args.captions:
+        return _write_captions(args)
     first = "shapes-000000.tar" if args.shards else f"{sample_key(0, args.split, args.seed)}.png"
     cli.refuse_existing("--out", args.out, (first,), overwrite=args.overwrite)
 

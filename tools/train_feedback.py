@@ -9,7 +9,8 @@
 reward: a reward model (Bradley-Terry) initialised from a trained reranker or transformer (model.body: reranker,
         transformer, or reader = the reading transformer's own log p(prompt | image); inputs.init).
 dpo: Direct Preference Optimisation of the transformer on its own compared samples, against a frozen copy of it.
-grpo: policy gradient against the reward model on the store's prompts, with the per-token KL penalty to the start.
+grpo: policy gradient against the reward model on the store's prompts (or a prompt file: inputs.prompts), with the
+      per-token KL penalty to the start.
 bon: best-of-N distillation: learn the reward model's pick of N samples of the supervised model per prompt
      (objective.loss=dpo: DPO between the pick and the lowest-scored of the N).
 evaluate: held-out pairwise accuracy of a reward model, of the raw reranker's similarity, and the noise ceiling
@@ -156,21 +157,37 @@ def _dvae(folder: Path) -> str:
         return ""
 
 
+def _prompts(inputs: GRPOInputs) -> list[str]:
+    """inputs.prompts' lines where set, else the store's prompts."""
+    if not inputs.prompts:
+        store = _open_store(inputs.store)
+        return [r[0] for r in store.db.execute("SELECT text FROM prompts ORDER BY id")]
+    try:
+        lines = Path(inputs.prompts).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"cannot read inputs.prompts {inputs.prompts}: {e}; give a UTF-8 file with one prompt "
+                         "a line") from None
+    prompts = list(dict.fromkeys(x.strip() for x in lines if x.strip()))  # each prompt once, in file order
+    if not prompts:
+        raise SystemExit(f"inputs.prompts {inputs.prompts} holds no prompt: give a file with one prompt a line")
+    return prompts
+
+
 def _sampling(args: argparse.Namespace, cfg: dict) -> int:
-    """GRPO and best-of-N distillation: the policy samples the store's prompts and a frozen reward model scores."""
+    """GRPO and best-of-N distillation: the policy samples the store's prompts (or inputs.prompts') and a frozen
+    reward model scores."""
     from dalle.checkpoint import load_pretrained
     from dalle.train.tasks.bon import BoNTask
     from dalle.train.tasks.grpo import GRPOTask
 
     inputs: GRPOInputs = cfg["inputs"]
-    store = _open_store(inputs.store)
     if not inputs.init or not inputs.reward:
         raise SystemExit("inputs.init and inputs.reward must be set: the supervised transformer and the reward model")
+    prompts = _prompts(inputs)
     model, tokenizer, folder = _load(inputs.init, "dalle", "cpu")
     reward, reward_tokenizer, _ = _load(inputs.reward, "reward", "cpu")
     dvae_path = _dvae(folder)
     dvae = load_pretrained(dvae_path, expect="dvae") if dvae_path else None
-    prompts = [r[0] for r in store.db.execute("SELECT text FROM prompts ORDER BY id")]
     o = cfg["objective"]
     task_class = GRPOTask if args.method == "grpo" else BoNTask
     try:

@@ -70,6 +70,9 @@ class GRPOObjective:
 @dataclass(frozen=True)
 class GRPOInputs:
     store: str = ""  # the comparisons store: its prompts are what the policy is trained on
+    # a file with one prompt per line, trained on instead of the store's prompts where set: sampling against a
+    # reward model needs prompts only (tools/make_shapes.py --captions writes the shapes split's)
+    prompts: str = ""
     init: str = ""  # the supervised transformer: the policy's start and the KL reference
     reward: str = ""  # the reward model (tools/train_feedback.py reward), frozen
 
