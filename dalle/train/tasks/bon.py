@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from dalle.feedback.losses import distribution_kl, dpo_loss
-from dalle.train.tasks.grpo import RewardSampling
+from dalle.train.tasks.grpo import RewardSampling, guidance_distillation
 from dalle.transformer.model import DALLE
 from dalle.transformer.sampling import empty_text, token_logprobs
 
@@ -169,17 +169,16 @@ class BoNTask(RewardSampling):
         logs = {**logs, "margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item(),
                 "log_ratio_best": (chosen - ref_chosen).detach().mean().item()}
         o = self.objective
-        if o.uncond_kl > 0 or o.distill_guidance > 0:  # the reference's caption-free logits, for either term
+        ref_uncond = None
+        if o.uncond_kl > 0:
             empty = empty_text(self.ref, len(codes), codes.device)
             with torch.no_grad():
-                ref_uncond = self.ref(empty, codes)[1]
-        if o.uncond_kl > 0:
+                ref_uncond = self.ref(empty, codes)[1]  # shared with the guidance term below
             kl = distribution_kl(ref_uncond, model(empty, codes)[1]).mean()
             loss = loss + o.uncond_kl * kl
             logs["uncond_kl"] = kl.item()
         if o.distill_guidance > 0:
-            guided = torch.lerp(ref_uncond.float(), ref_logits.float(), o.distill_cond_scale)
-            kl = distribution_kl(guided, logits).mean()
+            kl = guidance_distillation(self.ref, codes, logits, ref_logits, o.distill_cond_scale, ref_uncond)
             loss = loss + o.distill_guidance * kl
             logs["distill_kl"] = kl.item()
         return loss, logs

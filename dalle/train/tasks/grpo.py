@@ -96,6 +96,19 @@ def split_prompts(prompts: list[str], fraction: float, seed: int) -> tuple[list[
     return out
 
 
+def guidance_distillation(ref: DALLE, codes: Tensor, logits: Tensor, ref_logits: Tensor, cond_scale: float,
+                          ref_uncond: Tensor | None = None) -> Tensor:
+    """Mean over images and positions of KL(ref guided at cond_scale || policy), exact over the vocabulary: the
+    reference's classifier-free guidance distilled into the policy's captioned logits (B, N, V) on the images
+    `codes` (B, N). ref_logits: the reference's captioned logits on them; ref_uncond: its caption-free ones,
+    computed here unless given."""
+    if ref_uncond is None:
+        with torch.no_grad():
+            ref_uncond = ref(empty_text(ref, len(codes), codes.device), codes)[1]
+    guided = torch.lerp(ref_uncond.float(), ref_logits.float(), cond_scale)
+    return distribution_kl(guided, logits).mean()
+
+
 class RewardSampling:
     """What GRPO and best-of-N distillation share: the store's prompts split by a hash, a frozen copy of the
     starting transformer (the KL reference), a frozen reward model, sampling inside the step, and the held-out
@@ -197,10 +210,7 @@ class GRPOTask(RewardSampling):
         logs = {"reward": reward.mean().item(), "kl": kl.mean().item(), "kl_max": kl.max().item(),
                 "objective": (reward - o.beta * kl).mean().item()}
         if o.distill_guidance > 0:
-            with torch.no_grad():
-                uncond = self.ref(empty_text(self.ref, len(codes), device), codes)[1]
-                guided = torch.lerp(uncond.float(), ref_logits.float(), o.distill_cond_scale)
-            distill = distribution_kl(guided, logits).mean()
+            distill = guidance_distillation(self.ref, codes, logits, ref_logits, o.distill_cond_scale)
             loss = loss + o.distill_guidance * distill
             logs["distill_kl"] = distill.item()
         return loss, logs
