@@ -327,6 +327,7 @@ def test_tool_captions_mode_writes_each_caption_once(tmp_path: Path, capsys: pyt
         ["--n", "0"],
         ["--shards", "--shard-size", "0"],
         ["--background", "1,2"],
+        ["--captions", "--shards"],
     ],
 )
 def test_tool_rejects_bad_arguments(tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture) -> None:

@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         parser.error(str(e))
     if args.captions:
+        if args.shards:
+            parser.error("--captions writes a text file of captions, not shards: drop --shards")
         return _write_captions(args)
     first = "shapes-000000.tar" if args.shards else f"{sample_key(0, args.split, args.seed)}.png"
     cli.refuse_existing("--out", args.out, (first,), overwrite=args.overwrite)
