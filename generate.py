@@ -38,6 +38,7 @@ from dalle.cli import (
     float_range,
     non_negative_int,
     positive_int,
+    read_prompt_file,
     resolve_device,
     run,
     seed_int,
@@ -113,19 +114,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def read_prompts(p: argparse.ArgumentParser, path: str) -> list[str]:
-    """The non-blank lines of a UTF-8 prompt file (a BOM is dropped); an unreadable file or a line that is
-    not UTF-8 is a parser error naming the file and line."""
+    """The prompt file's non-blank lines; an unreadable file or a line that is not UTF-8 is a parser error naming
+    the file and line."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        p.error(f"cannot read --prompts {path}: {e.strerror}")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        p.error(f"--prompts {path}: line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "
-                "UTF-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        return read_prompt_file(path, "--prompts")
+    except ValueError as e:
+        p.error(str(e))
 
 
 def slug(prompt: str) -> str:

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -79,6 +80,23 @@ probability = float_range(0.0, 1.0, lo_open=True)  # top-p: 0 keeps nothing to s
 non_negative_int = int_range(0)
 positive_int = int_range(1)
 seed_int = int_range(0, SEED_MAX)
+
+
+def read_prompt_file(path: str | os.PathLike[str], what: str) -> list[str]:
+    """The non-blank lines, stripped, of a UTF-8 prompt file (a BOM is dropped). An unreadable file, or a line
+    that is not UTF-8, is a ValueError naming `what` (the flag or setting that gave the path), the file and the
+    line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{what} {path}: line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); save the file "
+                         "as UTF-8") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:

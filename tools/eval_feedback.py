@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         store.close()
     if args.exclude_prompts:
         try:
-            exclude += [x.strip() for x in Path(args.exclude_prompts).read_text(encoding="utf-8").splitlines()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"cannot read --exclude-prompts {args.exclude_prompts}: {e}") from None
+            exclude += cli.read_prompt_file(args.exclude_prompts, "--exclude-prompts")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     sft = _load(args.sft, device)
     try:
         reward_model = load_pretrained(args.reward, expect="reward", map_location=device).eval()

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout
 
 from tqdm.auto import tqdm
 
-from dalle.cli import DTYPES, HelpFormatter, add_debug_flag, add_sampling_flags, resolve_device, run
+from dalle.cli import DTYPES, HelpFormatter, add_debug_flag, add_sampling_flags, read_prompt_file, resolve_device, run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,9 +87,9 @@ def _sample(args: argparse.Namespace, store) -> None:
         prompts, split = shapes_prompts(args.shapes, args.n), args.shapes
     else:
         try:
-            prompts = [x.strip() for x in Path(args.prompts).read_text(encoding="utf-8").splitlines() if x.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"cannot read --prompts {args.prompts}: {e}") from None
+            prompts = read_prompt_file(args.prompts, "--prompts")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         split = ""
     pipe = _pipeline(args)
     with tqdm(total=2 * len(prompts) * args.pairs_per_prompt, unit="img", desc="sampling",

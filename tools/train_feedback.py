@@ -163,11 +163,9 @@ def _prompts(inputs: GRPOInputs) -> list[str]:
         store = _open_store(inputs.store)
         return [r[0] for r in store.db.execute("SELECT text FROM prompts ORDER BY id")]
     try:
-        lines = Path(inputs.prompts).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"cannot read inputs.prompts {inputs.prompts}: {e}; give a UTF-8 file with one prompt "
-                         "a line") from None
-    prompts = list(dict.fromkeys(x.strip() for x in lines if x.strip()))  # each prompt once, in file order
+        prompts = list(dict.fromkeys(cli.read_prompt_file(inputs.prompts, "inputs.prompts")))  # each once, in order
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if not prompts:
         raise SystemExit(f"inputs.prompts {inputs.prompts} holds no prompt: give a file with one prompt a line")
     return prompts
