@@ -113,6 +113,14 @@ def test_feedback_tool_samples_simulates_exports_and_serves_generation(tiny_part
                           "--pairs-per-prompt", "2", "--cond-scale", "1", "--device", "cpu"]) == 0
     store = Store(db)
     assert store.counts() == {"prompts": 3, "samples": 12, "pairs": 6, "comparisons": 0}
+    # a prompt file or model that cannot be read is refused before the store is made
+    (tmp_path / "empty.txt").write_text("\n")
+    new = tmp_path / "new.db"
+    with pytest.raises(SystemExit, match="empty.txt"):
+        feedback.main(["sample", "--store", str(new), "--model", model, "--prompts", str(tmp_path / "empty.txt")])
+    with pytest.raises(SystemExit, match="cannot load the model"):
+        feedback.main(["sample", "--store", str(new), "--model", str(tmp_path / "nowhere"), "--shapes", "train"])
+    assert not new.exists()
     assert feedback.main(["simulate", "--store", db, "--rater", "sim"]) == 0
     assert store.counts()["comparisons"] == 6 and store.next_pair("sim") is None
     assert feedback.main(["export", "--store", db, "--out", str(tmp_path / "c.jsonl")]) == 0

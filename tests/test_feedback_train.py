@@ -262,6 +262,25 @@ def test_train_feedback_tool_trains_a_reader_reward_model_and_grpo_against_it(pa
     assert load_pretrained(tmp_path / "grpo-file", expect="dalle").config == tuned.config
 
 
+def test_evaluate_sampled_by_keeps_one_models_pairs(parts, tmp_path, capsys):
+    """`evaluate --sampled-by` scores only the held-out pairs of one model's samples: the two models' counts add up
+    to the store's, and a model the store lacks is named with the ones it has."""
+    path = tmp_path / "two.db"
+    toy_store(path).close()
+    toy_store(path, pairs=24, model_id="policy@2", ties=0, seed=1).close()
+    args = ["evaluate", "--store", str(path), "--reranker", str(parts / "reranker"), "--rater", "r", "--json"]
+    counts = {}
+    for model in ("", "sft@1", "policy@2"):
+        out = tmp_path / f"figures-{model or 'all'}.json"
+        assert train_feedback.main([*args, str(out), "--sampled-by", model]) == 0
+        counts[model] = json.loads(out.read_text())["held_out_decided"]
+    assert counts["sft@1"] > 0 and counts["policy@2"] > 0
+    assert counts["sft@1"] + counts["policy@2"] == counts[""]
+    with pytest.raises(SystemExit, match=r"--sampled-by: .*no samples of model 'rl@3'.*'sft@1', 'policy@2'"):
+        train_feedback.main([*args, str(tmp_path / "no.json"), "--sampled-by", "rl@3"])
+    assert not (tmp_path / "no.json").exists()
+
+
 def test_train_feedback_tool_reward_dpo_and_evaluate(parts, tmp_path, capsys):
     assert _run(parts, tmp_path, "reward") == 0
     model = load_pretrained(tmp_path / "reward", expect="reward")

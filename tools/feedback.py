@@ -77,7 +77,8 @@ def _pipeline(args: argparse.Namespace):
         raise SystemExit(f"cannot load the model: {e}") from None
 
 
-def _sample(args: argparse.Namespace, store) -> None:
+def _sample(args: argparse.Namespace) -> None:
+    """Reads the prompts and loads the model before it opens the store, so a mistake in either makes no file."""
     from dalle.evaluation.compositional import shapes_prompts
     from dalle.feedback.pairs import add_pairs
 
@@ -90,8 +91,11 @@ def _sample(args: argparse.Namespace, store) -> None:
             prompts = read_prompt_file(args.prompts, "--prompts")
         except ValueError as e:
             raise SystemExit(str(e)) from None
+        if not prompts:
+            raise SystemExit(f"--prompts {args.prompts} has no prompts: write one prompt a line")
         split = ""
     pipe = _pipeline(args)
+    store = _open_store(args.store)
     with tqdm(total=2 * len(prompts) * args.pairs_per_prompt, unit="img", desc="sampling",
               disable=args.no_progress) as bar:
         pairs = add_pairs(pipe, store, prompts, split=split, per_prompt=args.pairs_per_prompt, seed=args.seed,
@@ -118,17 +122,24 @@ def _simulate(args: argparse.Namespace, store) -> None:
     print(f"{rater.name}: {made} comparisons added")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from dalle.feedback.store import Store, export_jsonl, import_jsonl
+def _open_store(path: str):
+    from dalle.feedback.store import Store
 
     try:
-        store = Store(args.store)
+        return Store(path)
     except Exception as e:  # sqlite3.DatabaseError (not a database), OSError
-        raise SystemExit(f"cannot open --store {args.store}: {e}") from None
+        raise SystemExit(f"cannot open --store {path}: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command == "sample":
-        _sample(args, store)
-    elif args.command == "simulate":
+        _sample(args)
+        return 0
+    from dalle.feedback.store import export_jsonl, import_jsonl
+
+    store = _open_store(args.store)
+    if args.command == "simulate":
         _simulate(args, store)
     elif args.command == "stats":
         counts = store.counts()

@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="shapes stores: split each accuracy by what decided a pair for the detector (all correct, "
                         "checks right, its confidence only), and give the accuracy of a scorer that knows each "
                         "image's correctness exactly but not the confidence")
+    e.add_argument("--sampled-by", default="", metavar="MODEL_ID",
+                   help="only held-out pairs of this model's samples (a model id as the store records it, e.g. a "
+                        "fine-tuned policy's, sampled into the store and rated); '': every pair")
     e.add_argument("--device", default="auto", help="cpu, cuda or auto")
     e.add_argument("--threads", type=cli.non_negative_int, default=0, help="CPU threads for torch (0: auto)")
     e.add_argument("--json", default=None, help="also write the figures to this JSON file (refused if it exists)")

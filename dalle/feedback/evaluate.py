@@ -7,6 +7,9 @@
 
 Each accuracy is also given against the reference rater's labels. With `--by-cause` (shapes stores), each is
 split by what decided a pair for the detector, beside the accuracy of a scorer that knows correctness exactly.
+With `--sampled-by MODEL_ID`, only the pairs of that model's samples count: after fine-tuning, the reward model's
+accuracy on the policy's own samples (sampled into the store, rated) says whether it still ranks what the policy
+draws, which Stiennon et al. retrained it for in each round.
 The held-out pairs are those of training (the same `val_fraction` and `split_seed`, read from the reward run's
 run.json unless given).
 """
@@ -127,6 +130,14 @@ def evaluate_command(store: Store, args: argparse.Namespace, device: str) -> dic
         _, val = select(store, sel)
     except ValueError as e:
         raise SystemExit(f"cannot evaluate: {e}") from None
+    if args.sampled_by:
+        try:
+            mine = set(store.samples_of(args.sampled_by))
+        except ValueError as e:
+            raise SystemExit(f"--sampled-by: {e}") from None
+        val = [j for j in val if j.winner_id in mine and j.loser_id in mine]
+        if not val:
+            raise SystemExit(f"--sampled-by: no held-out judgement compares two of {args.sampled_by}'s samples")
     val_pairs = {j.pair_id for j in val}
     reference = [j for j in store.judgements() if args.reference_rater and j.rater == args.reference_rater
                  and j.pair_id in val_pairs]

@@ -149,6 +149,14 @@ class Store:
             raise KeyError(f"no sample {sample_id}")
         return row[0]
 
+    def samples_of(self, model_id: str) -> list[int]:
+        """Ids of model `model_id`'s samples, oldest first; ValueError naming the store's models if it has none."""
+        ids = [r[0] for r in self.db.execute("SELECT id FROM samples WHERE model_id = ? ORDER BY id", (model_id,))]
+        if not ids:
+            known = [r[0] for r in self.db.execute("SELECT DISTINCT model_id FROM samples")]
+            raise ValueError(f"the store has no samples of model {model_id!r}; its models: {known}")
+        return ids
+
     def codes(self, sample_id: int) -> list[int]:
         return json.loads(self.db.execute("SELECT codes FROM samples WHERE id = ?", (sample_id,)).fetchone()[0])
 

@@ -141,11 +141,10 @@ def sft_samples(store: Store, model_id: str) -> list[int]:
     if not model_id:
         first = store.db.execute("SELECT model_id FROM samples ORDER BY id LIMIT 1").fetchone()
         model_id = first[0] if first else ""
-    ids = [r[0] for r in store.db.execute("SELECT id FROM samples WHERE model_id = ? ORDER BY id", (model_id,))]
-    if not ids:
-        known = [r[0] for r in store.db.execute("SELECT DISTINCT model_id FROM samples")]
-        raise ValueError(f"the store has no samples of sft_model {model_id!r}; its models: {known}")
-    return ids
+    try:
+        return store.samples_of(model_id)
+    except ValueError as e:
+        raise ValueError(f"sft_model: {e}") from None
 
 
 def check_fit(model: RewardModel, table: SampleTable) -> None:
