@@ -140,6 +140,25 @@ def test_simulated_rater_prefers_the_correct_image_and_flips_at_its_noise_rate(m
         SimulatedRater(noise=0.7)
 
 
+def test_gold_reward_scores_the_detectors_verdict():
+    from dalle.feedback.raters import ShapesGoldReward, detect_correctness
+
+    prompts = shapes_prompts("train", 8) + shapes_prompts("zeroshot", 2)
+    captions = [p.caption for p in prompts]
+    right = torch.stack([torch.from_numpy(np.array(render(p.sample.scene))).permute(2, 0, 1).float() / 255
+                         for p in prompts])
+    wrong = right.roll(1, 0)  # another scene's image
+    gold = ShapesGoldReward(captions)  # both splits' captions are found
+    got_right, got_wrong = gold(captions, right), gold(captions, wrong)
+    for p, r, w, im_r, im_w in zip(prompts, got_right, got_wrong, right, wrong):
+        for got, image in ((r, im_r), (w, im_w)):
+            correct, checks, _ = detect_correctness(p, image)
+            assert got.item() == pytest.approx(correct + 0.1 * checks)
+    assert (got_right >= 1).sum() >= 8 and (got_right > got_wrong).sum() >= 8
+    with pytest.raises(ValueError, match="'a plaid dodecahedron' is not one of shapes train, zeroshot"):
+        ShapesGoldReward([captions[0], "a plaid dodecahedron"])
+
+
 def test_bradley_terry_loss_and_ties():
     r1, r2 = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
     loss = bradley_terry_loss(r1, r2, torch.tensor([1.0, 1.0]))

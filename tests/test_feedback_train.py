@@ -262,6 +262,27 @@ def test_train_feedback_tool_trains_a_reader_reward_model_and_grpo_against_it(pa
     assert load_pretrained(tmp_path / "grpo-file", expect="dalle").config == tuned.config
 
 
+def test_grpo_against_the_gold_reward(parts, tmp_path):
+    """inputs.reward=gold:shapes: GRPO scores its samples with the shapes detector (no reward model), on shapes
+    captions only."""
+    from dalle.evaluation.compositional import shapes_prompts
+
+    (tmp_path / "shapes.txt").write_text("\n".join(p.caption for p in shapes_prompts("train", 12)) + "\n")
+    args = ["grpo", "--config", "configs/feedback/grpo-tiny.yaml", "--no-progress", "--set",
+            f"inputs.store={tmp_path / 'missing.db'}", "--set", f"inputs.init={parts / 'dalle'}", "--set",
+            "inputs.reward=gold:shapes", "--set", "train.steps=2", "--set", "train.eval_every=2"]
+    assert train_feedback.main([*args, "--out", str(tmp_path / "gold"), "--set",
+                                f"inputs.prompts={tmp_path / 'shapes.txt'}"]) == 0
+    evals = [json.loads(x) for x in (tmp_path / "gold" / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert 0 <= evals[-1]["val_reward"] < 2  # all correct (1) + 0.1 a check right, a few checks at most
+    assert isinstance(load_pretrained(tmp_path / "gold", expect="dalle"), DALLE)
+    (tmp_path / "other.txt").write_text("\n".join(PROMPTS[:11] + ["a plaid dodecahedron"]) + "\n")
+    with pytest.raises(SystemExit, match=r"inputs.reward gold:shapes: .*'a plaid dodecahedron' is not one of shapes"):
+        train_feedback.main([*args, "--out", str(tmp_path / "other"), "--set",
+                             f"inputs.prompts={tmp_path / 'other.txt'}"])
+    assert not (tmp_path / "other").exists()
+
+
 def test_evaluate_sampled_by_keeps_one_models_pairs(parts, tmp_path, capsys):
     """`evaluate --sampled-by` scores only the held-out pairs of one model's samples: the two models' counts add up
     to the store's, and a model the store lacks is named with the ones it has."""

@@ -13,6 +13,8 @@ grpo: policy gradient against the reward model on the store's prompts (or a prom
       per-token KL penalty to the start.
 bon: best-of-N distillation: learn the reward model's pick of N samples of the supervised model per prompt
      (objective.loss=dpo: DPO between the pick and the lowest-scored of the N).
+     For grpo and bon, inputs.reward=gold:shapes puts the shapes detector's verdict in place of the reward model
+     (an experiment's upper bound: the evaluation judges by the same detector).
 evaluate: held-out pairwise accuracy of a reward model, of the raw reranker's similarity, and the noise ceiling
 (the rater's agreement with a reference rater on the same pairs). Re-running a training command after a crash
 continues from the last checkpoint.
@@ -174,6 +176,9 @@ def _prompts(inputs: GRPOInputs) -> list[str]:
     return prompts
 
 
+GOLD = "gold:shapes"  # inputs.reward naming the shapes detector's verdict instead of a reward model
+
+
 def _sampling(args: argparse.Namespace, cfg: dict) -> int:
     """GRPO and best-of-N distillation: the policy samples the store's prompts (or inputs.prompts') and a frozen
     reward model scores."""
@@ -186,7 +191,15 @@ def _sampling(args: argparse.Namespace, cfg: dict) -> int:
         raise SystemExit("inputs.init and inputs.reward must be set: the supervised transformer and the reward model")
     prompts = _prompts(inputs)
     model, tokenizer, folder = _load(inputs.init, "dalle", "cpu")
-    reward, reward_tokenizer, _ = _load(inputs.reward, "reward", "cpu")
+    if inputs.reward == GOLD:
+        from dalle.feedback.raters import ShapesGoldReward
+
+        try:
+            reward, reward_tokenizer = ShapesGoldReward(prompts), None
+        except ValueError as e:
+            raise SystemExit(f"inputs.reward {GOLD}: {e}") from None
+    else:
+        reward, reward_tokenizer, _ = _load(inputs.reward, "reward", "cpu")
     dvae_path = _dvae(folder)
     dvae = load_pretrained(dvae_path, expect="dvae") if dvae_path else None
     o = cfg["objective"]

@@ -88,3 +88,34 @@ class SimulatedRater:
         if self._rng.random() < self.noise:
             choice = "right" if choice == "left" else "left"
         return choice
+
+
+class ShapesGoldReward:
+    """The shapes detector's verdict as a reward, `all_correct + 0.1 * checks right`, in place of a learned reward
+    model: the gold reward of Gao et al. 2022's over-optimisation studies. A policy tuned against it and judged by
+    the same detector shows what the fine-tuning method reaches when the reward is the truth, so how far a
+    learned reward model holds it back; it is not a result of learning from feedback. The detector's
+    confidence, which the simulated rater also weighs, is left out: the evaluation counts correctness only.
+
+    Called with captions and decoded images (B, 3, H, W) in [0, 1]; each caption must be a shapes caption of
+    one of `splits` (ValueError at construction, naming the first that is not)."""
+
+    def __init__(self, captions: list[str], splits: tuple[str, ...] = ("train", "zeroshot")) -> None:
+        self.prompts: dict[str, Prompt] = {}
+        for caption in dict.fromkeys(captions):
+            for split in splits:
+                try:
+                    self.prompts[caption] = shapes_prompt(split, caption)
+                    break
+                except ValueError:
+                    continue
+            else:
+                raise ValueError(f"the gold reward judges shapes captions only: {caption!r} is not one of "
+                                 f"shapes {', '.join(splits)}")
+
+    def __call__(self, captions: list[str], images: torch.Tensor) -> torch.Tensor:
+        out = []
+        for caption, image in zip(captions, images.float().cpu()):
+            right, checks, _ = correctness(self.prompts[caption], image)
+            out.append(right + 0.1 * checks)
+        return torch.tensor(out)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +75,9 @@ class GRPOInputs:
     # reward model needs prompts only (tools/make_shapes.py --captions writes the shapes split's)
     prompts: str = ""
     init: str = ""  # the supervised transformer: the policy's start and the KL reference
-    reward: str = ""  # the reward model (tools/train_feedback.py reward), frozen
+    # the reward model (tools/train_feedback.py reward), frozen; "gold:shapes": the shapes detector's verdict
+    # instead (raters.ShapesGoldReward), an experiment's upper bound, not learning from feedback
+    reward: str = ""
 
 
 class PromptRows(Dataset):
@@ -117,22 +120,25 @@ class RewardSampling:
     best_metric = ("val_objective", "max")  # held-out reward - beta * KL
 
     def __init__(self, model: DALLE, objective: Any, tokenizer: TextTokenizer, prompts: list[str],
-                 reward_model: nn.Module, reward_tokenizer: TextTokenizer, dvae: DiscreteVAE | None = None,
-                 dvae_path: str = "") -> None:
+                 reward_model: nn.Module | Callable[[list[str], Tensor], Tensor],
+                 reward_tokenizer: TextTokenizer | None, dvae: DiscreteVAE | None = None, dvae_path: str = "") -> None:
+        """reward_model: a RewardModel and its tokenizer, or a callable gold reward of (captions, decoded images)
+        (`raters.ShapesGoldReward`) and None."""
         self.model, self.objective, self.tokenizer, self.dvae = model, objective, tokenizer, dvae
-        self.dvae_path = dvae_path
+        self.dvae_path, self.prompts = dvae_path, prompts
         self.ref = copy.deepcopy(model).eval().requires_grad_(False)
-        self.reward_model = reward_model.eval().requires_grad_(False)
-        self.pixels = reward_model.config.reads_pixels
+        self.gold = not isinstance(reward_model, nn.Module)
+        self.reward_model = reward_model if self.gold else reward_model.eval().requires_grad_(False)
+        self.pixels = self.gold or reward_model.config.reads_pixels
         if self.pixels and dvae is None:
-            raise ValueError("the reward model reads pixels: the policy's dVAE is needed to decode its samples")
+            raise ValueError("the reward reads pixels: the policy's dVAE is needed to decode its samples")
         train, val = split_prompts(prompts, objective.val_fraction, objective.split_seed)
         if not train or not val:
             raise ValueError(f"{len(prompts)} prompts give {len(train)} for training and {len(val)} held out: add "
                              "prompts to the store, or change val_fraction")
         self.text = tokenizer.encode_batch(prompts, model.config.text_seq_len, truncate_warn=False)[0]
-        self.reward_text = reward_tokenizer.encode_batch(prompts, reward_model.config.text_seq_len,
-                                                         truncate_warn=False)[0]
+        self.reward_text = None if self.gold else reward_tokenizer.encode_batch(
+            prompts, reward_model.config.text_seq_len, truncate_warn=False)[0]
         self.train, self.val = PromptRows(train), val[: objective.eval_prompts]
 
     def train_dataset(self) -> Dataset:
@@ -148,6 +154,8 @@ class RewardSampling:
         if self.pixels:
             g = self.ref.config.image_grid_size
             image = self.dvae.to(device).decode(codes.view(-1, g, g)).float()
+            if self.gold:
+                return self.reward_model([self.prompts[r] for r in rows.tolist()], image.clamp(0, 1)).to(device)
             s = self.reward_model.config.reranker.image_size
             if image.shape[-1] != s:
                 image = F.interpolate(image, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
