@@ -23,7 +23,17 @@ if __package__ in (None, ""):  # run as a script from a source checkout
 
 from tqdm.auto import tqdm
 
-from dalle.cli import DTYPES, HelpFormatter, add_debug_flag, add_sampling_flags, read_prompt_file, resolve_device, run
+from dalle.cli import (
+    DTYPES,
+    HelpFormatter,
+    add_debug_flag,
+    add_sampling_flags,
+    add_threads_flag,
+    apply_threads,
+    read_prompt_file,
+    resolve_device,
+    run,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default=None, help="transformer model or run directory (default: the shipped one)")
     model.add_argument("--device", default="auto", help="cpu, cuda or auto")
     model.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights and compute dtype")
+    add_threads_flag(model)
     fmt = HelpFormatter
     s = sub.add_parser("sample", parents=[common, model], formatter_class=fmt, help="sample pairs into the store")
     source = s.add_mutually_exclusive_group(required=True)
@@ -71,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 def _pipeline(args: argparse.Namespace):
     from dalle.pipeline import DEFAULT_MODEL, load_pipeline
 
+    apply_threads(args.threads)
     try:
         return load_pipeline(args.model or DEFAULT_MODEL, device=resolve_device(args.device), dtype=DTYPES[args.dtype])
     except (FileNotFoundError, ValueError) as e:

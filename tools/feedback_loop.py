@@ -138,7 +138,8 @@ def _sample(args: argparse.Namespace, store: Path, model: str, seed: int) -> int
         leftover.unlink(missing_ok=True)
     return feedback.main(["sample", "--store", str(store), "--shapes", "train", "--n", str(args.prompts),
                           "--pairs-per-prompt", str(args.pairs_per_prompt), "--model", model, "--seed",
-                          str(seed), "--batch-size", str(args.batch_size), "--device", args.device]
+                          str(seed), "--batch-size", str(args.batch_size), "--device", args.device,
+                          "--threads", str(args.threads)]
                          + (["--no-progress"] if args.no_progress else []))
 
 
