@@ -82,10 +82,10 @@ positive_int = int_range(1)
 seed_int = int_range(0, SEED_MAX)
 
 
-def read_prompt_file(path: str | os.PathLike[str], what: str) -> list[str]:
+def read_prompt_file(path: str | os.PathLike[str], what: str, required: bool = False) -> list[str]:
     """The non-blank lines, stripped, of a UTF-8 prompt file (a BOM is dropped). An unreadable file, or a line
     that is not UTF-8, is a ValueError naming `what` (the flag or setting that gave the path), the file and the
-    line."""
+    line; so is a file without a prompt when `required`."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -96,7 +96,10 @@ def read_prompt_file(path: str | os.PathLike[str], what: str) -> list[str]:
         line = data[: e.start].count(b"\n") + 1
         raise ValueError(f"{what} {path}: line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); save the file "
                          "as UTF-8") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if required and not prompts:
+        raise ValueError(f"{what} {path} holds no prompt: give a file with one prompt a line")
+    return prompts
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:

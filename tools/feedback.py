@@ -100,11 +100,9 @@ def _sample(args: argparse.Namespace) -> None:
         prompts, split = shapes_prompts(args.shapes, args.n), args.shapes
     else:
         try:
-            prompts = read_prompt_file(args.prompts, "--prompts")
+            prompts = read_prompt_file(args.prompts, "--prompts", required=True)
         except ValueError as e:
             raise SystemExit(str(e)) from None
-        if not prompts:
-            raise SystemExit(f"--prompts {args.prompts} has no prompts: write one prompt a line")
         split = ""
     pipe = _pipeline(args)
     store = _open_store(args.store)

@@ -168,12 +168,9 @@ def _prompts(inputs: GRPOInputs) -> list[str]:
         store = _open_store(inputs.store)
         return [r[0] for r in store.db.execute("SELECT text FROM prompts ORDER BY id")]
     try:
-        prompts = list(dict.fromkeys(cli.read_prompt_file(inputs.prompts, "inputs.prompts")))  # each once, in order
+        return list(dict.fromkeys(cli.read_prompt_file(inputs.prompts, "inputs.prompts", required=True)))  # each once
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    if not prompts:
-        raise SystemExit(f"inputs.prompts {inputs.prompts} holds no prompt: give a file with one prompt a line")
-    return prompts
 
 
 GOLD = "gold:shapes"  # inputs.reward naming the shapes detector's verdict instead of a reward model
