@@ -48,7 +48,7 @@ python tools/feedback_loop.py --model "$SUPERVISED" --out "$WORK/feedback" --pro
     --threads "$THREADS"
 
 # The run's last checkpoint, not its checkpoints/best: the held-out reward that picks best moves between
-# evaluations by more than the checkpoints differ (docs/feedback.md).
+# evaluations by more than the checkpoints differ (docs/feedback-experiments.md).
 python tools/bundle.py --dalle "$WORK/feedback/grpo/checkpoints/step-0000200" --dvae "$SUPERVISED/dvae" \
     --reranker "$SUPERVISED/reranker" --out "$WORK/model-feedback" --overwrite
 python tools/eval_feedback.py --sft "$SUPERVISED" --reward "$WORK/feedback/reward" --model "shipped=$WORK/model-feedback" \

@@ -49,7 +49,7 @@ class BoNObjective:
     dpo_pairs: int = 1
     # the training candidates are drawn with classifier-free guidance at this scale (1: none), so the pairs come
     # from the guided distribution, while the loss scores them unguided; the held-out evaluation still samples
-    # the policy unguided. What that teaches shows under guidance more than without it (docs/feedback.md)
+    # the policy unguided. What that teaches shows under guidance more than without it (docs/feedback-experiments.md)
     cond_scale: float = 1.0
     # loss: dpo: where the rejected image comes from. same: the lowest-scored of the same n candidates; unguided:
     # the lowest-scored of n more drawn from the source without guidance, so with cond_scale > 1 each pair sets a
@@ -65,7 +65,8 @@ class BoNObjective:
     # loss: dpo: weight of KL(guided reference || policy) of the captioned next-token distributions on the step's
     # pair images, added to the loss: the reference's classifier-free guidance at `distill_cond_scale`, distilled
     # into the policy's plain sample (on-policy, exact over the vocabulary at each position). Mild guidance buys
-    # accuracy for little KL (docs/feedback.md), and the policy keeps it without a second stream at sampling time
+    # accuracy for little KL (docs/feedback-experiments.md), and the policy keeps it without a second stream at
+    # sampling time
     distill_guidance: float = 0.0
     distill_cond_scale: float = 1.2
     beta: float = 0.05  # weight of the held-out KL in the objective checkpoints/best follows (not in the loss)
