@@ -91,3 +91,38 @@ def test_an_earlier_runs_figures_are_not_replaced_unasked(tmp_path):
     with pytest.raises(SystemExit, match="run.json already exists: choose another --json, or pass --overwrite"):
         bench.main(["--cases", "gen:cached", "--json", str(earlier)])  # refused before any case runs
     assert earlier.read_text() == '{"ours": {}}\n'
+
+
+@pytest.mark.parametrize("schedule", ["row,column,conv,full", "paper"])
+def test_shared_prefix_probe_gives_the_library_steps_logits(schedule):
+    # benchmarks/shared_prefix_probe.py times a step that reads the prompt's text keys once for all candidates;
+    # its figures mean something only while that step computes what the library's does, on every layer kind
+    import importlib.util
+
+    import torch
+
+    from dalle.transformer import decoding
+    from dalle.transformer.model import DALLE, DALLEConfig
+
+    path = bench.ROOT / "benchmarks" / "shared_prefix_probe.py"
+    spec = importlib.util.spec_from_file_location("shared_prefix_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    torch.manual_seed(0)
+    cfg = DALLEConfig(text_vocab_size=40, text_seq_len=5, image_vocab_size=24, image_grid_size=5, n_embd=32,
+                      n_layer=4, n_head=4, conv_kernel=5, attn_schedule=schedule)
+    model = DALLE(cfg).eval()
+    text = torch.randint(40, (1, 5)).expand(3, -1).clone()
+    image = torch.randint(24, (3, 25))
+    logits = {}
+    library = decoding.KVCache.attend
+    for name, attend in (("library", library), ("probe", probe.shared_attend)):
+        decoding.KVCache.attend = attend
+        try:
+            cache = decoding.KVCache(cfg, 3, "cpu", torch.float32)
+            steps = [decoding.prefill(model, text, image[:, :0], cache)]
+            steps += [decoding.decode_step(model, image[:, k], cache) for k in range(24)]
+        finally:
+            decoding.KVCache.attend = library
+        logits[name] = torch.stack(steps)
+    torch.testing.assert_close(logits["probe"], logits["library"], atol=1e-5, rtol=1e-5)
