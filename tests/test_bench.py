@@ -94,7 +94,7 @@ def test_an_earlier_runs_figures_are_not_replaced_unasked(tmp_path):
 
 
 @pytest.mark.parametrize("schedule", ["row,column,conv,full", "paper"])
-def test_shared_prefix_probe_gives_the_library_steps_logits(schedule):
+def test_shared_prefix_probe_gives_the_library_steps_logits(schedule, monkeypatch):
     # benchmarks/shared_prefix_probe.py times a step that reads the prompt's text keys once for all candidates;
     # its figures mean something only while that step computes what the library's does, on every layer kind
     import importlib.util
@@ -115,14 +115,10 @@ def test_shared_prefix_probe_gives_the_library_steps_logits(schedule):
     text = torch.randint(40, (1, 5)).expand(3, -1).clone()
     image = torch.randint(24, (3, 25))
     logits = {}
-    library = decoding.KVCache.attend
-    for name, attend in (("library", library), ("probe", probe.shared_attend)):
-        decoding.KVCache.attend = attend
-        try:
-            cache = decoding.KVCache(cfg, 3, "cpu", torch.float32)
-            steps = [decoding.prefill(model, text, image[:, :0], cache)]
-            steps += [decoding.decode_step(model, image[:, k], cache) for k in range(24)]
-        finally:
-            decoding.KVCache.attend = library
+    for name, attend in (("library", decoding.KVCache.attend), ("probe", probe.shared_attend)):
+        monkeypatch.setattr(decoding.KVCache, "attend", attend)
+        cache = decoding.KVCache(cfg, 3, "cpu", torch.float32)
+        steps = [decoding.prefill(model, text, image[:, :0], cache)]
+        steps += [decoding.decode_step(model, image[:, k], cache) for k in range(24)]
         logits[name] = torch.stack(steps)
     torch.testing.assert_close(logits["probe"], logits["library"], atol=1e-5, rtol=1e-5)
