@@ -429,6 +429,72 @@ def test_grpo_distill_guidance_adds_the_guided_references_kl(parts):
         GRPOObjective(distill_guidance=1.0, distill_cond_scale=1.0)
 
 
+def test_grpo_exact_kl_penalty_moves_from_the_returns_into_the_loss(parts):
+    """kl_penalty: exact leaves the returns to the reward alone and adds beta / scale x the exact KL(pi || pi_SFT)
+    over the vocabulary, mean over samples of its sum over positions, divided by the N positions (scale: the
+    advantage's standard deviation): checked by hand from the same draws, with the policy moved off the
+    reference so that the KL is not zero."""
+    from dalle.transformer.sampling import sample
+
+    torch.manual_seed(0)
+
+    def task(**extra):
+        t = GRPOTask(load_pretrained(parts / "dalle").eval(), GRPOObjective(group_size=2, eval_prompts=2, **extra),
+                     task_tok(parts), PROMPTS * 2, LowCodes(), task_tok(parts))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in t.model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        return t
+
+    plain, exact = task(beta=0.0), task(beta=0.5, kl_penalty="exact")
+    torch.testing.assert_close(plain.model.state_dict(), exact.model.state_dict())
+    batch = {"prompt": plain.train.rows[:3]}
+    torch.manual_seed(3)
+    loss, logs = plain.loss(plain.model, batch, 0)
+    torch.manual_seed(3)
+    loss_e, logs_e = exact.loss(exact.model, batch, 0)
+    torch.manual_seed(3)
+    rows = batch["prompt"].repeat_interleave(2)
+    text = plain.text[rows]
+    codes = sample(plain.model, text)
+    with torch.no_grad():
+        pol = torch.log_softmax(plain.model(text, codes)[1], dim=-1)
+        ref = torch.log_softmax(plain.ref(text, codes)[1], dim=-1)
+        kl = (pol.exp() * (pol - ref)).sum(dim=(-1, -2)).mean()
+        reward = LowCodes()(None, codes).view(3, 2)
+        advantage = (reward - reward.flip(-1)).flatten()  # leave-one-out in groups of two, the same at each token
+        scale = advantage.repeat_interleave(codes.shape[-1]).std()
+    assert kl > 1e-2 and "kl_exact" not in logs
+    assert logs_e["kl_exact"] == pytest.approx(kl.item(), rel=1e-4)
+    assert logs_e["reward"] == logs["reward"]  # the same samples
+    torch.testing.assert_close(loss_e.detach(), loss.detach() + 0.5 / scale * kl / codes.shape[-1],
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="kl_penalty must be"):
+        GRPOObjective(kl_penalty="k3")
+
+
+def test_grpo_exact_kl_penalty_pulls_the_policy_back_where_the_reward_is_flat(parts, tmp_path):
+    """With a reward that no sample changes, the exact penalty's gradient is all there is: training brings a
+    policy moved off the reference back toward it."""
+    class Flat(LowCodes):
+        def forward(self, text, codes):
+            return torch.zeros(len(codes))
+
+    torch.manual_seed(0)
+    task = GRPOTask(load_pretrained(parts / "dalle").train(),
+                    GRPOObjective(beta=0.1, group_size=2, eval_prompts=4, eval_samples=2, kl_penalty="exact"),
+                    task_tok(parts), PROMPTS * 2, Flat(), task_tok(parts))
+    with torch.no_grad():
+        for p in task.model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    trainer = Trainer(task, TrainConfig(steps=10, batch_size=4, lr=3e-3, lr_schedule="constant", log_every=1,
+                                        eval_every=100, save_every=100), tmp_path, progress=False)
+    trainer.fit()
+    logs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines() if '"kl_exact"' in x]
+    assert logs[-1]["kl_exact"] < 0.5 * logs[0]["kl_exact"], (logs[0], logs[-1])
+
+
 def bon_task(parts, seed=0, **objective):
     torch.manual_seed(seed)
     return BoNTask(load_pretrained(parts / "dalle").train(), BoNObjective(**objective), task_tok(parts),

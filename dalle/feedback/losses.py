@@ -5,8 +5,9 @@ bradley_terry_loss   the reward model's loss on comparisons (Stiennon et al. 202
 dpo_loss             Direct Preference Optimisation (Rafailov et al. 2023) on pairs of the policy's own samples
 kl_shaped_rewards    the per-token reward of RL fine-tuning: -beta * log(pi / pi_SFT) at every token, and the
                      reward model's score added at the last (the image's 64th or 1024th token)
-distribution_kl      KL(ref || policy) of whole next-token distributions, summed over a sequence (anchoring one
-                     branch of the policy, e.g. its caption-free one, to the reference)
+distribution_kl      KL(p || q) of whole next-token distributions, summed over a sequence: KL(ref || policy) anchors
+                     a branch of the policy (e.g. its caption-free one) to the reference; KL(policy || ref) is the
+                     exact form of RL's penalty
 best_of_n_kl         the KL of best-of-N sampling from the policy it samples: log N - (N - 1) / N
 """
 
@@ -51,11 +52,11 @@ def sequence_kl(logp_policy: Tensor, logp_ref: Tensor) -> Tensor:
     return (logp_policy - logp_ref).sum(dim=-1)
 
 
-def distribution_kl(logits_ref: Tensor, logits_policy: Tensor) -> Tensor:
-    """KL(ref || policy) per sequence (B,) from next-token logits (B, N, V): exact over the vocabulary at each
-    position, summed over positions, in fp32 (unlike sequence_kl, no sampled-token estimate)."""
-    ref = F.log_softmax(logits_ref.float(), dim=-1)
-    return (ref.exp() * (ref - F.log_softmax(logits_policy.float(), dim=-1))).sum(dim=(-1, -2))
+def distribution_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """KL(p || q) per sequence (B,) from next-token logits (B, N, V): exact over the vocabulary at each position,
+    summed over positions, in fp32 (unlike sequence_kl, no sampled-token estimate). Differentiable in both."""
+    p = F.log_softmax(logits_p.float(), dim=-1)
+    return (p.exp() * (p - F.log_softmax(logits_q.float(), dim=-1))).sum(dim=(-1, -2))
 
 
 def best_of_n_kl(n: int) -> float:

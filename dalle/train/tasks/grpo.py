@@ -10,6 +10,10 @@ group baseline instead of a value network), scaled by the batch's standard devia
 gradient -A_t * log pi(token t). There is one gradient step per sampled batch, so PPO's probability ratio is
 1 and its clipping would never act: it is left out. With `distill_guidance` the loss also pulls the plain
 sample toward the reference's mildly guided one (an exact KL over the vocabulary on the step's samples).
+With `kl_penalty: exact` the penalty leaves the returns and enters the loss as beta x the exact KL(pi || pi_SFT)
+of the whole next-token distributions at every position of the step's samples (in expectation the same
+sequence KL; its gradient is not a sampled token's log-ratio times a log-probability's, so it pulls back every
+position the reward does not depend on, not only the sampled token's).
 Evaluation samples one image per held-out prompt (fixed seed) and reports the reward, the KL(pi || pi_SFT)
 estimate and the KL-penalised objective reward - beta * KL.
 """
@@ -55,6 +59,9 @@ class GRPOObjective:
     # as best-of-N distillation's option of the same name does beside DPO (docs/feedback.md)
     distill_guidance: float = 0.0
     distill_cond_scale: float = 1.3
+    # "sampled": the paper's penalty, -beta * log(pi / pi_SFT) of each sampled token in the returns; "exact": beta x
+    # the exact per-position KL over the vocabulary, in the loss (the module's docstring)
+    kl_penalty: str = "sampled"
 
     def __post_init__(self) -> None:
         evals = min(self.eval_prompts, self.eval_samples)
@@ -66,6 +73,8 @@ class GRPOObjective:
                 self.distill_cond_scale <= 0 or self.distill_cond_scale == 1)):
             raise ValueError(f"need distill_guidance >= 0 and, above 0, a distill_cond_scale > 0 other than 1; got "
                              f"{self.distill_guidance}, {self.distill_cond_scale}")
+        if self.kl_penalty not in ("sampled", "exact"):
+            raise ValueError(f"kl_penalty must be 'sampled' or 'exact', got {self.kl_penalty!r}")
 
 
 @dataclass(frozen=True)
@@ -208,15 +217,22 @@ class GRPOTask(RewardSampling):
         with torch.no_grad():
             ref_logits = self.ref.to(device)(text, codes)[1]
             logp_ref = token_logprobs(ref_logits, codes)
-        shaped = kl_shaped_rewards(reward, logp.detach(), logp_ref, o.beta)  # (BG, N)
+        exact = o.kl_penalty == "exact"
+        shaped = kl_shaped_rewards(reward, logp.detach(), logp_ref, 0.0 if exact else o.beta)  # (BG, N)
         returns = shaped.flip(-1).cumsum(-1).flip(-1).view(-1, o.group_size, shaped.shape[-1])  # (B, G, N)
         others = (returns.sum(1, keepdim=True) - returns) / (o.group_size - 1)  # leave-one-out group baseline
         advantage = (returns - others).flatten(0, 1)
-        advantage = advantage / (advantage.std() + 1e-8)
-        loss = -(advantage * logp).mean()
+        scale = advantage.std() + 1e-8
+        loss = -(advantage / scale * logp).mean()
         kl = (logp.detach() - logp_ref).sum(-1)  # (BG,) per-sample KL estimate
         logs = {"reward": reward.mean().item(), "kl": kl.mean().item(), "kl_max": kl.max().item(),
                 "objective": (reward - o.beta * kl).mean().item()}
+        if exact:
+            # KL(pi || pi_SFT) summed over positions; divided by the advantage's scale as the sampled penalty is,
+            # and by N as the policy gradient's mean over tokens is, so beta weighs reward against nats as there
+            full = distribution_kl(logits, ref_logits)  # (BG,)
+            loss = loss + o.beta / scale.clamp_min(1e-3) * full.mean() / logp.shape[-1]
+            logs["kl_exact"] = full.mean().item()
         if o.distill_guidance > 0:
             distill = guidance_distillation(self.ref, codes, logits, ref_logits, o.distill_cond_scale)
             loss = loss + o.distill_guidance * distill
