@@ -429,11 +429,11 @@ def test_grpo_distill_guidance_adds_the_guided_references_kl(parts):
         GRPOObjective(distill_guidance=1.0, distill_cond_scale=1.0)
 
 
-def test_grpo_exact_kl_penalty_moves_from_the_returns_into_the_loss(parts):
-    """kl_penalty: exact leaves the returns to the reward alone and adds beta / scale x the exact KL(pi || pi_SFT)
-    over the vocabulary, mean over samples of its sum over positions, divided by the N positions (scale: the
-    advantage's standard deviation): checked by hand from the same draws, with the policy moved off the
-    reference so that the KL is not zero."""
+def test_grpo_exact_kl_penalty_by_hand(parts):
+    """kl_penalty: exact: token t's return is the reward - beta x the exact KL(pi || pi_SFT) over the vocabulary
+    at the positions after t, its advantage that minus the other sample's of its prompt (groups of two), scaled by
+    the advantages' standard deviation; the loss adds beta / scale x the mean exact KL over positions. Checked by
+    hand from the same draws, with the policy moved off the reference so that the KL is not zero."""
     from dalle.transformer.sampling import sample
 
     torch.manual_seed(0)
@@ -451,7 +451,7 @@ def test_grpo_exact_kl_penalty_moves_from_the_returns_into_the_loss(parts):
     torch.testing.assert_close(plain.model.state_dict(), exact.model.state_dict())
     batch = {"prompt": plain.train.rows[:3]}
     torch.manual_seed(3)
-    loss, logs = plain.loss(plain.model, batch, 0)
+    _, logs = plain.loss(plain.model, batch, 0)
     torch.manual_seed(3)
     loss_e, logs_e = exact.loss(exact.model, batch, 0)
     torch.manual_seed(3)
@@ -459,17 +459,19 @@ def test_grpo_exact_kl_penalty_moves_from_the_returns_into_the_loss(parts):
     text = plain.text[rows]
     codes = sample(plain.model, text)
     with torch.no_grad():
-        pol = torch.log_softmax(plain.model(text, codes)[1], dim=-1)
-        ref = torch.log_softmax(plain.ref(text, codes)[1], dim=-1)
-        kl = (pol.exp() * (pol - ref)).sum(dim=(-1, -2)).mean()
-        reward = LowCodes()(None, codes).view(3, 2)
-        advantage = (reward - reward.flip(-1)).flatten()  # leave-one-out in groups of two, the same at each token
-        scale = advantage.repeat_interleave(codes.shape[-1]).std()
-    assert kl > 1e-2 and "kl_exact" not in logs
-    assert logs_e["kl_exact"] == pytest.approx(kl.item(), rel=1e-4)
+        logits = plain.model(text, codes)[1]
+        pol, ref = torch.log_softmax(logits, dim=-1), torch.log_softmax(plain.ref(text, codes)[1], dim=-1)
+        kl = (pol.exp() * (pol - ref)).sum(-1)  # (6, N)
+        logp = pol.gather(-1, codes[..., None])[..., 0]
+        after = kl.flip(-1).cumsum(-1).flip(-1) - kl  # the KL of the positions after each token
+        returns = (LowCodes()(None, codes)[:, None] - 0.5 * after).view(3, 2, -1)
+        advantage = (returns - returns.flip(1)).flatten(0, 1)  # leave-one-out in groups of two
+        scale = advantage.std()
+        expect = -(advantage / scale * logp).mean() + 0.5 / scale * kl.mean()
+    assert kl.sum(-1).mean() > 1e-2 and "kl_exact" not in logs
+    assert logs_e["kl_exact"] == pytest.approx(kl.sum(-1).mean().item(), rel=1e-4)
     assert logs_e["reward"] == logs["reward"]  # the same samples
-    torch.testing.assert_close(loss_e.detach(), loss.detach() + 0.5 / scale * kl / codes.shape[-1],
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss_e.detach(), expect, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="kl_penalty must be"):
         GRPOObjective(kl_penalty="k3")
 

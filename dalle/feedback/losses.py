@@ -7,7 +7,7 @@ kl_shaped_rewards    the per-token reward of RL fine-tuning: -beta * log(pi / pi
                      reward model's score added at the last (the image's 64th or 1024th token)
 distribution_kl      KL(p || q) of whole next-token distributions, summed over a sequence: KL(ref || policy) anchors
                      a branch of the policy (e.g. its caption-free one) to the reference; KL(policy || ref) is the
-                     exact form of RL's penalty
+                     exact form of RL's penalty; position_kl the same before the sum over positions
 best_of_n_kl         the KL of best-of-N sampling from the policy it samples: log N - (N - 1) / N
 """
 
@@ -52,11 +52,17 @@ def sequence_kl(logp_policy: Tensor, logp_ref: Tensor) -> Tensor:
     return (logp_policy - logp_ref).sum(dim=-1)
 
 
-def distribution_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
-    """KL(p || q) per sequence (B,) from next-token logits (B, N, V): exact over the vocabulary at each position,
-    summed over positions, in fp32 (unlike sequence_kl, no sampled-token estimate). Differentiable in both."""
+def position_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """KL(p || q) at each position (B, N) from next-token logits (B, N, V), exact over the vocabulary, in fp32.
+    Differentiable in both."""
     p = F.log_softmax(logits_p.float(), dim=-1)
-    return (p.exp() * (p - F.log_softmax(logits_q.float(), dim=-1))).sum(dim=(-1, -2))
+    return (p.exp() * (p - F.log_softmax(logits_q.float(), dim=-1))).sum(dim=-1)
+
+
+def distribution_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """KL(p || q) per sequence (B,): position_kl summed over positions (unlike sequence_kl, no sampled-token
+    estimate)."""
+    return position_kl(logits_p, logits_q).sum(dim=-1)
 
 
 def best_of_n_kl(n: int) -> float:

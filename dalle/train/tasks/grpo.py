@@ -10,10 +10,10 @@ group baseline instead of a value network), scaled by the batch's standard devia
 gradient -A_t * log pi(token t). There is one gradient step per sampled batch, so PPO's probability ratio is
 1 and its clipping would never act: it is left out. With `distill_guidance` the loss also pulls the plain
 sample toward the reference's mildly guided one (an exact KL over the vocabulary on the step's samples).
-With `kl_penalty: exact` the penalty leaves the returns and enters the loss as beta x the exact KL(pi || pi_SFT)
-of the whole next-token distributions at every position of the step's samples (in expectation the same
-sequence KL; its gradient is not a sampled token's log-ratio times a log-probability's, so it pulls back every
-position the reward does not depend on, not only the sampled token's).
+With `kl_penalty: exact` each sampled token's log-ratio is replaced by its expectation, the exact KL(pi || pi_SFT)
+over the vocabulary at its position: token t's return carries -beta x the exact KL of the positions after it,
+and beta x the exact KL at each position enters the loss directly. That is the gradient of the same objective
+with less noise (the direct term reaches every code of the distribution, not only the one drawn).
 Evaluation samples one image per held-out prompt (fixed seed) and reports the reward, the KL(pi || pi_SFT)
 estimate and the KL-penalised objective reward - beta * KL.
 """
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from dalle.feedback.losses import distribution_kl, kl_shaped_rewards
+from dalle.feedback.losses import distribution_kl, kl_shaped_rewards, position_kl
 from dalle.tokenizer import TextTokenizer
 from dalle.train.engine import matrix_decay_groups
 from dalle.transformer.model import DALLE
@@ -59,8 +59,9 @@ class GRPOObjective:
     # as best-of-N distillation's option of the same name does beside DPO (docs/feedback.md)
     distill_guidance: float = 0.0
     distill_cond_scale: float = 1.3
-    # "sampled": the paper's penalty, -beta * log(pi / pi_SFT) of each sampled token in the returns; "exact": beta x
-    # the exact per-position KL over the vocabulary, in the loss (the module's docstring)
+    # "sampled": the paper's penalty, -beta * log(pi / pi_SFT) of each sampled token in the returns; "exact": the
+    # exact per-position KL over the vocabulary in its place, later positions' in the returns and each position's
+    # own in the loss (the module's docstring)
     kl_penalty: str = "sampled"
 
     def __post_init__(self) -> None:
@@ -219,6 +220,11 @@ class GRPOTask(RewardSampling):
             logp_ref = token_logprobs(ref_logits, codes)
         exact = o.kl_penalty == "exact"
         shaped = kl_shaped_rewards(reward, logp.detach(), logp_ref, 0.0 if exact else o.beta)  # (BG, N)
+        if exact:
+            kl_pos = position_kl(logits, ref_logits)  # (BG, N)
+            # token t's return carries the exact KL of the positions after it (what choosing it leads to); its own
+            # position's KL enters the loss below, differentiated directly
+            shaped[:, :-1] -= o.beta * kl_pos.detach()[:, 1:]
         returns = shaped.flip(-1).cumsum(-1).flip(-1).view(-1, o.group_size, shaped.shape[-1])  # (B, G, N)
         others = (returns.sum(1, keepdim=True) - returns) / (o.group_size - 1)  # leave-one-out group baseline
         advantage = (returns - others).flatten(0, 1)
@@ -228,11 +234,10 @@ class GRPOTask(RewardSampling):
         logs = {"reward": reward.mean().item(), "kl": kl.mean().item(), "kl_max": kl.max().item(),
                 "objective": (reward - o.beta * kl).mean().item()}
         if exact:
-            # KL(pi || pi_SFT) summed over positions; divided by the advantage's scale as the sampled penalty is,
-            # and by N as the policy gradient's mean over tokens is, so beta weighs reward against nats as there
-            full = distribution_kl(logits, ref_logits)  # (BG,)
-            loss = loss + o.beta / scale.clamp_min(1e-3) * full.mean() / logp.shape[-1]
-            logs["kl_exact"] = full.mean().item()
+            # divided by the advantage's scale as the sampled penalty is, and averaged over tokens as the policy
+            # gradient is, so beta weighs reward against nats as there
+            loss = loss + o.beta / scale.clamp_min(1e-3) * kl_pos.mean()
+            logs["kl_exact"] = kl_pos.sum(-1).mean().item()
         if o.distill_guidance > 0:
             distill = guidance_distillation(self.ref, codes, logits, ref_logits, o.distill_cond_scale)
             loss = loss + o.distill_guidance * distill
