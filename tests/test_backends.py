@@ -120,8 +120,11 @@ def test_gradient_accumulation_equals_the_larger_batch(assets, tmp_path):
                   progress=False)
     acc.fit()
     assert acc.global_batch == 8 and acc.data_position == 32
+    # Two half-batch gradients summed round differently from one batch's, and Adam divides by the root of a tiny
+    # second moment where a gradient is near 0: up to 2e-6 apart after 4 steps on some CPUs. An accumulation that
+    # dropped or double-counted a micro-batch moves weights by about the learning rate (3e-3) a step.
     for (k, a), b in zip(big.model.state_dict().items(), acc.model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=k)
     start = json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start" and start["effective_batch_size"] == 8 and start["grad_accum"] == 2
 
