@@ -220,6 +220,37 @@ def test_sft_guided_rows_are_the_guided_sample_with_its_kl(tiny_parts):
         EvalSettings(sft_guided=(1.0,))
 
 
+def test_sft_temperature_rows_are_the_tempered_sample_with_its_kl(tiny_parts):
+    """sft_temperature: (0.5,) adds a row per split for the supervised model sampled at temperature 0.5: its
+    images are those the sampler draws at 0.5 (not the plain ones), and its KL is the mean over them of sum over
+    tokens of log softmax(cond / 0.5) - log softmax(cond), computed here by hand."""
+    sft = reading_sft(tiny_parts)
+    prompts = _prompts(3)
+    settings = EvalSettings(best_of=(), diversity=2, batch_size=8, sft_temperature=(0.5,))
+    rows = evaluate(sft, [], prompts, low_codes, settings)
+    cfg = sft.model.config
+    for split, ps in prompts.items():
+        mine = {r["name"]: r for r in rows if r["split"] == split}
+        row = mine["sft at temperature 0.5"]
+        captions = [p.caption for p in ps for _ in range(2)]
+        codes, _ = draw(sft, [p.caption for p in ps], 2, 0, 8, temperature=0.5)
+        plain, _ = draw(sft, [p.caption for p in ps], 2, 0, 8)
+        assert not torch.equal(codes, plain)
+        codes = codes.flatten(0, 1)
+        text = sft.tokenizer.encode_batch(captions, cfg.text_seq_len, truncate_warn=False)[0]
+        with torch.no_grad():
+            logits = sft.model(text, codes)[1]
+        kl = (torch.log_softmax(logits / 0.5, -1) - torch.log_softmax(logits, -1)).gather(
+            -1, codes[..., None]).sum(dim=(-1, -2)).mean()
+        assert kl > 0.01
+        assert row["kl"] == pytest.approx(kl.item(), rel=1e-4)
+        assert row["reward"] == pytest.approx(low_codes(None, codes.view(3, 2, -1)[:, 0], None).mean().item())
+        assert row["selection"] == "first sample at temperature 0.5"
+    assert "| sft at temperature 0.5 |" in markdown(rows)
+    with pytest.raises(ValueError, match="other than 1"):
+        EvalSettings(sft_temperature=(1.0,))
+
+
 def _cli(tiny_parts, reward_dir, out, *extra):
     return eval_feedback.main(["--sft", str(tiny_parts / "model"), "--reward", str(reward_dir), "--model",
                                f"copy={tiny_parts / 'model'}", "--n", "2", "--best-of", "2", "--diversity", "2",
@@ -257,7 +288,7 @@ def test_eval_cli_leaves_out_a_prompt_file(tiny_parts, reward_dir, tmp_path):
 
 
 def test_eval_cli_errors_are_one_line(tiny_parts, reward_dir, tmp_path, capsys):
-    for bad in (["--model", "nodir"], ["--best-of", "0"], ["--n", "x"]):
+    for bad in (["--model", "nodir"], ["--best-of", "0"], ["--n", "x"], ["--sft-temperature", "0"]):
         with pytest.raises(SystemExit) as e:
             _cli(tiny_parts, reward_dir, tmp_path / "x", *bad)
         err = capsys.readouterr().err
@@ -266,6 +297,8 @@ def test_eval_cli_errors_are_one_line(tiny_parts, reward_dir, tmp_path, capsys):
         _cli(tiny_parts, reward_dir, tmp_path / "y", "--model", f"gone={tmp_path / 'missing'}")
     with pytest.raises(SystemExit, match="--sft-guided scales must be above 0 and other than 1"):
         _cli(tiny_parts, reward_dir, tmp_path / "w", "--sft-guided", "1")
+    with pytest.raises(SystemExit, match="--sft-temperature values must be other than 1"):
+        _cli(tiny_parts, reward_dir, tmp_path / "w", "--sft-temperature", "1")
     with pytest.raises(SystemExit, match="cannot evaluate"):
         eval_feedback.main(["--sft", str(tiny_parts / "model"), "--reward", str(tiny_parts / "model"),
                             "--out", str(tmp_path / "z")])

@@ -4,11 +4,11 @@
         --exclude-store runs/fb.db --n 50 --out runs/eval-feedback
 
 Rows: the supervised model's first sample, its best of N by the reward model (--best-of), its first sample
-with classifier-free guidance (--sft-guided), and each --model's first sample; columns: KL from the
-supervised model (analytic for best-of-N, Monte Carlo for the fine-tuned and the guided), the reward model's
-mean score of the kept images, all-correct per split (and on two-object prompts), and diversity among
---diversity samples per prompt. Writes OUT/policy-eval.md and
-OUT/policy-eval.json (dalle/feedback/policy_eval.py says how each figure is made).
+with classifier-free guidance (--sft-guided) or at another temperature (--sft-temperature), and each --model's
+first sample; columns: KL from the supervised model (analytic for best-of-N, Monte Carlo for the rest), the
+reward model's mean score of the kept images, all-correct per split (and on two-object prompts), and diversity
+among --diversity samples per prompt. Writes OUT/policy-eval.md and OUT/policy-eval.json
+(dalle/feedback/policy_eval.py says how each figure is made).
 """
 
 from __future__ import annotations
@@ -67,6 +67,10 @@ def parser() -> argparse.ArgumentParser:
                    help="rows of the supervised model sampled with classifier-free guidance at these cond scales "
                         "(not 1), as policies on the same KL axis: their KL from the plain supervised model by Monte "
                         "Carlo with the exact guided log-probabilities (none: no such rows)")
+    p.add_argument("--sft-temperature", type=cli.positive_float, nargs="*", default=[], metavar="T",
+                   help="rows of the supervised model sampled at these temperatures (not 1), as policies on the same "
+                        "KL axis, their KL by Monte Carlo as --sft-guided's; a fine-tuned model can be exactly such a "
+                        "policy, so they show what one parameter buys (none: no such rows)")
     p.add_argument("--seed", type=cli.seed_int, default=0, help="candidate c of each prompt uses seed SEED + c")
     p.add_argument("--batch-size", type=cli.positive_int, default=32, help="images sampled together")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -102,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     if 1.0 in args.sft_guided or 0.0 in args.sft_guided:
         raise SystemExit(f"--sft-guided scales must be above 0 and other than 1 (the plain sft row is always there), "
                          f"got {args.sft_guided}")
+    if 1.0 in args.sft_temperature:
+        raise SystemExit(f"--sft-temperature values must be other than 1 (the plain sft row is always "
+                         f"there), got {args.sft_temperature}")
     apply_threads(args.threads)
     device = resolve_device(args.device)
     exclude: list[str] = []
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"cannot evaluate: {e}") from None
     settings = EvalSettings(best_of=tuple(args.best_of), diversity=args.diversity, seed=args.seed,
                             batch_size=args.batch_size, judged=args.judged, guided=args.guided,
-                            sft_guided=tuple(args.sft_guided))
+                            sft_guided=tuple(args.sft_guided), sft_temperature=tuple(args.sft_temperature))
     bars: list[tqdm] = []
 
     def bar(desc: str, total: int):

@@ -13,6 +13,9 @@ Rows, each on held-out shapes prompts with the same seeds:
     sft guided     the SFT model's sample c = 0 with classifier-free guidance at a scale s (`sft_guided`): a
                    policy that moves by sampling, not training. KL by Monte Carlo as above, pi the guided
                    next-token distribution softmax(uncond + s (cond - uncond)), exact at each token
+    sft at T       the SFT model's sample c = 0 at a sampling temperature T (`sft_temperature`), the same way:
+                   pi = softmax(cond / T). A fine-tuned model can be exactly this policy (its output layer
+                   scaled by 1 / T), so it marks what one parameter buys on the KL axis
 
 Every other row samples plainly (temperature 1, no top-k/top-p, no guidance): the KL is then that of the
 distributions actually sampled, and best-of-N's formula holds. Candidate c of every prompt is sampled with
@@ -63,11 +66,16 @@ class EvalSettings:
     guided: float = 0.0
     # cond scales of the "sft guided" rows: the supervised model's guided sample as a policy, on the KL axis
     sft_guided: tuple[float, ...] = ()
+    # temperatures of the "sft at T" rows: the supervised model sampled colder (or hotter), on the same KL axis
+    sft_temperature: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if any(s <= 0 or s == 1 for s in self.sft_guided):
             raise ValueError(f"sft_guided scales must be > 0 and other than 1 (1 is the plain sft row), "
                              f"got {self.sft_guided}")
+        if any(t <= 0 or t == 1 for t in self.sft_temperature):
+            raise ValueError(f"sft_temperature values must be > 0 and other than 1 (1 is the plain sft row), "
+                             f"got {self.sft_temperature}")
         if any(n < 1 for n in self.best_of) or self.diversity < 0 or self.batch_size < 1 or self.judged < 1 \
                 or self.guided < 0:
             raise ValueError(f"need best_of >= 1, diversity >= 0, batch_size >= 1, judged >= 1 and guided >= 0, "
@@ -92,14 +100,17 @@ def held_out_prompts(split: str, n: int, exclude: Iterable[str] = (), seed: int 
 
 @torch.no_grad()
 def draw(pipe: Pipeline, prompts: Sequence[str], k: int, seed: int, batch_size: int,
-         progress: Progress | None = None, cond_scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """k samples per prompt (plain, unless `cond_scale` guides them): codes (P, k, N) and images (P, k, 3, H, W)
-    uint8, quantised as a PNG is. progress(n) is called with the prompts whose k samples are complete."""
+         progress: Progress | None = None, cond_scale: float = 1.0, temperature: float = 1.0
+         ) -> tuple[Tensor, Tensor]:
+    """k samples per prompt (plain, unless `cond_scale` guides them or `temperature` is not 1): codes (P, k, N)
+    and images (P, k, 3, H, W) uint8, quantised as a PNG is. progress(n) is called with the prompts whose k
+    samples are complete."""
     jobs = [(i, seed + c) for i in range(len(prompts)) for c in range(k)]
     codes, images, done = [], [], 0
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        c, im = sample_codes(pipe, [prompts[i] for i, _ in chunk], [s for _, s in chunk], cond_scale=cond_scale)
+        c, im = sample_codes(pipe, [prompts[i] for i, _ in chunk], [s for _, s in chunk], cond_scale=cond_scale,
+                             temperature=temperature)
         codes.append(c)
         images.append(im.clamp(0, 1).mul(255).add(0.5).floor().to(torch.uint8))
         if progress is not None:
@@ -138,17 +149,20 @@ def policy_kl(policy: Pipeline, ref: Pipeline, prompts: Sequence[str], codes: Te
 
 
 @torch.no_grad()
-def guided_kl(ref: Pipeline, prompts: Sequence[str], codes: Tensor, cond_scale: float, batch_size: int) -> Tensor:
-    """Monte-Carlo KL(guided || pi_SFT) per sample (B,), in nats, for codes (B, N) sampled from `ref` with
-    classifier-free guidance at `cond_scale`: sum over image tokens of log softmax(uncond + s (cond - uncond))
-    - log softmax(cond), both of `ref`."""
+def sampling_kl(ref: Pipeline, prompts: Sequence[str], codes: Tensor, batch_size: int, cond_scale: float = 1.0,
+                temperature: float = 1.0) -> Tensor:
+    """Monte-Carlo KL(pi || pi_SFT) per sample (B,), in nats, for codes (B, N) sampled from `ref` with
+    classifier-free guidance at `cond_scale` and at `temperature`: sum over image tokens of
+    log softmax((uncond + s (cond - uncond)) / T) - log softmax(cond), both of `ref`."""
     out = []
     for texts, c in _batches(prompts, codes, batch_size):
         c = c.to(ref.device)
         cond = ref.model(_text(ref, texts), c)[1].float()
-        uncond = ref.model(empty_text(ref.model, len(c), ref.device), c)[1].float()
-        out.append(sequence_kl(token_logprobs(torch.lerp(uncond, cond, cond_scale), c),
-                               token_logprobs(cond, c)).cpu())
+        pi = cond
+        if cond_scale != 1:
+            uncond = ref.model(empty_text(ref.model, len(c), ref.device), c)[1].float()
+            pi = torch.lerp(uncond, cond, cond_scale)
+        out.append(sequence_kl(token_logprobs(pi / temperature, c), token_logprobs(cond, c)).cpu())
     return torch.cat(out)
 
 
@@ -237,17 +251,21 @@ def _sft_rows(sft: Pipeline, split: str, prompts: Sequence[Prompt], reward: Scor
 
 
 def _policy_row(name: str, policy: Pipeline, sft: Pipeline, split: str, prompts: Sequence[Prompt], reward: Scorer,
-                s: EvalSettings, progress: Progress | None, cond_scale: float = 1.0) -> dict[str, Any]:
-    """A fine-tuned policy's row; with cond_scale != 1 (policy is sft), the supervised model's guided sample."""
+                s: EvalSettings, progress: Progress | None, cond_scale: float = 1.0, temperature: float = 1.0
+                ) -> dict[str, Any]:
+    """A fine-tuned policy's row; with cond_scale or temperature other than 1 (policy is sft), the supervised
+    model's guided or tempered sample."""
     texts = [p.caption for p in prompts]
     k = max(s.diversity, s.judged, 1)
-    codes, images = draw(policy, texts, k, s.seed, s.batch_size, progress, cond_scale=cond_scale)
+    plain = cond_scale == 1 and temperature == 1
+    codes, images = draw(policy, texts, k, s.seed, s.batch_size, progress, cond_scale=cond_scale,
+                         temperature=temperature)
     every = [t for t in texts for _ in range(k)]
-    kl = policy_kl(policy, sft, every, codes.flatten(0, 1), s.batch_size) if cond_scale == 1 else \
-        guided_kl(sft, every, codes.flatten(0, 1), cond_scale, s.batch_size)
-    row = {"name": name, "model_id": policy.model_id,
-           "selection": "first sample" if cond_scale == 1 else f"first sample at cond scale {cond_scale:g}",
-           "split": split,
+    kl = policy_kl(policy, sft, every, codes.flatten(0, 1), s.batch_size) if plain else \
+        sampling_kl(sft, every, codes.flatten(0, 1), s.batch_size, cond_scale, temperature)
+    selection = "first sample" + (f" at cond scale {cond_scale:g}" if cond_scale != 1 else "") \
+        + (f" at temperature {temperature:g}" if temperature != 1 else "")
+    row = {"name": name, "model_id": policy.model_id, "selection": selection, "split": split,
            "kl": kl.mean().item(),
            "kl_estimate": f"monte carlo, {len(kl)} samples",
            "reward": reward(texts, codes[:, 0], images[:, 0]).mean().item(), **_judge(prompts, images[:, 0])}
@@ -255,7 +273,7 @@ def _policy_row(name: str, policy: Pipeline, sft: Pipeline, split: str, prompts:
         row.update(diversity(codes[:, : s.diversity], images[:, : s.diversity]))
     if s.judged > 1:
         row["mean"] = _judge_draws(prompts, images[:, : s.judged])
-    if cond_scale == 1:
+    if plain:
         row.update(_guided(policy, prompts, s, progress))
     return row
 
@@ -273,6 +291,10 @@ def evaluate(sft: Pipeline, policies: Iterable[tuple[str, Pipeline]], prompts: d
             name = f"sft cond scale {scale:g}"
             rows.append(_policy_row(name, sft, sft, split, ps, reward, settings, bar(f"{name} {split}", len(ps)),
                                     cond_scale=scale))
+        for t in settings.sft_temperature:
+            name = f"sft at temperature {t:g}"
+            rows.append(_policy_row(name, sft, sft, split, ps, reward, settings, bar(f"{name} {split}", len(ps)),
+                                    temperature=t))
     for name, policy in policies:
         for split, ps in prompts.items():
             rows.append(_policy_row(name, policy, sft, split, ps, reward, settings,
