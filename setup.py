@@ -44,10 +44,11 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
         "eval": ["pytorch-fid==0.3.0"],  # the Inception-v3 of published FIDs (tools/eval_fid.py)
-        "feedback": ["flask>=3.0,<4"],  # the comparison web app (tools/feedback.py serve)
+        # the comparison web app (tools/feedback.py serve) and the accuracy-against-KL figure (tools/plot_feedback.py)
+        "feedback": ["flask>=3.0,<4", "matplotlib>=3.8"],
         # selenium drives Debian's chromium in the web app's tests (apt-get install chromium chromium-driver)
         "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "deepspeed==0.19.8", "pytorch-fid==0.3.0",
-                 "flask>=3.0,<4", "selenium>=4.20,<4.52"],
+                 "flask>=3.0,<4", "matplotlib>=3.8", "selenium>=4.20,<4.52"],
     },
     # Each command runs its tool's main() under dalle.cli.run: a user's mistake prints one line, not a traceback.
     entry_points={
@@ -70,6 +71,7 @@ setup(
             "dalle-feedback=dalle_tools.console:feedback",
             "dalle-train-feedback=dalle_tools.console:train_feedback",
             "dalle-eval-feedback=dalle_tools.console:eval_feedback",
+            "dalle-plot-feedback=dalle_tools.console:plot_feedback",
             "dalle-feedback-loop=dalle_tools.console:feedback_loop",
             "dalle-train-all=dalle_tools.console:train_all",
         ]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dalle.checkpoint import load_pretrained, save_pretrained
 from dalle.feedback.losses import best_of_n_kl
@@ -328,6 +329,8 @@ def test_the_loop_runs_end_to_end_and_resumes(tiny_parts, tmp_path, capsys, monk
     assert time.monotonic() - start < 60
     record = json.loads((tmp_path / "run" / "eval" / "policy-eval.json").read_text())
     assert [e["name"] for e in record["summary"]] == ["sft", "sft best of 2", "dpo", "grpo"]
+    with Image.open(tmp_path / "run" / "eval" / "accuracy-kl.png") as im:  # the curve beside the table
+        assert im.format == "PNG"
     from dalle.feedback.store import Store
 
     store = Store(tmp_path / "run" / "fb.db")

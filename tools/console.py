@@ -37,6 +37,7 @@ feedback = _command("feedback")
 train_feedback = _command("train_feedback")
 feedback_loop = _command("feedback_loop")
 eval_feedback = _command("eval_feedback")
+plot_feedback = _command("plot_feedback")
 train_all = _command("train_all")
 
 

@@ -18,6 +18,7 @@ stages resume from their last checkpoint, as the engine does; one that finished 
                previous round's model, rated by the same rater, DPO from that model (its    OUT/dpo-rR
                reference), for R = 2 .. --rounds
     evaluate   tools/eval_feedback.py on held-out prompts (not in the store)               OUT/eval
+               and its curve of accuracy and reward against KL (tools/plot_feedback.py)    OUT/eval/accuracy-kl.png
 
 Config values of a training stage are changed with --set STAGE.SECTION.KEY=VALUE (e.g.
 --set reward.train.steps=50); the loop itself sets each stage's inputs.
@@ -180,7 +181,7 @@ def _reward_init(args: argparse.Namespace, reranker: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dalle_tools import eval_feedback
+    from dalle_tools import eval_feedback, plot_feedback
 
     args = parser().parse_args(argv)
     if args.rounds > 1 and "dpo" not in args.methods:
@@ -214,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         + (["--judged", str(args.judged)] if args.judged > 1 else [])  # absent at 1: earlier runs' stage keys hold
     _stage(out, "evaluate", lambda: eval_feedback.main(evaluation), key=json.dumps(evaluation))
     print(f"table: {out / 'eval' / 'policy-eval.md'}")
+    figure = out / "eval" / "accuracy-kl.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"figure: not drawn, matplotlib is not installed (pip install -e \".[feedback]\", then python "
+              f"tools/plot_feedback.py {out / 'eval'} --out {figure})")
+    else:
+        plot_feedback.main([str(out / "eval"), "--out", str(figure), "--overwrite"])
     return 0
 
 
