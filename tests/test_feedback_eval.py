@@ -190,66 +190,44 @@ def test_guided_draws_are_judged_at_their_cond_scale(tiny_parts, monkeypatch):
         EvalSettings(guided=-1.0)
 
 
-def test_sft_guided_rows_are_the_guided_sample_with_its_kl(tiny_parts):
-    """sft_guided: (2.0,) adds a row per split for the supervised model's guided sample: its reward is of those
-    images, and its KL is the mean over them of sum over tokens of log softmax(uncond + 2 (cond - uncond)) -
-    log softmax(cond), computed here by hand from the model's two streams."""
+@pytest.mark.parametrize("kind", ["guided", "temperature"])
+def test_sft_sampling_rows_are_that_sample_with_its_kl(tiny_parts, kind):
+    """sft_guided: (2.0,) and sft_temperature: (0.5,) each add a row per split for the supervised model sampled
+    that way (guided at cond scale 2, or at temperature 0.5): its images are those the sampler draws so, not the
+    plain ones, its reward is of them, and its KL is the mean over them of the sum over tokens of log pi - log
+    softmax(cond), pi = softmax(uncond + 2 (cond - uncond)) or softmax(cond / 0.5), computed here by hand from
+    the model's two streams."""
     sft = reading_sft(tiny_parts)
     prompts = _prompts(3)
-    settings = EvalSettings(best_of=(), diversity=2, batch_size=8, sft_guided=(2.0,))
+    guided = kind == "guided"
+    name, how = ("sft cond scale 2", {"cond_scale": 2.0}) if guided else \
+        ("sft at temperature 0.5", {"temperature": 0.5})
+    settings = EvalSettings(best_of=(), diversity=2, batch_size=8,
+                            **({"sft_guided": (2.0,)} if guided else {"sft_temperature": (0.5,)}))
     rows = evaluate(sft, [], prompts, low_codes, settings)
     cfg = sft.model.config
     for split, ps in prompts.items():
         mine = {r["name"]: r for r in rows if r["split"] == split}
-        row = mine["sft cond scale 2"]
+        row = mine[name]
         captions = [p.caption for p in ps for _ in range(2)]
-        codes, _ = draw(sft, [p.caption for p in ps], 2, 0, 8, cond_scale=2.0)
+        codes, _ = draw(sft, [p.caption for p in ps], 2, 0, 8, **how)
+        assert not torch.equal(codes, draw(sft, [p.caption for p in ps], 2, 0, 8)[0])
         codes = codes.flatten(0, 1)
         text = sft.tokenizer.encode_batch(captions, cfg.text_seq_len, truncate_warn=False)[0]
         empty = (cfg.text_vocab_size + torch.arange(cfg.text_seq_len)).expand(len(codes), -1)
         with torch.no_grad():
             cond = torch.log_softmax(sft.model(text, codes)[1], -1)
             uncond = torch.log_softmax(sft.model(empty, codes)[1], -1)
-        guided = torch.log_softmax(uncond + 2.0 * (cond - uncond), -1)
-        kl = (guided - cond).gather(-1, codes[..., None]).sum(dim=(-1, -2)).mean()
-        assert kl > 0.01  # guidance moved the distribution, so a row that ignored it would fail
+        pi = torch.log_softmax(uncond + 2.0 * (cond - uncond) if guided else cond / 0.5, -1)
+        kl = (pi - cond).gather(-1, codes[..., None]).sum(dim=(-1, -2)).mean()
+        assert kl > 0.01  # the sampling moved the distribution, so a row that ignored it would fail
         assert row["kl"] == pytest.approx(kl.item(), rel=1e-4)
         assert row["reward"] == pytest.approx(low_codes(None, codes.view(3, 2, -1)[:, 0], None).mean().item())
-        assert row["selection"] == "first sample at cond scale 2" and mine["sft"]["kl"] == 0.0
-    assert "| sft cond scale 2 |" in markdown(rows)
+        assert row["selection"] == ("first sample at cond scale 2" if guided else "first sample at temperature 0.5")
+        assert mine["sft"]["kl"] == 0.0
+    assert f"| {name} |" in markdown(rows)
     with pytest.raises(ValueError, match="other than 1"):
-        EvalSettings(sft_guided=(1.0,))
-
-
-def test_sft_temperature_rows_are_the_tempered_sample_with_its_kl(tiny_parts):
-    """sft_temperature: (0.5,) adds a row per split for the supervised model sampled at temperature 0.5: its
-    images are those the sampler draws at 0.5 (not the plain ones), and its KL is the mean over them of sum over
-    tokens of log softmax(cond / 0.5) - log softmax(cond), computed here by hand."""
-    sft = reading_sft(tiny_parts)
-    prompts = _prompts(3)
-    settings = EvalSettings(best_of=(), diversity=2, batch_size=8, sft_temperature=(0.5,))
-    rows = evaluate(sft, [], prompts, low_codes, settings)
-    cfg = sft.model.config
-    for split, ps in prompts.items():
-        mine = {r["name"]: r for r in rows if r["split"] == split}
-        row = mine["sft at temperature 0.5"]
-        captions = [p.caption for p in ps for _ in range(2)]
-        codes, _ = draw(sft, [p.caption for p in ps], 2, 0, 8, temperature=0.5)
-        plain, _ = draw(sft, [p.caption for p in ps], 2, 0, 8)
-        assert not torch.equal(codes, plain)
-        codes = codes.flatten(0, 1)
-        text = sft.tokenizer.encode_batch(captions, cfg.text_seq_len, truncate_warn=False)[0]
-        with torch.no_grad():
-            logits = sft.model(text, codes)[1]
-        kl = (torch.log_softmax(logits / 0.5, -1) - torch.log_softmax(logits, -1)).gather(
-            -1, codes[..., None]).sum(dim=(-1, -2)).mean()
-        assert kl > 0.01
-        assert row["kl"] == pytest.approx(kl.item(), rel=1e-4)
-        assert row["reward"] == pytest.approx(low_codes(None, codes.view(3, 2, -1)[:, 0], None).mean().item())
-        assert row["selection"] == "first sample at temperature 0.5"
-    assert "| sft at temperature 0.5 |" in markdown(rows)
-    with pytest.raises(ValueError, match="other than 1"):
-        EvalSettings(sft_temperature=(1.0,))
+        EvalSettings(**({"sft_guided": (1.0,)} if guided else {"sft_temperature": (1.0,)}))
 
 
 def _cli(tiny_parts, reward_dir, out, *extra):
