@@ -10,6 +10,7 @@ checkpointing, channels-last), live here.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,10 @@ class TrainConfig:
     # default; waits here are a step's all-reduce (seconds) and rank 0's evaluation and checkpoint writing
     # (under a minute at the shipped configs): raise it if a large model's sample grids take longer.
     collective_timeout_minutes: float = 10.0
+    # A regular expression: only the parameters whose names it matches (re.search) are trained, the others keep
+    # their starting values (fine-tuning part of a model, e.g. "^(ln_f|image_head)" for the transformer's output
+    # layer); "": every parameter the task trains.
+    trainable: str = ""
     # Runtime knobs: speed and memory, not the result (each model takes those that apply to it).
     attn_backend: str = "auto"  # transformer: "sdpa" (dense masks), "flex" (block-sparse; CUDA) or "auto"
     gradient_checkpointing: bool = False  # transformer: recompute activations in backward (less memory)
@@ -98,6 +103,11 @@ class TrainConfig:
                                  f"got {getattr(self, key)!r}")
         _check("time_limit_minutes", self.time_limit_minutes, "a number of minutes >= 0 (0: no limit)",
                lambda v: _number(v) and 0 <= v < float("inf"))
+        try:
+            re.compile(self.trainable)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"train.trainable must be a regular expression over parameter names, got "
+                             f"{self.trainable!r} ({e})") from None
         if not 0 < self.collective_timeout_minutes < float("inf"):
             raise ValueError(f"train.collective_timeout_minutes must be a positive number of minutes, got "
                              f"{self.collective_timeout_minutes}")

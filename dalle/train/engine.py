@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -58,6 +59,20 @@ def matrix_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.ndim >= 2]},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def freeze_untrainable(model: nn.Module, pattern: str) -> None:
+    """Freeze every parameter whose name `pattern` does not match (train.trainable); "" leaves all as they are."""
+    if not pattern:
+        return
+    rx = re.compile(pattern)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not any(rx.search(n) for n, _ in named):
+        raise ValueError(f"train.trainable {pattern!r} matches none of the trained parameters of "
+                         f"{type(model).__name__} (names such as {', '.join(n for n, _ in named[:3])})")
+    for n, p in named:
+        if not rx.search(n):
+            p.requires_grad_(False)
 
 
 def apply_runtime(model: nn.Module, cfg: TrainConfig) -> nn.Module:
@@ -141,6 +156,7 @@ class Trainer:
         self.backend = make_backend(self.device, deepspeed, timedelta(minutes=cfg.collective_timeout_minutes))
         self.is_main = self.backend.is_main
         self.model = apply_runtime(task.model, cfg).to(self.device)
+        freeze_untrainable(self.model, cfg.trainable)
         self.backend.broadcast_weights(self.model)
         # Copied before the back end wraps the model: DeepSpeed casts it to bf16/fp16 and hooks it.
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
@@ -177,8 +193,14 @@ class Trainer:
 
     def describe(self) -> str:
         c = self.cfg
-        return (f"effective batch size {self.global_batch} = {c.batch_size} per rank x {c.grad_accum} accumulation x "
+        text = (f"effective batch size {self.global_batch} = {c.batch_size} per rank x {c.grad_accum} accumulation x "
                 f"{self.backend.world} ranks; back end: {self.backend.name}")
+        if c.trainable:
+            counts = [(p.numel(), p.requires_grad) for p in self.model.parameters()]
+            trained, total = sum(n for n, on in counts if on), sum(n for n, _ in counts)
+            text += f"; training {trained / 1e6:.3g}M of {total / 1e6:.3g}M parameters (train.trainable " \
+                    f"{c.trainable!r})"
+        return text
 
     # -- setup -------------------------------------------------------------------------------
     def _tensorboard(self) -> Any | None:
