@@ -105,12 +105,13 @@ def accuracy_kl_figure(rows: Sequence[dict[str, Any]], splits: Sequence[str], tw
         top.set_title(f"{split}: {what}")
         top.set_ylabel("all correct (shapes detector)")
         bottom.set_ylabel("reward model's score, all prompts")  # rows hold no two-object mean of it
-        bottom.set_xlabel("KL from the supervised model (nats)")
+        bottom.set_xlabel(f"KL from {labels.get('sft', 'the supervised model')} (nats)")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-        top.legend(fontsize="small")
-    fig.supxlabel("filled: all-correct averaged over several draws a prompt; hollow: the first sample only "
-                  "(rewards: the first sample)", fontsize="small")
+    handles, names = axes[0][0].get_legend_handles_labels()  # every column has the same lines
+    fig.legend(handles, names, loc="outside lower center", ncol=min(3, len(names)), fontsize="small",
+               title_fontsize="small", title="filled: all-correct averaged over several draws a prompt; hollow: the "
+                                              "first sample only (rewards: the first sample)")
     if title:
         fig.suptitle(title)
     return fig
