@@ -85,13 +85,15 @@ def accuracy_kl_figure(rows: Sequence[dict[str, Any]], splits: Sequence[str], tw
     if unknown:
         raise ValueError(f"no line named {', '.join(sorted(unknown))} to label")
     what = "two-object prompts" if two_objects else "all prompts"
+    # one colour per line across the columns, even where a split lacks a line
+    order = list(dict.fromkeys(series_of(r["name"])[0] for r in rows if r["name"] != "sft"))
     for col, split in enumerate(splits):
         lines = points(rows, split, two_objects)
         top, bottom = axes[0][col], axes[1][col]
-        for i, (line, ps) in enumerate(lines.items()):
+        for line, ps in lines.items():
             if line == "sft":
                 continue
-            style = {"color": f"C{(i - 1) % 10}", "label": labels.get(line, line)}
+            style = {"color": f"C{order.index(line) % 10}", "label": labels.get(line, line)}
             kl = [p.kl for p in ps]
             top.plot(kl, [p.accuracy for p in ps], "-", **style)
             bottom.plot(kl, [p.reward for p in ps], "--", **style)
