@@ -14,6 +14,7 @@ from dalle.data.shapes import render
 from dalle.evaluation.compositional import shapes_prompts
 from dalle.feedback.losses import (
     best_of_n_kl,
+    best_of_n_reward,
     bradley_terry_loss,
     distribution_kl,
     dpo_loss,
@@ -203,6 +204,26 @@ def test_kl_penalty_and_best_of_n_kl():
     assert best_of_n_kl(1) == 0.0 and best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
     logits = torch.tensor([[[0.0, math.log(3.0)]]])
     assert token_logprobs(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
+
+
+def test_best_of_n_reward_by_hand_and_its_optimum_is_best_of_n():
+    reward = torch.tensor([[0.0, 1.0, 5.0]])
+    reference = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    # F = (below + ties / 2 + 1/2) / (M + 1): 0.5 / 5, 1 / 5, 4.5 / 5
+    torch.testing.assert_close(best_of_n_reward(reward, reference, 4), 3 * torch.log(torch.tensor([[0.1, 0.2, 0.9]])))
+    # The optimum of E[r'] - KL(pi || ref) is ref x exp(r') / Z. Over K equally likely outcomes with distinct rewards,
+    # F taken from the outcomes themselves, it is best of N: its KL is log N - (N - 1) / N and the top outcome's
+    # probability 1 - (1 - 1/K)^N, up to F's 1/K steps.
+    k, n = 2000, 16
+    outcomes = torch.randperm(k).double()[None]
+    tilted = torch.softmax(best_of_n_reward(outcomes, outcomes, n).double()[0], dim=0)
+    kl = (tilted * torch.log(tilted * k)).sum().item()
+    assert kl == pytest.approx(best_of_n_kl(n), rel=0.01)
+    assert tilted[outcomes[0].argmax()].item() == pytest.approx(1 - (1 - 1 / k) ** n, rel=0.02)
+    with pytest.raises(ValueError, match="n >= 2"):
+        best_of_n_reward(reward, reference, 1)
+    with pytest.raises(ValueError, match="same prompts"):
+        best_of_n_reward(reward, reference.expand(2, 4), 4)
 
 
 def test_distribution_kl_is_exact_over_the_vocabulary_and_summed_over_positions():

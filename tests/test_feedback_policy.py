@@ -38,11 +38,13 @@ def test_grpo_raises_a_known_reward_and_logs_its_kl(parts, tmp_path):
     assert {"reward", "kl", "objective"} <= set(logs[-1])
 
 
-def test_grpo_resume_equals_uninterrupted(parts, tmp_path):
-    """Sampling inside the step draws from the engine's per-step seed, so a resumed run samples the same images."""
+@pytest.mark.parametrize("extra", [{}, {"best_of_n": 4, "reference_samples": 2}], ids=["score", "best_of_n"])
+def test_grpo_resume_equals_uninterrupted(parts, tmp_path, extra):
+    """Sampling inside the step draws from the engine's per-step seed, so a resumed run samples the same images
+    (best_of_n: the reference's too)."""
     def task(seed):
         torch.manual_seed(seed)
-        return GRPOTask(load_pretrained(parts / "dalle").train(), GRPOObjective(group_size=2, eval_prompts=2),
+        return GRPOTask(load_pretrained(parts / "dalle").train(), GRPOObjective(group_size=2, eval_prompts=2, **extra),
                         task_tok(parts), PROMPTS * 2, LowCodes(), task_tok(parts))
     cfg = TrainConfig(steps=4, batch_size=2, lr=1e-2, log_every=2, eval_every=100, save_every=2)
     full = Trainer(task(0), cfg, tmp_path / "a", progress=False)
@@ -89,6 +91,44 @@ def test_grpo_distill_guidance_adds_the_guided_references_kl(parts):
     torch.testing.assert_close(loss_d.detach(), loss.detach() + 2.0 * kl, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="distill_cond_scale > 0 other than 1"):
         GRPOObjective(distill_guidance=1.0, distill_cond_scale=1.0)
+
+
+def test_grpo_best_of_n_reward_by_hand(parts):
+    """best_of_n: N: each sample's reward is (N - 1) log F(score), F from the reference's own draws of its prompt in the
+    same step (drawn after the policy's), then the same policy gradient; logs keep the raw score as `reward`, and
+    the held-out evaluation reports both. Checked by hand from the same draws."""
+    from dalle.feedback.losses import best_of_n_reward
+    from dalle.transformer.sampling import sample
+
+    torch.manual_seed(0)
+    model = load_pretrained(parts / "dalle").eval()
+    task = GRPOTask(model, GRPOObjective(beta=0.0, group_size=2, eval_prompts=2, eval_samples=2, best_of_n=4,
+                                         reference_samples=3), task_tok(parts), PROMPTS * 2, LowCodes(),
+                    task_tok(parts))
+    batch = {"prompt": task.train.rows[:3]}
+    torch.manual_seed(3)
+    loss, logs = task.loss(model, batch, 0)
+    torch.manual_seed(3)
+    text = task.text[batch["prompt"].repeat_interleave(2)]
+    codes = sample(model, text)
+    ref_codes = sample(task.ref, task.text[batch["prompt"].repeat_interleave(3)])
+    with torch.no_grad():
+        score = LowCodes()(None, codes)
+        reference = LowCodes()(None, ref_codes).view(3, 3)
+        reward = best_of_n_reward(score.view(3, 2), reference, 4)  # (3, 2)
+        logp = torch.log_softmax(model(text, codes)[1], dim=-1).gather(-1, codes[..., None])[..., 0]
+        advantage = (reward - reward.flip(1)).flatten()[:, None].expand_as(logp)  # beta 0: the return is the reward
+        expect = -(advantage / advantage.std() * logp).mean()
+    assert logs["reward"] == pytest.approx(score.mean().item())
+    assert logs["bon_reward"] == pytest.approx(reward.mean().item())
+    assert logs["reference_reward"] == pytest.approx(reference.mean().item())
+    torch.testing.assert_close(loss.detach(), expect, rtol=1e-4, atol=1e-6)
+    metrics = task.evaluate(model, 0, None)
+    assert metrics["val_kl"] == 0.0 and metrics["val_bon_reward"] < 0  # log F < 0 always
+    assert metrics["val_objective"] == pytest.approx(metrics["val_bon_reward"])
+    for bad in ({"best_of_n": 1}, {"best_of_n": 4, "reference_samples": 0}):
+        with pytest.raises(ValueError, match="best_of_n 0"):
+            GRPOObjective(**bad)
 
 
 def test_grpo_exact_kl_penalty_by_hand(parts):

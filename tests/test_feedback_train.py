@@ -195,6 +195,15 @@ def test_train_feedback_tool_trains_a_reader_reward_model_and_grpo_against_it(pa
     assert {"val_reward", "val_kl", "val_objective"} <= set(evals[-1])
     tuned = load_pretrained(tmp_path / "grpo", expect="dalle")
     assert tuned.config == load_pretrained(reader, expect="dalle").config
+    # its best-of-N form (configs/feedback/grpo-bon-shapes.yaml): the reward against the reference's own draws
+    assert train_feedback.main(["grpo", "--config", "configs/feedback/grpo-bon-shapes.yaml", "--out",
+                                str(tmp_path / "grpo-bon"), "--no-progress", "--set",
+                                f"inputs.store={parts / 'toy.db'}", "--set", f"inputs.init={reader}", "--set",
+                                f"inputs.reward={tmp_path / 'reward'}", *small, "--set",
+                                "objective.reference_samples=2"]) == 0
+    lines = (tmp_path / "grpo-bon" / "log.jsonl").read_text().splitlines()
+    assert "val_bon_reward" in json.loads([x for x in lines if '"eval"' in x][-1])
+    assert {"bon_reward", "reference_reward"} <= set(json.loads([x for x in lines if '"train"' in x][-1]))
     # the same on a prompt file in place of the store (which need not exist): its lines, each once
     lines = PROMPTS[:12] + ["", PROMPTS[0], " a small blue cross "]
     (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")

@@ -9,12 +9,15 @@ distribution_kl      KL(p || q) of whole next-token distributions, summed over a
                      a branch of the policy (e.g. its caption-free one) to the reference; KL(policy || ref) is the
                      exact form of RL's penalty; position_kl the same before the sum over positions
 best_of_n_kl         the KL of best-of-N sampling from the policy it samples: log N - (N - 1) / N
+best_of_n_reward     the reward whose KL-penalised optimum at beta 1 is best-of-N sampling: (N - 1) log F(r), F the
+                     reference's distribution function of the reward on the same prompt (Amini et al. 2024)
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -70,3 +73,20 @@ def best_of_n_kl(n: int) -> float:
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     return math.log(n) - (n - 1) / n
+
+
+def best_of_n_reward(reward: Tensor, reference: Tensor, n: int) -> Tensor:
+    """(N - 1) log F(reward), F estimated per prompt from the reference's rewards on it: reward (B, G) of the policy's
+    samples, reference (B, M) of the reference's samples of the same B prompts, -> (B, G).
+
+    Best of N draws from pi_SFT has density pi_SFT(y) N F(r(y))^(N-1), so the optimum of E[r'] - KL(pi || pi_SFT)
+    with r' = (N - 1) log F is best of N itself (Amini et al. 2024, "Variational Best-of-N Alignment"): unlike a
+    raw score, the reward saturates once a sample beats the reference's, and says how far to go. F counts a tie as
+    half and adds half a sample to each side, F = (below + ties / 2 + 1/2) / (M + 1), so log F stays finite."""
+    if n < 2 or reward.dim() != 2 or reference.dim() != 2 or reward.shape[0] != reference.shape[0]:
+        raise ValueError(f"need n >= 2 and rewards (B, G) against reference rewards (B, M) of the same prompts; got n "
+                         f"{n}, {tuple(reward.shape)} and {tuple(reference.shape)}")
+    ref, r = reference.unsqueeze(1), reward.unsqueeze(2)  # (B, 1, M), (B, G, 1)
+    below = (ref < r).sum(-1).to(torch.float32)
+    ties = (ref == r).sum(-1).to(torch.float32)
+    return (n - 1) * torch.log((below + 0.5 * ties + 0.5) / (reference.shape[1] + 1))

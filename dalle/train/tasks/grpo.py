@@ -14,6 +14,9 @@ With `kl_penalty: exact` each sampled token's log-ratio is replaced by its expec
 over the vocabulary at its position: token t's return carries -beta x the exact KL of the positions after it,
 and beta x the exact KL at each position enters the loss directly. That is the gradient of the same objective
 with less noise (the direct term reaches every code of the distribution, not only the one drawn).
+With `best_of_n: N` the reward model's score r becomes (N - 1) log F(r), F the reference's distribution of r on
+the same prompt, estimated from its own samples drawn in the same step: at beta 1 the objective's optimum is then
+the reward model's best of N (Amini et al. 2024), so the reward stops pulling where best of N would stop.
 Evaluation samples one image per held-out prompt (fixed seed) and reports the reward, the KL(pi || pi_SFT)
 estimate and the KL-penalised objective reward - beta * KL.
 """
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from dalle.feedback.losses import distribution_kl, kl_shaped_rewards, position_kl
+from dalle.feedback.losses import best_of_n_reward, distribution_kl, kl_shaped_rewards, position_kl
 from dalle.tokenizer import TextTokenizer
 from dalle.train.engine import matrix_decay_groups
 from dalle.transformer.model import DALLE
@@ -63,6 +66,11 @@ class GRPOObjective:
     # exact per-position KL over the vocabulary in its place, later positions' in the returns and each position's
     # own in the loss (the module's docstring)
     kl_penalty: str = "sampled"
+    # N >= 2: the reward model's score r is replaced by (N - 1) log F(r), F the KL reference's distribution of r on
+    # the same prompt, estimated in each step from `reference_samples` of its images a prompt. At beta 1 the
+    # optimum is then the reward model's best of N (losses.best_of_n_reward); a lower beta goes past it. 0: r as is
+    best_of_n: int = 0
+    reference_samples: int = 8
 
     def __post_init__(self) -> None:
         evals = min(self.eval_prompts, self.eval_samples)
@@ -74,6 +82,9 @@ class GRPOObjective:
                 self.distill_cond_scale <= 0 or self.distill_cond_scale == 1)):
             raise ValueError(f"need distill_guidance >= 0 and, above 0, a distill_cond_scale > 0 other than 1; got "
                              f"{self.distill_guidance}, {self.distill_cond_scale}")
+        if self.best_of_n == 1 or self.best_of_n < 0 or self.reference_samples < 1:
+            raise ValueError(f"need best_of_n 0 (off) or >= 2, and reference_samples >= 1; got {self.best_of_n}, "
+                             f"{self.reference_samples}")
         if self.kl_penalty not in ("sampled", "exact"):
             raise ValueError(f"kl_penalty must be 'sampled' or 'exact', got {self.kl_penalty!r}")
 
@@ -184,16 +195,22 @@ class RewardSampling:
         return codes.clone()  # out of inference mode, so it can feed a forward with gradients
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, step: int, sink: EvalSink) -> dict[str, float]:
+    def held_out(self, model: nn.Module) -> tuple[Tensor, Tensor]:
+        """Rewards and KL estimates (P * eval_samples,) of the model's samples of the held-out prompts, grouped by
+        prompt, from a fixed seed."""
         o, device = self.objective, next(model.parameters()).device
         rows = torch.tensor(self.val).repeat_interleave(o.eval_samples)
         text = self.text[rows].to(device)
         codes = self._sample(model, text, torch.Generator(device=device).manual_seed(o.eval_seed))
-        reward = self.rewards(rows, codes)
         kl = (token_logprobs(model(text, codes)[1], codes)
               - token_logprobs(self.ref.to(device)(text, codes)[1], codes)).sum(-1)
+        return self.rewards(rows, codes), kl
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, step: int, sink: EvalSink) -> dict[str, float]:
+        reward, kl = self.held_out(model)
         return {"val_reward": reward.mean().item(), "val_kl": kl.mean().item(),
-                "val_objective": (reward - o.beta * kl).mean().item()}
+                "val_objective": (reward - self.objective.beta * kl).mean().item()}
 
     def save_extra(self, directory: Any) -> None:
         """The fine-tuned transformer loads as any other: its tokenizer, and the dVAE that decodes its codes."""
@@ -206,13 +223,41 @@ class GRPOTask(RewardSampling):
     def __init__(self, model: DALLE, objective: GRPOObjective, *args: Any, **kwargs: Any) -> None:
         super().__init__(model, objective, *args, **kwargs)
         self.tokens_per_sample = objective.group_size * model.config.seq_len
+        self._val_reference: Tensor | None = None
+
+    @torch.no_grad()
+    def reference_rewards(self, prompts: Tensor, device: torch.device,
+                          generator: torch.Generator | None = None) -> Tensor:
+        """Rewards (B, reference_samples) of the KL reference's own samples of the prompt rows (B,): best_of_n's
+        estimate of the reward's distribution under the supervised model."""
+        m = self.objective.reference_samples
+        rows = prompts.repeat_interleave(m)
+        codes = self._sample(self.ref.to(device), self.text[rows].to(device), generator)
+        return self.rewards(rows, codes).view(-1, m)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, step: int, sink: EvalSink) -> dict[str, float]:
+        o = self.objective
+        if not o.best_of_n:
+            return super().evaluate(model, step, sink)
+        score, kl = self.held_out(model)
+        if self._val_reference is None:  # the reference is frozen and its seed fixed: drawn once a run
+            device = next(model.parameters()).device
+            self._val_reference = self.reference_rewards(
+                torch.tensor(self.val), device, torch.Generator(device=device).manual_seed(o.eval_seed + 1))
+        reward = best_of_n_reward(score.view(-1, o.eval_samples), self._val_reference, o.best_of_n).flatten()
+        return {"val_reward": score.mean().item(), "val_kl": kl.mean().item(), "val_bon_reward": reward.mean().item(),
+                "val_objective": (reward - o.beta * kl).mean().item()}
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, float]]:
         o, device = self.objective, next(model.parameters()).device
         rows = batch["prompt"].repeat_interleave(o.group_size)  # (B * G,)
         text = self.text[rows].to(device)
         codes = self._sample(model, text)  # the engine seeded the global RNG for this step
-        reward = self.rewards(rows, codes)  # (BG,)
+        score = reward = self.rewards(rows, codes)  # (BG,)
+        if o.best_of_n:
+            reference = self.reference_rewards(batch["prompt"], device)
+            reward = best_of_n_reward(score.view(-1, o.group_size), reference, o.best_of_n).flatten()
         logits = model(text, codes)[1]
         logp = token_logprobs(logits, codes)  # (BG, N)
         with torch.no_grad():
@@ -231,8 +276,10 @@ class GRPOTask(RewardSampling):
         scale = advantage.std() + 1e-8
         loss = -(advantage / scale * logp).mean()
         kl = (logp.detach() - logp_ref).sum(-1)  # (BG,) per-sample KL estimate
-        logs = {"reward": reward.mean().item(), "kl": kl.mean().item(), "kl_max": kl.max().item(),
+        logs = {"reward": score.mean().item(), "kl": kl.mean().item(), "kl_max": kl.max().item(),
                 "objective": (reward - o.beta * kl).mean().item()}
+        if o.best_of_n:
+            logs |= {"bon_reward": reward.mean().item(), "reference_reward": reference.mean().item()}
         if exact:
             # divided by the advantage's scale as the sampled penalty is, and averaged over tokens as the policy
             # gradient is, so beta weighs reward against nats as there
