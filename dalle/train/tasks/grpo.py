@@ -16,7 +16,7 @@ and beta x the exact KL at each position enters the loss directly. That is the g
 with less noise (the direct term reaches every code of the distribution, not only the one drawn).
 With `best_of_n: N` the reward model's score r becomes (N - 1) log F(r), F the reference's distribution of r on
 the same prompt, estimated from its own samples drawn in the same step: at beta 1 the objective's optimum is then
-the reward model's best of N (Amini et al. 2024), so the reward stops pulling where best of N would stop.
+the reward model's best of N (Amini et al. 2024), whatever the reward model's scale.
 Evaluation samples one image per held-out prompt (fixed seed) and reports the reward, the KL(pi || pi_SFT)
 estimate and the KL-penalised objective reward - beta * KL.
 """
