@@ -81,7 +81,7 @@ def best_of_n_reward(reward: Tensor, reference: Tensor, n: int) -> Tensor:
 
     Best of N draws from pi_SFT has density pi_SFT(y) N F(r(y))^(N-1), so the optimum of E[r'] - KL(pi || pi_SFT)
     with r' = (N - 1) log F is best of N itself (Amini et al. 2024, "Variational Best-of-N Alignment"): unlike a
-    raw score, the reward saturates once a sample beats the reference's, and says how far to go. F counts a tie as
+    raw score's, that optimum sits at best of N's KL whatever the score's scale. F counts a tie as
     half and adds half a sample to each side, F = (below + ties / 2 + 1/2) / (M + 1), so log F stays finite."""
     if n < 2 or reward.dim() != 2 or reference.dim() != 2 or reward.shape[0] != reference.shape[0]:
         raise ValueError(f"need n >= 2 and rewards (B, G) against reference rewards (B, M) of the same prompts; got n "
