@@ -122,3 +122,37 @@ def test_shared_prefix_probe_gives_the_library_steps_logits(schedule, monkeypatc
         steps += [decoding.decode_step(model, image[:, k], cache) for k in range(24)]
         logits[name] = torch.stack(steps)
     torch.testing.assert_close(logits["probe"], logits["library"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["full", "row,column,conv,full", "paper"])
+def test_candidates_floor_counts_the_keys_the_steps_read(schedule, monkeypatch):
+    # benchmarks/candidates_floor.py's floor rests on the bytes of cache the decoding steps read: its count
+    # must be the keys KVCache.attend hands to attention, summed over the steps of one image
+    import importlib.util
+
+    import torch
+
+    from dalle.transformer import decoding
+    from dalle.transformer.model import DALLE, DALLEConfig
+    from dalle.transformer.sampling import sample
+
+    path = bench.ROOT / "benchmarks" / "candidates_floor.py"
+    spec = importlib.util.spec_from_file_location("candidates_floor", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    cfg = DALLEConfig(text_vocab_size=40, text_seq_len=5, image_vocab_size=24, image_grid_size=5, n_embd=32,
+                      n_layer=4, n_head=4, conv_kernel=5, attn_schedule=schedule)
+    read = {"keys": 0}
+    attend_newest = decoding.attend_newest
+
+    def counting(q, k, v, bias):
+        assert k.shape[0] == 1 and k.shape == v.shape
+        read["keys"] += k.shape[2] if bias is None else int((bias == 0).sum())
+        return attend_newest(q, k, v, bias)
+
+    monkeypatch.setattr(decoding, "attend_newest", counting)
+    sample(DALLE(cfg).eval(), torch.randint(40, (1, 5)), generator=torch.Generator().manual_seed(0))
+    keys, text = probe.step_keys(cfg)
+    assert read["keys"] == keys and text == 4 * 5 * 24
+    assert probe.cache_bytes(cfg, 3) == 3 * keys * 2 * 32 * 4
+    assert probe.cache_bytes(cfg, 3, text_once=True) == (3 * (keys - text) + text) * 2 * 32 * 4
