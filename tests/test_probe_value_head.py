@@ -107,5 +107,10 @@ def test_the_probe_runs_end_to_end_on_a_reward_model(q, tiny_parts, tmp_path):
         plain, tilted = [r for r in mine if r.get("lam") == 0], [r for r in mine if r.get("lam", 0) > 0]
         assert len(plain) == 1 and plain[0]["kl"] == 0 and len(tilted) == 1
         assert tilted[0]["kl_exact"] >= 0 and 0 <= tilted[0]["all_correct"] <= 1
+    assert len(json.loads(out.read_text())["fit"]["explained_by_quarter"]) == 4
     with pytest.raises(SystemExit):  # an existing output is never replaced
         probe.main(args)
+    fit_only = tmp_path / "fit.json"
+    assert probe.main([*args[:-1], str(fit_only), "--fit-only"]) == 0
+    written = json.loads(fit_only.read_text())
+    assert "rows" not in written and len(written["fit"]["explained_by_quarter"]) == 4

@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--value-lr", type=float, default=2e-5, help="its learning rate; 10x for its new head (2e-5)")
     p.add_argument("--alpha", type=float, nargs="+", default=[1.0, 10.0, 100.0, 1e3, 1e4, 1e5],
                    help="ridge penalties tried; the one that explains most of held-out prompts' advantages is kept")
+    p.add_argument("--fit-only", action="store_true", help="stop after fitting Q: write its held-out figures only")
     p.add_argument("--batch-size", type=int, default=64, help="images sampled together (64)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (2)")
     p.add_argument("--out", type=Path, required=True, help="JSON of every figure (refused if it exists)")
@@ -292,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         fits = {alpha: explained(fit_q(h_all[~val], c_all[~val], adv[~val], model.config.image_vocab_size, alpha),
                                  h_all[val], c_all[val], adv[val]) for alpha in args.alpha}
         alpha = max(fits, key=fits.get)
+        held_q = fit_q(h_all[~val], c_all[~val], adv[~val], model.config.image_vocab_size, alpha)
         q = fit_q(h_all, c_all, adv, model.config.image_vocab_size, alpha)
         q.requires_grad_(False)
         print(f"held-out share of the advantage's variance explained, by penalty: {fits}; kept {alpha}", flush=True)
@@ -302,6 +304,23 @@ def main(argv: list[str] | None = None) -> int:
             value, curve = train_value(model, text_all, c_all, adv, val, args.value_steps, args.value_lr)
         tilt = ValueTilt(model, value)
         fit_info = {"explained_by_step": curve}
+        held_q = None
+    # how much of the advantage Q explains on the held-out tenth, by quarter of the image's positions: the
+    # last quarter has seen most of the image, so it says whether the features know the verdict at all. The
+    # linear Q of the tilt is refitted on every prompt, so this takes the one fitted without the tenth.
+    with torch.no_grad():
+        tv, cv = text_all[val], c_all[val]
+        pred = torch.cat([(tilt.q_logits(model, tv[b : b + 256], cv[b : b + 256]) if held_q is None else
+                           held_q(hidden_states(model, tv[b : b + 256], cv[b : b + 256])[0]))
+                          .gather(-1, cv[b : b + 256, :, None]).squeeze(-1) for b in range(0, len(cv), 256)])
+    y = adv[val][:, None].expand_as(pred)
+    quarters = [float(1 - (pred[:, k] - y[:, k]).pow(2).mean() / y[:, k].pow(2).mean())
+                for k in torch.arange(pred.shape[1]).chunk(4)]
+    fit_info["explained_by_quarter"] = quarters
+    print(f"held-out share explained by quarter of the positions: {[round(x, 4) for x in quarters]}", flush=True)
+    if args.fit_only:
+        args.out.write_text(json.dumps({"command": " ".join(sys.argv), "fit": fit_info}, indent=1) + "\n")
+        return 0
     lams = args.lam
     if lams is None:  # the exact KL of the tilt at lam 1 on the held-out fitting samples, KL ≈ c lam^2 near 0
         with torch.no_grad():
