@@ -110,6 +110,20 @@ def test_the_probe_runs_end_to_end_on_a_reward_model(q, tiny_parts, tmp_path):
     assert len(json.loads(out.read_text())["fit"]["explained_by_quarter"]) == 4
     with pytest.raises(SystemExit):  # an existing output is never replaced
         probe.main(args)
+    # a store's prompts are neither judged nor fitted on
+    from dalle.feedback.policy_eval import held_out_prompts
+    from dalle.feedback.store import Store
+
+    first = held_out_prompts("zeroshot", 1, image_size=32)[0].caption
+    store = Store(tmp_path / "fb.db")
+    store.prompt(first, "zeroshot")
+    store.close()
+    excluded = tmp_path / "excluded.json"
+    assert probe.main([*args[:-1], str(excluded), "--exclude-store", str(tmp_path / "fb.db"), "--fit-only"]) == 0
+    assert json.loads(out.read_text())["held_out"]["zeroshot"][0] == first
+    assert first not in json.loads(excluded.read_text())["held_out"]["zeroshot"]
+    with pytest.raises(SystemExit):
+        probe.main([*args[:-1], str(tmp_path / "other.json"), "--exclude-store", str(tmp_path / "missing.db")])
     fit_only = tmp_path / "fit.json"
     assert probe.main([*args[:-1], str(fit_only), "--fit-only"]) == 0
     written = json.loads(fit_only.read_text())

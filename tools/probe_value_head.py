@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="dalle/default_model", help="the supervised model (default: the shipped one)")
     p.add_argument("--reward", default="gold", help="'gold' (the detector: all correct + 0.1 per check right) or a "
                    "reward model directory (tools/train_feedback.py reward)")
+    p.add_argument("--exclude-store", type=Path, help="a comparisons store whose prompts are neither judged nor "
+                   "fitted on (the reward model's, so that no held-out prompt is one it was trained on)")
     p.add_argument("--prompts", type=int, default=1500, help="shapes train prompts Q is fitted on (1500)")
     p.add_argument("--samples", type=int, default=4, help="samples of each of them (4)")
     p.add_argument("--lam", type=float, nargs="+", help="tilts to judge (default: those whose KL, estimated on the "
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.out.exists():
         p.error(f"{args.out} exists; name another file or delete it")
+    if args.exclude_store is not None and not args.exclude_store.is_file():
+        p.error(f"--exclude-store {args.exclude_store} does not exist")
     if args.reward != "gold" and not Path(args.reward).is_dir():
         p.error(f"--reward {args.reward}: not 'gold' and not a reward model directory")
     if min(args.lam or [1.0]) <= 0 or min(args.kl_targets) <= 0 or args.prompts < 10 or args.samples < 2:
@@ -248,9 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     # held out first, so that Q's prompts can avoid them; Q's come from another seed of the train split
+    excluded: list[str] = []
+    if args.exclude_store is not None:
+        from dalle.feedback.store import Store
+
+        store = Store(args.exclude_store)
+        excluded = [row[0] for row in store.db.execute("SELECT text FROM prompts")]
+        store.close()
     size = pipe.dvae.config.image_size
-    held = {split: held_out_prompts(split, args.eval_n, image_size=size) for split in ("train", "zeroshot")}
-    seen = {pr.caption for prs in held.values() for pr in prs}
+    held = {split: held_out_prompts(split, args.eval_n, excluded, image_size=size) for split in ("train", "zeroshot")}
+    held_captions = {split: [pr.caption for pr in prs] for split, prs in held.items()}
+    seen = {pr.caption for prs in held.values() for pr in prs} | set(excluded)
     fit_prompts: list[Prompt] = []
     i = 0
     while len(fit_prompts) < args.prompts:
@@ -319,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     fit_info["explained_by_quarter"] = quarters
     print(f"held-out share explained by quarter of the positions: {[round(x, 4) for x in quarters]}", flush=True)
     if args.fit_only:
-        args.out.write_text(json.dumps({"command": " ".join(sys.argv), "fit": fit_info}, indent=1) + "\n")
+        args.out.write_text(json.dumps({"command": " ".join(sys.argv), "fit": fit_info, "held_out": held_captions},
+                                       indent=1) + "\n")
         return 0
     lams = args.lam
     if lams is None:  # the exact KL of the tilt at lam 1 on the held-out fitting samples, KL ≈ c lam^2 near 0
@@ -333,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                            "fit": {"prompts": len(fit_prompts), "samples": args.samples,
                                    "reward_mean": float(r.mean()), "reward_std": float(r.std()),
                                    **fit_info, "lams": lams,
-                                   "seconds": time.time() - t0}, "rows": []}
+                                   "seconds": time.time() - t0}, "held_out": held_captions, "rows": []}
     print(f"fitted Q on {len(flat)} samples in {time.time() - t0:.0f} s", flush=True)
 
     for split, prompts in held.items():
