@@ -91,7 +91,7 @@ def other_flops(pipe, rows: int) -> float:
 
 
 def floor(flops: float, peak_gflops: float, read: int, gbps: float) -> dict[str, float]:
-    """The floor of a generation that does `flops` (the transformer's, for the share) plus `other` at the peak."""
+    """The floor of a generation that does `flops` at the peak and reads `read` bytes of cache at `gbps`."""
     s = flops / peak_gflops / 1e9 + read / gbps / 1e9
     return {"cache_gb": read / 1e9, "floor_s": s}
 

@@ -75,12 +75,17 @@ def fit_q(h: Tensor, codes: Tensor, adv: Tensor, vocab: int, alpha: float) -> nn
     return q
 
 
+def share_explained(pred: Tensor, adv: Tensor) -> float:
+    """Share of the advantage's variance (adv (S,), mean 0 per prompt) that Q's values of the taken tokens,
+    pred (S, N) or a slice of its positions, explain."""
+    y = adv[:, None].expand_as(pred)
+    return float(1 - (pred - y).pow(2).mean() / y.pow(2).mean())
+
+
 @torch.no_grad()
 def explained(q: nn.Linear, h: Tensor, codes: Tensor, adv: Tensor) -> float:
-    """Share of the advantage's variance that Q(h_t)[x_t] explains on these samples, over all positions."""
-    a, y = codes.reshape(-1), adv[:, None].expand_as(codes).reshape(-1)
-    pred = (h.reshape(-1, h.shape[-1]) * q.weight[a]).sum(dim=1) + q.bias[a]
-    return float(1 - (pred - y).pow(2).mean() / y.pow(2).mean())
+    """`share_explained` of a linear Q over all positions, h (S, N, d), codes (S, N)."""
+    return share_explained((h * q.weight[codes]).sum(dim=-1) + q.bias[codes], adv)
 
 
 class Tilt:
@@ -146,6 +151,13 @@ class ValueTilt:
         self.sampling.prefill, self.sampling.decode_step = self.prefill, self.decode_step
 
 
+@torch.no_grad()
+def taken_q(value: nn.Module, text: Tensor, codes: Tensor, batch: int = 256) -> Tensor:
+    """A value transformer's Q of each taken token, (S, N), teacher-forced in batches."""
+    return torch.cat([value(text[b : b + batch], codes[b : b + batch])[1].gather(-1, codes[b : b + batch, :, None])
+                      .squeeze(-1) for b in range(0, len(codes), batch)])
+
+
 def train_value(model: nn.Module, text: Tensor, codes: Tensor, adv: Tensor, val: Tensor, steps: int, lr: float,
                 batch: int = 32, every: int = 100) -> tuple[nn.Module, dict[int, float]]:
     """A copy of `model` whose image head (zeros at the start) gives Q(x_<t)[a], trained by least squares of
@@ -166,13 +178,9 @@ def train_value(model: nn.Module, text: Tensor, codes: Tensor, adv: Tensor, val:
 
     def share() -> float:
         value.eval()
-        with torch.no_grad():
-            pred = torch.cat([value(text[val][b : b + 256], codes[val][b : b + 256])[1]
-                              .gather(-1, codes[val][b : b + 256, :, None]).squeeze(-1)
-                              for b in range(0, int(val.sum()), 256)])
-        y = adv[val][:, None].expand_as(pred)
+        explained = share_explained(taken_q(value, text[val], codes[val]), adv[val])
         value.train()
-        return float(1 - (pred - y).pow(2).mean() / y.pow(2).mean())
+        return explained
 
     curve, best, best_state = {}, -float("inf"), None
     value.train()
@@ -238,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     from dalle.evaluation.compositional import Prompt
     from dalle.feedback.losses import best_of_n_kl, position_kl, sequence_kl
     from dalle.feedback.policy_eval import _judge_draws, _text, draw, held_out_prompts, reward_scorer
-    from dalle.feedback.raters import detect_correctness
+    from dalle.feedback.raters import gold_rewards
     from dalle.pipeline import load_pipeline
     from dalle.transformer.sampling import token_logprobs
 
@@ -272,11 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         i += 1
     if args.reward == "gold":
         def reward(prompts: list[Prompt], codes: Tensor, images: Tensor) -> Tensor:
-            out = []
-            for pr, image in zip(prompts, images):
-                right, checks, _ = detect_correctness(pr, image.float() / 255)
-                out.append(right + 0.1 * checks)
-            return torch.tensor(out)
+            return gold_rewards(prompts, images.float() / 255)
     else:
         from dalle.checkpoint import load_pretrained, resolve_model_dir
         from dalle.tokenizer import TextTokenizer
@@ -321,13 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     # last quarter has seen most of the image, so it says whether the features know the verdict at all. The
     # linear Q of the tilt is refitted on every prompt, so this takes the one fitted without the tenth.
     with torch.no_grad():
-        tv, cv = text_all[val], c_all[val]
-        pred = torch.cat([(tilt.q_logits(model, tv[b : b + 256], cv[b : b + 256]) if held_q is None else
-                           held_q(hidden_states(model, tv[b : b + 256], cv[b : b + 256])[0]))
-                          .gather(-1, cv[b : b + 256, :, None]).squeeze(-1) for b in range(0, len(cv), 256)])
-    y = adv[val][:, None].expand_as(pred)
-    quarters = [float(1 - (pred[:, k] - y[:, k]).pow(2).mean() / y[:, k].pow(2).mean())
-                for k in torch.arange(pred.shape[1]).chunk(4)]
+        cv = c_all[val]
+        pred = (taken_q(value, text_all[val], cv) if held_q is None else
+                (h_all[val] * held_q.weight[cv]).sum(dim=-1) + held_q.bias[cv])
+    quarters = [share_explained(pred[:, k], adv[val]) for k in torch.arange(pred.shape[1]).chunk(4)]
     fit_info["explained_by_quarter"] = quarters
     print(f"held-out share explained by quarter of the positions: {[round(x, 4) for x in quarters]}", flush=True)
     if args.fit_only:

@@ -114,8 +114,14 @@ class ShapesGoldReward:
                                  f"shapes {', '.join(splits)}")
 
     def __call__(self, captions: list[str], images: torch.Tensor) -> torch.Tensor:
-        out = []
-        for caption, image in zip(captions, images.float().cpu()):
-            right, checks, _ = correctness(self.prompts[caption], image)
-            out.append(right + 0.1 * checks)
-        return torch.tensor(out)
+        return gold_rewards([self.prompts[caption] for caption in captions], images)
+
+
+def gold_rewards(prompts: list[Prompt], images: torch.Tensor) -> torch.Tensor:
+    """`ShapesGoldReward`'s score, all correct + 0.1 per check right, of images (B, 3, H, W) in [0, 1] for the
+    shapes prompts whose scenes are at hand."""
+    out = []
+    for prompt, image in zip(prompts, images.float().cpu()):
+        right, checks, _ = correctness(prompt, image)
+        out.append(right + 0.1 * checks)
+    return torch.tensor(out)
